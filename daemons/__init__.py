@@ -1,0 +1,1 @@
+"""Node profiles: which daemons a node role runs."""

@@ -1,0 +1,1 @@
+"""ringsync.policy."""

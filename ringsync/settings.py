@@ -1,0 +1,441 @@
+"""Settings from RINGRIFT_* variables, a .env file and the cluster inventory."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import logging
+import math
+import os
+import socket
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from dotenv import dotenv_values
+
+from ringsync.errors import ConfigError
+from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path("/var/lib/ringsync")
+MIN_TOKEN_LENGTH = 16
+MIB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_MAX_HOSTS_SHOWN = 10
+_TOKEN_HINT = "e.g. `openssl rand -hex 32`"
+_T = TypeVar("_T", int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """One RINGRIFT_* variable: the single source for parsing, docs and .env.example."""
+
+    name: str
+    default: str  # literal default as written in .env.example; "" when computed or unset
+    meaning: str
+    default_text: str = ""  # how the default reads in docs when it is not a literal
+    secret: bool = False
+
+    @property
+    def documented_default(self) -> str:
+        return self.default_text or self.default
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("RINGRIFT_ENV_FILE", "", "A .env file to read (it must exist); set it in the real "
+           "environment, which wins over the file", default_text="./.env when present"),
+    EnvVar("RINGRIFT_NODE_ID", "", "This node's name; with an inventory it must be one of its "
+           "hosts", default_text="the hostname"),
+    EnvVar("RINGRIFT_DATA_DIR", str(DEFAULT_DATA_DIR), "Where this node keeps games, models and "
+           "ringsync's state; relative paths resolve against the working directory"),
+    EnvVar("RINGRIFT_CLUSTER_CONFIG", "", "The cluster inventory (RingRift's "
+           "distributed_hosts.yaml)", default_text="none (a single-node cluster)"),
+    EnvVar("RINGRIFT_P2P_HOST", "", "Address the data server binds; without a cluster token it "
+           "must be loopback", default_text="this node's p2p_host in the inventory, else 0.0.0.0 "
+           "with a token and 127.0.0.1 without"),
+    EnvVar("RINGRIFT_P2P_PORT", str(DEFAULT_P2P_PORT), "Port of the data server (1-65535)",
+           default_text=f"this node's p2p_port in the inventory, else {DEFAULT_P2P_PORT}"),
+    EnvVar("RINGRIFT_CLUSTER_AUTH_TOKEN", "", "Shared secret every peer request must carry, the "
+           f"same on every node, at least {MIN_TOKEN_LENGTH} characters ({_TOKEN_HINT})",
+           default_text="none (peer endpoints are refused)", secret=True),
+    EnvVar("RINGRIFT_CLUSTER_AUTH_TOKEN_FILE", "", "A file holding the cluster token (surrounding "
+           "whitespace is ignored); set this or RINGRIFT_CLUSTER_AUTH_TOKEN, not both",
+           default_text="none"),
+    EnvVar("RINGRIFT_SYNC_INTERVAL", "60", "Seconds between periodic syncs (> 0); commits also "
+           "wake the sync at once", default_text="auto_sync.interval_seconds in the inventory, "
+           "else 60"),
+    EnvVar("RINGRIFT_COORDINATOR_NODE", "", "Name of the coordinator host, which never receives "
+           "games", default_text="hosts whose role contains 'coordinator'"),
+    EnvVar("RINGRIFT_SKIP_NFS_SYNC", "true", "Skip pushing games when the data dir is on a shared "
+           "network filesystem (true/false)"),
+    EnvVar("RINGRIFT_SYNC_BATCH_GAMES", "500", "Most games in one pushed batch (1-100000)"),
+    EnvVar("RINGRIFT_MAX_BATCH_BYTES", str(64 * MIB), "Largest batch in bytes this node sends or "
+           "accepts (at least 1048576)"),
+    EnvVar("RINGRIFT_DRAIN_TIMEOUT", "10", "Seconds in-flight work may take to finish on SIGTERM "
+           "(> 0)"),
+    EnvVar("RINGRIFT_SYNC_DEBOUNCE", "0.02", "Seconds to wait after a commit so that bursts "
+           "become one batch (>= 0)"),
+    EnvVar("RINGRIFT_PUSH_TIMEOUT", "120", "Seconds one push to a peer may take (> 0)"),
+    EnvVar("RINGRIFT_DAEMON_RESTART_LIMIT", "5", "Restarts a crashing daemon gets within the "
+           "window before the process exits for systemd (>= 0)"),
+    EnvVar("RINGRIFT_DAEMON_RESTART_WINDOW", "300", "Seconds over which daemon restarts are "
+           "counted (> 0)"),
+    EnvVar("RINGRIFT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    EnvVar("RINGRIFT_USE_UVLOOP", "true", "Run the event loop on uvloop (true/false)"),
+)
+ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
+_SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a node needs to know, built once at start-up and passed down."""
+
+    node_id: str
+    data_dir: Path
+    inventory: Inventory = field(default_factory=Inventory)
+    p2p_host: str = "127.0.0.1"
+    p2p_port: int = 8770
+    auth_token: str | None = field(default=None, repr=False)
+    sync_interval: float = 60.0
+    coordinator_node: str | None = None
+    skip_nfs_sync: bool = True
+    batch_games: int = 500
+    max_batch_bytes: int = 64 * 1024 * 1024
+    drain_timeout: float = 10.0
+    debounce: float = 0.02
+    push_timeout: float = 120.0
+    restart_limit: int = 5
+    restart_window: float = 300.0
+    log_level: str = "INFO"
+    use_uvloop: bool = True
+
+    @property
+    def state_dir(self) -> Path:
+        """ringsync's own durable state, outside games/."""
+        return self.data_dir / ".ringsync"
+
+    @property
+    def games_dir(self) -> Path:
+        return self.data_dir / "games"
+
+    @property
+    def synced_dir(self) -> Path:
+        """Where received games are merged; never a source."""
+        return self.games_dir / "synced"
+
+    @property
+    def replication_target(self) -> int:
+        """K: how many nodes besides the generator hold each game."""
+        return self.inventory.sync_routing.replication_target
+
+    def describe(self) -> dict[str, object]:
+        """Plain, JSON-ready values safe to log or show in status (the token only as set/unset)."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "auth_token":
+                value = "set" if value else "unset"
+            elif isinstance(value, Inventory):
+                value = str(value.source) if value.source else None
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        out["hosts"] = len(self.inventory.hosts)
+        out["replication_target"] = self.replication_target
+        return out
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
+    """Build Settings from the environment (default os.environ), a .env file and the inventory."""
+    cwd = (cwd or Path.cwd()).resolve()
+    env = _Env(_merge_env_file(os.environ if environ is None else environ, cwd))
+    configured = _load_configured_inventory(env, cwd)
+    node_id = _node_id(env, configured)
+    inventory = configured or Inventory.single_node(node_id)
+    token = _auth_token(env, cwd)
+    p2p_host = _p2p_host(env, inventory, node_id, token)
+    return Settings(
+        node_id=node_id,
+        data_dir=_data_dir(env, cwd),
+        inventory=inventory,
+        p2p_host=p2p_host,
+        p2p_port=_p2p_port(env, inventory.get(node_id)),
+        auth_token=token,
+        sync_interval=env.number("RINGRIFT_SYNC_INTERVAL", _default_interval(inventory)),
+        coordinator_node=_coordinator(env, configured),
+        skip_nfs_sync=env.flag("RINGRIFT_SKIP_NFS_SYNC", True),
+        batch_games=env.integer("RINGRIFT_SYNC_BATCH_GAMES", 500, minimum=1, maximum=100_000),
+        max_batch_bytes=env.integer("RINGRIFT_MAX_BATCH_BYTES", 64 * MIB, minimum=MIB),
+        drain_timeout=env.number("RINGRIFT_DRAIN_TIMEOUT", 10.0),
+        debounce=env.number("RINGRIFT_SYNC_DEBOUNCE", 0.02, allow_zero=True),
+        push_timeout=env.number("RINGRIFT_PUSH_TIMEOUT", 120.0),
+        restart_limit=env.integer("RINGRIFT_DAEMON_RESTART_LIMIT", 5, minimum=0),
+        restart_window=env.number("RINGRIFT_DAEMON_RESTART_WINDOW", 300.0),
+        log_level=env.choice("RINGRIFT_LOG_LEVEL", "INFO", LOG_LEVELS),
+        use_uvloop=env.flag("RINGRIFT_USE_UVLOOP", True),
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: addresses only this machine can reach."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def env_example() -> str:
+    """The text of .env.example, rendered from ENV_VARS.
+
+    Regenerate with: python -c "from ringsync.settings import env_example as e; print(e(), end='')"
+    """
+    parts = [
+        "# ringsync settings. Copy to .env (or point RINGRIFT_ENV_FILE at a copy) and edit.\n"
+        "# The real environment wins over this file; an empty value counts as unset.\n"
+    ]
+    for var in ENV_VARS:
+        comment = f"{var.meaning}. Default: {var.documented_default}"
+        lines = textwrap.wrap(comment, width=98)
+        assignment = f"#{var.name}={var.default}" if var.default else f"{var.name}="
+        parts.append("".join(f"# {line}\n" for line in lines) + assignment + "\n")
+    return "\n".join(parts)
+
+
+class _Env:
+    """RINGRIFT_* values (a .env file under the real environment) with typed, checked reads."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def get(self, name: str) -> str | None:
+        if name not in ENV_VAR_NAMES:
+            raise KeyError(f"{name} is read but not declared in ENV_VARS")
+        return self._values.get(name, "").strip() or None
+
+    def fail(self, name: str, allowed: str) -> ConfigError:
+        shown = "(hidden)" if name in _SECRET_NAMES else repr(self.get(name))
+        return ConfigError(f"{name} = {shown} {allowed}")
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        bound = f"{minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+        value = self._parsed(name, _parse_int)
+        if value is None:
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            raise self.fail(name, f"is out of range; use an integer {bound}")
+        return value
+
+    def number(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+        value = self._parsed(name, _parse_float)
+        if value is None:
+            return default
+        if value < 0 or (value == 0 and not allow_zero):
+            raise self.fail(name, f"is out of range; use a number {'>=' if allow_zero else '>'} 0")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        text = self.get(name)
+        if text is None:
+            return default
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise self.fail(name, "is not a boolean; use true/false, 1/0, yes/no or on/off")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        text = self.get(name)
+        if text is None:
+            return default
+        if text.upper() not in choices:
+            raise self.fail(name, f"is not allowed; use one of {', '.join(choices)}")
+        return text.upper()
+
+    def _parsed(self, name: str, parse: Callable[[str], _T | None]) -> _T | None:
+        text = self.get(name)
+        if text is None:
+            return None
+        value = parse(text)
+        if value is None:
+            kind = "an integer" if parse is _parse_int else "a number"
+            raise self.fail(name, f"is not {kind}")
+        return value
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _resolve(raw: str, cwd: Path, name: str) -> Path:
+    """An absolute path: ~ expanded, a relative path taken from cwd."""
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # ~user that does not exist, or no HOME
+        raise ConfigError(f"{name} = {raw!r} cannot be expanded ({exc}); "
+                          "use an absolute path") from exc
+    return path if path.is_absolute() else (cwd / path).resolve()
+
+
+def _merge_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
+    """The .env file's values, overridden by every non-empty real environment value."""
+    merged = {k: v for k, v in _read_env_file(environ, cwd).items() if v is not None}
+    merged.update({k: v for k, v in environ.items() if v.strip()})
+    _warn_on_typos(merged)
+    return merged
+
+
+def _read_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str | None]:
+    named = environ.get("RINGRIFT_ENV_FILE", "").strip()
+    if named:
+        path = _resolve(named, cwd, "RINGRIFT_ENV_FILE")
+        if not path.exists() or path.is_dir():
+            problem = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"RINGRIFT_ENV_FILE = {named!r} {problem}; "
+                              "point it at an existing .env file or unset it")
+    else:
+        path = cwd / ".env"
+        if not path.is_file():
+            return {}
+    try:
+        return dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"env file {path}: cannot read it ({exc})") from exc
+
+
+def _warn_on_typos(values: Mapping[str, str]) -> None:
+    """Log a RINGRIFT_* name that is close to, but not, one of ours (RingRift has its own)."""
+    for name in values:
+        if name.startswith("RINGRIFT_") and name not in ENV_VAR_NAMES:
+            close = difflib.get_close_matches(name, ENV_VAR_NAMES, n=1, cutoff=0.85)
+            if close:
+                log.warning("ignoring unknown variable %s; did you mean %s?", name, close[0])
+
+
+def _load_configured_inventory(env: _Env, cwd: Path) -> Inventory | None:
+    raw = env.get("RINGRIFT_CLUSTER_CONFIG")
+    if raw is None:
+        return None
+    path = _resolve(raw, cwd, "RINGRIFT_CLUSTER_CONFIG")
+    if not path.exists():
+        raise env.fail("RINGRIFT_CLUSTER_CONFIG",
+                       "does not exist; point it at the cluster's distributed_hosts.yaml")
+    return load_inventory(path)
+
+
+def _host_list(inventory: Inventory) -> str:
+    names = inventory.host_names
+    shown = ", ".join(names[:_MAX_HOSTS_SHOWN])
+    more = len(names) - _MAX_HOSTS_SHOWN
+    return f"{shown}, … ({more} more)" if more > 0 else shown
+
+
+def _node_id(env: _Env, inventory: Inventory | None) -> str:
+    explicit = env.get("RINGRIFT_NODE_ID")
+    hostname = socket.gethostname()
+    if inventory is None:
+        return explicit or hostname
+    candidates = [explicit] if explicit else [hostname, hostname.split(".")[0]]
+    found = next((name for name in candidates if name in inventory), None)
+    if found is not None:
+        return found
+    where = f"is not a host in inventory {inventory.source}; use one of: {_host_list(inventory)}"
+    if explicit:
+        raise env.fail("RINGRIFT_NODE_ID", where)
+    raise ConfigError(f"RINGRIFT_NODE_ID is unset and this machine's hostname {hostname!r} {where}")
+
+
+def _data_dir(env: _Env, cwd: Path) -> Path:
+    raw = env.get("RINGRIFT_DATA_DIR")
+    path = DEFAULT_DATA_DIR if raw is None else _resolve(raw, cwd, "RINGRIFT_DATA_DIR")
+    if path.exists() and not path.is_dir():
+        raise env.fail("RINGRIFT_DATA_DIR", f"is not a directory ({path} exists as a file); "
+                       "point it at a directory")
+    return path
+
+
+def _auth_token(env: _Env, cwd: Path) -> str | None:
+    direct = env.get("RINGRIFT_CLUSTER_AUTH_TOKEN")
+    file = env.get("RINGRIFT_CLUSTER_AUTH_TOKEN_FILE")
+    if direct and file:
+        raise ConfigError("RINGRIFT_CLUSTER_AUTH_TOKEN and RINGRIFT_CLUSTER_AUTH_TOKEN_FILE are "
+                          "both set; set only one of them")
+    if file:
+        return _check_token(_read_token_file(file, cwd), f"the token in {file}")
+    return _check_token(direct, "RINGRIFT_CLUSTER_AUTH_TOKEN") if direct else None
+
+
+def _read_token_file(raw: str, cwd: Path) -> str:
+    path = _resolve(raw, cwd, "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE")
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"RINGRIFT_CLUSTER_AUTH_TOKEN_FILE = {raw!r} cannot be read "
+                          f"({reason}); point it at a readable file holding the token") from None
+
+
+def _check_token(token: str, what: str) -> str:
+    """The token itself never appears in a message: only its length."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{what} is too short ({len(token)} characters); use at least "
+                          f"{MIN_TOKEN_LENGTH}, {_TOKEN_HINT}")
+    if not token.isprintable():
+        raise ConfigError(f"{what} contains control characters; use printable characters, "
+                          f"{_TOKEN_HINT}")
+    return token
+
+
+def _p2p_host(env: _Env, inventory: Inventory, node_id: str, token: str | None) -> str:
+    """RINGRIFT_P2P_HOST, else the node's p2p_host, else a default that is safe without a token."""
+    host = inventory.get(node_id)
+    explicit = env.get("RINGRIFT_P2P_HOST")
+    if explicit:
+        value, origin = explicit, "RINGRIFT_P2P_HOST"
+    elif host is not None and host.p2p_host:
+        value, origin = host.p2p_host, f"hosts.{node_id}.p2p_host in inventory {inventory.source}"
+    else:
+        return "0.0.0.0" if token else "127.0.0.1"
+    if token is None and not is_loopback_host(value):
+        raise ConfigError(
+            f"{origin} = {value!r} is not a loopback address, but no cluster token is configured: "
+            "peer endpoints need the cluster token. Set RINGRIFT_CLUSTER_AUTH_TOKEN (or "
+            "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE) to the same secret on every node, "
+            f"{_TOKEN_HINT}, or bind RINGRIFT_P2P_HOST=127.0.0.1"
+        )
+    return value
+
+
+def _p2p_port(env: _Env, host: Host | None) -> int:
+    default = host.p2p_port if host is not None else DEFAULT_P2P_PORT
+    return env.integer("RINGRIFT_P2P_PORT", default, minimum=1, maximum=65535)
+
+
+def _default_interval(inventory: Inventory) -> float:
+    return inventory.auto_sync.interval_seconds or 60.0
+
+
+def _coordinator(env: _Env, inventory: Inventory | None) -> str | None:
+    name = env.get("RINGRIFT_COORDINATOR_NODE")
+    if name is not None and inventory is not None and name not in inventory:
+        raise env.fail("RINGRIFT_COORDINATOR_NODE", f"is not a host in inventory "
+                       f"{inventory.source}; use one of: {_host_list(inventory)}")
+    return name

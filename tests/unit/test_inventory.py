@@ -1,0 +1,374 @@
+"""The inventory reads RingRift's distributed_hosts.yaml unchanged and rejects bad values clearly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ringsync.errors import ConfigError
+from ringsync.inventory import Host, Inventory, load_inventory, parse_inventory
+
+HOSTS_YAML = """\
+# RingRift cluster inventory (trimmed)
+hosts:
+  mac-studio:
+    ssh_host: 100.107.168.125
+    ssh_user: armand
+    tailscale_ip: 100.107.168.125
+    role: coordinator
+    status: ready
+    gpu: M3 Ultra
+    memory_gb: 96
+    selfplay_enabled: false
+    training_enabled: false
+  lambda-gh200-a:
+    ssh_host: 192.222.51.29
+    ssh_port: 22
+    ssh_user: ubuntu
+    ssh_key: ~/.ssh/id_cluster
+    tailscale_ip: 100.123.183.70
+    role: gpu_training_primary
+    status: ready
+    gpu: GH200
+    gpu_vram_gb: 96
+    bandwidth_mbps: 1000
+    selfplay_enabled: true
+    training_enabled: true
+    ringrift_path: ~/ringrift/ai-service
+  nebius-h100-1:
+    ssh_host: 89.169.112.47
+    ssh_port: "2222"
+    ssh_user: ubuntu
+    role: nn_training_primary
+    status: ready
+    training_enabled: "true"
+    p2p_port: 8771
+  vast-4090-7:
+    ssh_host: ssh5.vast.ai
+    ssh_port: 14398
+    ssh_user: root
+    role: gpu_selfplay
+    status: ready
+    is_ephemeral: true
+    skip_sync_receive: true
+    bandwidth_mbps: 250.5
+    selfplay_enabled: true
+    p2p_enabled: false
+  hetzner-cpu1:
+    ssh_host: 46.62.147.150
+    role: cpu_selfplay
+    status: retired
+    selfplay_enabled: true
+  backbone-storage:
+    ssh_host: 10.0.0.5
+    role: storage_aggregator
+    status: ready
+    p2p_host: 10.0.0.5
+sync_routing:
+  replication_target: 3
+  excluded_hosts: [mac-studio, not-in-hosts]
+  priority_hosts: [lambda-gh200-a]
+  max_disk_usage_percent: 70
+auto_sync:
+  enabled: true
+  interval_seconds: 45
+  gossip_interval_seconds: 30
+elo_sync:
+  enabled: true
+"""
+
+
+@pytest.fixture
+def hosts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "distributed_hosts.yaml"
+    path.write_text(HOSTS_YAML)
+    return path
+
+
+def _doc() -> dict[str, object]:
+    doc = yaml.safe_load(HOSTS_YAML)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _host_fields(doc: dict[str, object], name: str) -> dict[str, object]:
+    hosts = doc["hosts"]
+    assert isinstance(hosts, dict)
+    fields = hosts[name]
+    assert isinstance(fields, dict)
+    return fields
+
+
+def _parse_error(doc: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_inventory(doc, source="/etc/ringsync/hosts.yaml")
+    message = str(info.value)
+    assert message.startswith("inventory /etc/ringsync/hosts.yaml: ")
+    return message
+
+
+def test_reads_a_ringrift_inventory(hosts_file: Path) -> None:
+    inv = load_inventory(hosts_file)
+    assert inv.source == hosts_file
+    assert inv.host_names == [
+        "mac-studio", "lambda-gh200-a", "nebius-h100-1", "vast-4090-7", "hetzner-cpu1",
+        "backbone-storage",
+    ]
+    gh200 = inv.hosts["lambda-gh200-a"]
+    assert gh200 == Host(
+        name="lambda-gh200-a", role="gpu_training_primary", status="ready",
+        ssh_host="192.222.51.29", ssh_port=22, ssh_user="ubuntu", ssh_key="~/.ssh/id_cluster",
+        tailscale_ip="100.123.183.70", bandwidth_mbps=1000.0, selfplay_enabled=True,
+        training_enabled=True,
+    )
+    assert gh200.address == "100.123.183.70"
+
+
+def test_lenient_where_ringrift_is(hosts_file: Path) -> None:
+    nebius = load_inventory(hosts_file).hosts["nebius-h100-1"]
+    assert nebius.ssh_port == 2222
+    assert nebius.training_enabled is True
+    assert nebius.p2p_port == 8771
+
+
+def test_flags_and_defaults(hosts_file: Path) -> None:
+    inv = load_inventory(hosts_file)
+    vast = inv.hosts["vast-4090-7"]
+    assert (vast.is_ephemeral, vast.skip_sync_receive, vast.p2p_enabled) == (True, True, False)
+    assert vast.bandwidth_mbps == 250.5
+    coordinator = inv.hosts["mac-studio"]
+    assert coordinator.ssh_port == 22
+    assert coordinator.p2p_port == 8770
+    assert coordinator.p2p_enabled is True
+    assert coordinator.bandwidth_mbps is None
+
+
+def test_role_and_status_helpers(hosts_file: Path) -> None:
+    hosts = load_inventory(hosts_file).hosts
+    assert [n for n, h in hosts.items() if h.is_coordinator] == ["mac-studio"]
+    assert [n for n, h in hosts.items() if h.is_trainer] == ["lambda-gh200-a", "nebius-h100-1"]
+    assert [n for n, h in hosts.items() if h.is_storage] == ["backbone-storage"]
+    assert [n for n, h in hosts.items() if not h.is_online] == ["hetzner-cpu1"]
+    assert hosts["backbone-storage"].address == "10.0.0.5"
+
+
+@pytest.mark.parametrize("status", ["offline", "RETIRED", "Terminated", "disabled",
+                                    "decommissioned", "stopped "])
+def test_offline_statuses(status: str) -> None:
+    assert not Host(name="x", status=status).is_online
+
+
+def test_other_statuses_are_online() -> None:
+    assert Host(name="x", status="setup").is_online
+    assert Host(name="x").is_online
+
+
+def test_role_helpers_by_substring() -> None:
+    assert Host(name="c", role="backup_coordinator").is_coordinator
+    assert Host(name="t", role="cpu_selfplay", training_enabled=True).is_trainer
+    assert Host(name="a", role="data_aggregator").is_storage
+    assert not Host(name="b", role="backbone").is_storage
+
+
+def test_sections(hosts_file: Path) -> None:
+    inv = load_inventory(hosts_file)
+    assert inv.sync_routing.replication_target == 3
+    assert inv.sync_routing.excluded_hosts == frozenset({"mac-studio", "not-in-hosts"})
+    assert inv.auto_sync.enabled is True
+    assert inv.auto_sync.interval_seconds == 45.0
+
+
+def test_sections_are_optional() -> None:
+    inv = parse_inventory({"hosts": {"a": {}}}, source="x")
+    assert inv.sync_routing.replication_target == 2
+    assert inv.sync_routing.excluded_hosts == frozenset()
+    assert inv.auto_sync.enabled is True
+    assert inv.auto_sync.interval_seconds is None
+    assert inv.hosts["a"] == Host(name="a")
+
+
+def test_null_values_mean_defaults() -> None:
+    doc = {"hosts": {"a": {"ssh_port": None, "role": None, "is_ephemeral": None}},
+           "sync_routing": None, "auto_sync": {"interval_seconds": None}}
+    inv = parse_inventory(doc, source="x")
+    assert inv.hosts["a"] == Host(name="a")
+    assert inv.auto_sync.interval_seconds is None
+
+
+def test_numeric_host_names_become_strings() -> None:
+    inv = parse_inventory({"hosts": {101: {"role": "gpu_selfplay"}}}, source="x")
+    assert list(inv.hosts) == ["101"]
+
+
+def test_single_node_inventory() -> None:
+    inv = Inventory.single_node("solo")
+    assert "solo" in inv
+    assert inv.get("solo") == Host(name="solo")
+    assert inv.get("other") is None
+
+
+# --- malformed files -------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"inventory {path}: file not found"):
+        load_inventory(path)
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"inventory {tmp_path}: cannot read it"):
+        load_inventory(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_permission_denied(hosts_file: Path) -> None:
+    hosts_file.chmod(0)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_inventory(hosts_file)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_bytes(b"hosts:\n  a: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_inventory(path)
+
+
+def test_not_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_text("hosts:\n  a:\n    role: gpu_selfplay\n    status: [ready\n")
+    with pytest.raises(ConfigError) as info:
+        load_inventory(path)
+    message = str(info.value)
+    assert message.startswith(f"inventory {path}: not valid YAML")
+    assert "line 5" in message or "line 4" in message
+
+
+def test_bad_indentation_quotes_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_text("hosts:\n  a:\n    role: x\n   status: ready\n")
+    with pytest.raises(ConfigError, match=r"line 4, column \d+: 'status: ready'"):
+        load_inventory(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_inventory(path)
+
+
+def test_top_level_not_a_mapping() -> None:
+    assert "(top level) = ['a', 'b'] is not a mapping" in _parse_error(["a", "b"])
+
+
+def test_hosts_missing() -> None:
+    assert "hosts is missing" in _parse_error({"sync_routing": {}})
+
+
+def test_hosts_not_a_mapping() -> None:
+    assert "hosts = ['a', 'b'] is not a mapping" in _parse_error({"hosts": ["a", "b"]})
+
+
+def test_hosts_empty() -> None:
+    assert "hosts = {} is empty" in _parse_error({"hosts": {}})
+
+
+def test_host_not_a_mapping() -> None:
+    message = _parse_error({"hosts": {"gpu-3": "10.0.0.3"}})
+    assert "hosts.gpu-3 = '10.0.0.3' is not a mapping" in message
+
+
+def test_host_name_not_a_string() -> None:
+    assert "host name that is not a string" in _parse_error({"hosts": {None: {}}})
+
+
+def test_error_message_format() -> None:
+    doc = {"hosts": {"gpu-3": {"ssh_port": "abc"}}}
+    assert _parse_error(doc) == (
+        "inventory /etc/ringsync/hosts.yaml: hosts.gpu-3.ssh_port = 'abc' is not a port; "
+        "use an integer 1-65535"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("ssh_port", 0, "hosts.vast-4090-7.ssh_port = 0 is not a port; use an integer 1-65535"),
+        ("ssh_port", 70000, "ssh_port = 70000 is not a port"),
+        ("ssh_port", True, "ssh_port = True is not a port"),
+        ("ssh_port", 22.5, "ssh_port = 22.5 is not a port"),
+        ("p2p_port", "-1", "hosts.vast-4090-7.p2p_port = '-1' is not a port"),
+        ("is_ephemeral", "maybe", "is_ephemeral = 'maybe' is not a boolean; use true or false"),
+        ("is_ephemeral", 1, "is_ephemeral = 1 is not a boolean"),
+        ("skip_sync_receive", [], "skip_sync_receive = [] is not a boolean"),
+        ("selfplay_enabled", "on", "selfplay_enabled = 'on' is not a boolean"),
+        ("training_enabled", 0, "training_enabled = 0 is not a boolean"),
+        ("p2p_enabled", "", "p2p_enabled = '' is not a boolean"),
+        ("bandwidth_mbps", -5, "bandwidth_mbps = -5 is not allowed; use a number >= 0"),
+        ("bandwidth_mbps", "fast", "bandwidth_mbps = 'fast' is not allowed"),
+        ("bandwidth_mbps", ".nan", "bandwidth_mbps = '.nan' is not allowed"),
+        ("ssh_host", ["a"], "hosts.vast-4090-7.ssh_host = ['a'] is not a string"),
+        ("role", {"a": 1}, "role = {'a': 1} is not a string"),
+        ("status", True, "status = True is not a string"),
+        ("tailscale_ip", {}, "tailscale_ip = {} is not a string"),
+    ],
+)
+def test_bad_host_field(field: str, value: object, expected: str) -> None:
+    doc = _doc()
+    _host_fields(doc, "vast-4090-7")[field] = value
+    message = _parse_error(doc)
+    assert expected in message
+    assert f"hosts.vast-4090-7.{field} = " in message
+
+
+def test_long_bad_values_are_shortened() -> None:
+    doc = _doc()
+    _host_fields(doc, "mac-studio")["ssh_port"] = "9" * 500
+    assert len(_parse_error(doc)) < 250
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "expected"),
+    [
+        ("sync_routing", [], "sync_routing = [] is not a mapping"),
+        ("sync_routing", {"replication_target": 0},
+         "sync_routing.replication_target = 0 is not allowed; use an integer >= 1"),
+        ("sync_routing", {"replication_target": "two"},
+         "sync_routing.replication_target = 'two' is not allowed"),
+        ("sync_routing", {"excluded_hosts": "mac-studio"},
+         "sync_routing.excluded_hosts = 'mac-studio' is not a list of host names"),
+        ("sync_routing", {"excluded_hosts": [{"a": 1}]}, "sync_routing.excluded_hosts = [{'a': 1}]"),
+        ("auto_sync", "yes", "auto_sync = 'yes' is not a mapping"),
+        ("auto_sync", {"enabled": "sometimes"},
+         "auto_sync.enabled = 'sometimes' is not a boolean"),
+        ("auto_sync", {"interval_seconds": 0},
+         "auto_sync.interval_seconds = 0 is not allowed; use a number > 0"),
+        ("auto_sync", {"interval_seconds": -3}, "auto_sync.interval_seconds = -3"),
+    ],
+)
+def test_bad_section_field(section: str, value: object, expected: str) -> None:
+    doc = _doc()
+    doc[section] = value
+    assert expected in _parse_error(doc)
+
+
+def test_string_numbers_in_sections() -> None:
+    doc = _doc()
+    doc["sync_routing"] = {"replication_target": "1"}
+    doc["auto_sync"] = {"interval_seconds": "2.5", "enabled": "False"}
+    inv = parse_inventory(doc, source="x")
+    assert inv.sync_routing.replication_target == 1
+    assert inv.auto_sync.interval_seconds == 2.5
+    assert inv.auto_sync.enabled is False
+
+
+def test_unknown_sections_and_fields_are_ignored() -> None:
+    doc = _doc()
+    doc["something_new"] = [1, 2, 3]
+    _host_fields(doc, "mac-studio")["future_field"] = {"nested": True}
+    assert "mac-studio" in parse_inventory(doc, source="x")

@@ -1,0 +1,118 @@
+"""Prometheus metrics of one node, in a registry owned by that node (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Every metric ringsync exports; names are ringsync_* in base units.
+
+    Labels are bounded: a peer name (cluster size), a daemon type, an outcome.
+    Nothing is labelled per file or per game.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.games_discovered = Counter(
+            "ringsync_games_discovered_total",
+            "Completed games found in local selfplay databases.",
+            registry=r,
+        )
+        self.games_shipped = Counter(
+            "ringsync_games_shipped_total",
+            "Games a peer acknowledged as merged (new at the peer).",
+            ["peer"],
+            registry=r,
+        )
+        self.games_already_present = Counter(
+            "ringsync_games_already_present_total",
+            "Games sent that the peer already held (retries after a crash).",
+            ["peer"],
+            registry=r,
+        )
+        self.batches_sent = Counter(
+            "ringsync_batches_sent_total",
+            "Game batches pushed to peers, by outcome.",
+            ["peer", "outcome"],
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "ringsync_sent_bytes_total", "Payload bytes pushed to peers.", ["peer"], registry=r
+        )
+        self.push_duration = Histogram(
+            "ringsync_push_duration_seconds",
+            "Time to push one batch and get the peer's acknowledgement.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sync_cycles = Counter(
+            "ringsync_sync_cycles_total", "Auto-sync cycles run, by trigger.", ["trigger"], registry=r
+        )
+        self.sync_cycle_duration = Histogram(
+            "ringsync_sync_cycle_duration_seconds",
+            "Duration of one auto-sync cycle.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.outbox_games = Gauge(
+            "ringsync_outbox_games", "Games waiting to be delivered, per peer.", ["peer"], registry=r
+        )
+        self.shared_storage_skips = Counter(
+            "ringsync_shared_storage_skips_total",
+            "Sync cycles skipped because the data dir is on a network filesystem.",
+            registry=r,
+        )
+        self.games_received = Counter(
+            "ringsync_games_received_total",
+            "Games merged from peers (new here).",
+            registry=r,
+        )
+        self.games_duplicate_received = Counter(
+            "ringsync_games_duplicate_received_total",
+            "Games received that were already held here; ignored.",
+            registry=r,
+        )
+        self.batches_received = Counter(
+            "ringsync_batches_received_total",
+            "Game batches received from peers, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "ringsync_received_bytes_total", "Payload bytes received from peers.", registry=r
+        )
+        self.merge_duration = Histogram(
+            "ringsync_merge_duration_seconds",
+            "Time to verify and merge one received batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "ringsync_http_requests_total",
+            "HTTP requests served, by route and status code.",
+            ["route", "code"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "ringsync_auth_failures_total",
+            "Peer requests refused for a missing or wrong cluster token.",
+            registry=r,
+        )
+        self.daemon_restarts = Counter(
+            "ringsync_daemon_restarts_total",
+            "Daemon restarts after a crash.",
+            ["daemon"],
+            registry=r,
+        )
+        self.daemon_up = Gauge(
+            "ringsync_daemon_up", "1 when the daemon is running and ready.", ["daemon"], registry=r
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

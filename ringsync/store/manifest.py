@@ -1,0 +1,208 @@
+"""DataManifest: what games this node generated and which peers hold them, durably."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ringsync.errors import CorruptDataError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS games (
+    game_id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    config_key TEXT NOT NULL,
+    discovered_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    target TEXT NOT NULL,
+    game_id TEXT NOT NULL,
+    PRIMARY KEY (target, game_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    target TEXT NOT NULL,
+    game_id TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (target, game_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveredGame:
+    """A completed game found in a local source DB."""
+
+    game_id: str
+    source: str
+    config_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingGame:
+    """A game still owed to a target."""
+
+    game_id: str
+    source: str
+    config_key: str
+
+
+class DataManifest:
+    """The node's durable record of local games, its outbox per peer and its deliveries.
+
+    A game enters the outbox of every target when it is discovered and leaves it
+    only when the target acknowledges the merge, in one transaction with the
+    delivery record. A crash anywhere therefore re-sends at most one batch, which
+    the receiver de-duplicates, and never skips a game.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as exc:
+            self._db = self._quarantine_and_reopen(path, exc)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _quarantine_and_reopen(self, path: Path, exc: Exception) -> sqlite3.Connection:
+        # The manifest is derived state: local games are found again by a scan and
+        # re-sent games are de-duplicated by receivers, so a fresh one is safe.
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{path}{suffix}")
+            if part.exists():
+                part.rename(Path(f"{aside}{suffix}"))
+        log.error(
+            "manifest %s is unreadable (%s); moved it to %s and starting a fresh one "
+            "(local games are rescanned; peers ignore games they already hold)",
+            path, exc, aside,
+        )
+        try:
+            return self._open(path)
+        except sqlite3.DatabaseError as again:
+            raise CorruptDataError(f"cannot create manifest {path}: {again}") from again
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record_discovered(self, games: Sequence[DiscoveredGame], targets: Iterable[str]) -> int:
+        """Record completed games and queue each for every target; returns how many were new."""
+        now = time.time()
+        rows = [(g.game_id, g.source, g.config_key, now) for g in games]
+        ids = [(g.game_id,) for g in games]
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany("INSERT OR IGNORE INTO games VALUES (?, ?, ?, ?)", rows)
+            new = self._db.total_changes - before
+            for target in targets:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox SELECT ?1, ?2 WHERE NOT EXISTS "
+                    "(SELECT 1 FROM deliveries WHERE target = ?1 AND game_id = ?2)",
+                    [(target, gid) for (gid,) in ids],
+                )
+        return new
+
+    def ensure_targets(self, targets: Iterable[str]) -> int:
+        """Queue every known game not yet delivered to each target (new targets, lost outbox)."""
+        added = 0
+        with self._transaction():
+            for target in targets:
+                before = self._db.total_changes
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox SELECT ?1, g.game_id FROM games g WHERE NOT EXISTS "
+                    "(SELECT 1 FROM deliveries d WHERE d.target = ?1 AND d.game_id = g.game_id)",
+                    (target,),
+                )
+                added += self._db.total_changes - before
+        return added
+
+    def pending(self, target: str, limit: int) -> list[PendingGame]:
+        """Up to ``limit`` games owed to ``target``."""
+        rows = self._db.execute(
+            "SELECT o.game_id, g.source, g.config_key FROM outbox o JOIN games g USING (game_id) "
+            "WHERE o.target = ? LIMIT ?",
+            (target, limit),
+        ).fetchall()
+        return [PendingGame(*row) for row in rows]
+
+    def ack(self, target: str, game_ids: Sequence[str]) -> None:
+        """The target holds these games: record the delivery and clear the outbox, atomically."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
+                [(target, gid, now) for gid in game_ids],
+            )
+            self._db.executemany(
+                "DELETE FROM outbox WHERE target = ? AND game_id = ?",
+                [(target, gid) for gid in game_ids],
+            )
+
+    def drop(self, target: str, game_ids: Sequence[str]) -> None:
+        """Forget games that vanished from their source before delivery (logged by the caller)."""
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM outbox WHERE target = ? AND game_id = ?",
+                [(target, gid) for gid in game_ids],
+            )
+
+    def outbox_size(self, target: str) -> int:
+        row = self._db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)).fetchone()
+        return int(row[0])
+
+    def has_pending(self, target: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM outbox WHERE target = ? LIMIT 1", (target,)).fetchone()
+        return row is not None
+
+    def holders(self, game_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT target FROM deliveries WHERE game_id = ? ORDER BY target", (game_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def summary(self) -> dict[str, object]:
+        """Counts for status views: games known, delivered and pending per target."""
+        games = self._db.execute("SELECT count(*) FROM games").fetchone()[0]
+        delivered = dict(
+            self._db.execute("SELECT target, count(*) FROM deliveries GROUP BY target").fetchall()
+        )
+        pending = dict(
+            self._db.execute("SELECT target, count(*) FROM outbox GROUP BY target").fetchall()
+        )
+        return {"games": games, "delivered": delivered, "pending": pending}
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception (cancellation included)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")

@@ -1,0 +1,30 @@
+"""The transport interface: move a batch of games to a peer, nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ringsync.inventory import Host
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """What the receiver did with a batch: newly merged games and games it already had."""
+
+    inserted: int
+    duplicates: int
+
+
+class GameTransport(Protocol):
+    """Delivers an encoded game batch to a peer, which verifies and merges it.
+
+    Raises ``TransportError`` when the peer could not be reached or the transfer
+    broke (retry later) and ``PeerRejectedError`` when the peer refused it.
+    """
+
+    name: str
+
+    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult: ...
+
+    async def close(self) -> None: ...

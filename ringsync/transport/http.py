@@ -1,0 +1,85 @@
+"""HTTP P2P transport: push a game batch to a peer's data server with aiohttp."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import aiohttp
+from yarl import URL
+
+from ringsync.errors import PeerRejectedError, TransportError
+from ringsync.inventory import Host
+from ringsync.transport.base import PushResult
+
+GAMES_PATH = "/v1/games"
+DIGEST_HEADER = "X-Ringsync-Digest"
+NODE_HEADER = "X-Ringsync-Node"
+BATCH_CONTENT_TYPE = "application/vnd.ringsync.games+msgpack"
+
+
+def peer_url(peer: Host, path: str) -> URL:
+    return URL.build(scheme="http", host=peer.address, port=peer.p2p_port, path=path)
+
+
+class HttpTransport:
+    """One keep-alive connection pool for all peers; bounded per-read timeouts.
+
+    aiohttp's default 300 s *total* timeout would kill big transfers, so only the
+    connect and per-read waits are bounded.
+    """
+
+    name = "http"
+
+    def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 120.0) -> None:
+        self._node_id = node_id
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {NODE_HEADER: self._node_id}
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
+        return self._session
+
+    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult:
+        # BytesIO: aiohttp streams it instead of warning about a large in-memory body.
+        headers = {DIGEST_HEADER: digest, "Content-Type": BATCH_CONTENT_TYPE,
+                   "Content-Length": str(len(payload))}
+        try:
+            async with self._client().post(
+                peer_url(peer, GAMES_PATH), data=io.BytesIO(payload), headers=headers
+            ) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise _rejection(peer.name, resp.status, body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+        return _parse_push_result(peer.name, body)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _rejection(peer: str, status: int, body: bytes) -> TransportError:
+    reason = body[:300].decode("utf-8", "replace").strip() or "no reason given"
+    if 400 <= status < 500:
+        return PeerRejectedError(peer, status, reason)
+    return TransportError(peer, f"HTTP {status}: {reason}")
+
+
+def _parse_push_result(peer: str, body: bytes) -> PushResult:
+    """Peers are untrusted: accept only the exact shape we expect."""
+    try:
+        data = json.loads(body)
+        inserted, duplicates = data["inserted"], data["duplicates"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransportError(peer, f"malformed acknowledgement: {body[:100]!r}") from exc
+    if not all(type(v) is int and v >= 0 for v in (inserted, duplicates)):
+        raise TransportError(peer, f"malformed acknowledgement counts: {body[:100]!r}")
+    return PushResult(inserted=inserted, duplicates=duplicates)

@@ -1,0 +1,298 @@
+"""AutoSyncDaemon: push freshly completed games from local generators to their targets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+from ringsync.daemons.watcher import watch_games_dir
+from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
+from ringsync.inventory import Host
+from ringsync.node import NodeContext
+from ringsync.ops.fsdetect import is_network_filesystem
+from ringsync.protocol.batch import content_digest, encode_batch
+from ringsync.store.gamedb import GameSource, discover_sources
+from ringsync.store.manifest import DiscoveredGame, PendingGame
+from ringsync.transport.base import GameTransport
+from ringsync.transport.http import HttpTransport
+
+log = logging.getLogger(__name__)
+
+Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
+
+
+@dataclass
+class _PreparedCache:
+    """Batches extracted during one cycle, shared by the targets that owe the same games."""
+
+    done: dict[tuple[str, tuple[str, ...]], Prepared] = field(default_factory=dict)
+    locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = field(default_factory=dict)
+
+
+class _PeerBackoff:
+    """Per-peer retry pacing so one dead peer never stalls the others' cycles."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._initial, self._max = initial, maximum
+        self._retry_at: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+
+    def ready(self, peer: str) -> bool:
+        return time.monotonic() >= self._retry_at.get(peer, 0.0)
+
+    def failed(self, peer: str) -> float:
+        delay = min(self._max, self._delay.get(peer, self._initial / 2) * 2)
+        self._delay[peer] = delay
+        self._retry_at[peer] = time.monotonic() + delay
+        return delay
+
+    def succeeded(self, peer: str) -> None:
+        self._retry_at.pop(peer, None)
+        self._delay.pop(peer, None)
+
+
+class AutoSyncDaemon(Daemon):
+    """Wakes on a generator's commit (inotify, /v1/notify) or every RINGRIFT_SYNC_INTERVAL.
+
+    Each cycle finds newly completed games in the local selfplay DBs, records them
+    in the manifest's outbox for every target, and delivers each target's outbox in
+    batches, acknowledging a batch only after the target merged it.
+    """
+
+    daemon_type = DaemonType.AUTO_SYNC
+    depends_on = (DaemonType.DATA_SERVER,)
+
+    def __init__(
+        self, ctx: NodeContext, transport: GameTransport | None = None, *,
+        mountinfo: str | None = None, retry_initial: float = 1.0,
+    ) -> None:
+        s = ctx.settings
+        self._ctx = ctx
+        self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
+        self._mountinfo = mountinfo
+        self._sources: dict[str, GameSource] = {}
+        self._rescan_sources = True
+        self._stopping = False
+        self._cycle_lock = asyncio.Lock()
+        self._backoff = _PeerBackoff(retry_initial, max(1.0, min(60.0, s.sync_interval)))
+        self._health = Health(HealthState.STARTING)
+        self._failing: dict[str, str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        try:
+            shared, fstype = is_network_filesystem(self._ctx.settings.data_dir, mountinfo=self._mountinfo)
+            if shared and self._ctx.settings.skip_nfs_sync:
+                await self._run_shared_storage(ready, fstype)
+                return
+            targets = [h.name for h in self._ctx.router.game_targets()]
+            queued = self._ctx.manifest.ensure_targets(targets)
+            log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watch_games_dir(self._ctx.settings, self._on_fs_event))
+                self._health = Health(HealthState.HEALTHY)
+                ready()
+                await self._loop()
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _run_shared_storage(self, ready: Callable[[], None], fstype: str) -> None:
+        # Every node reads the same files: copying would only duplicate them.
+        log.info("data dir %s is on %s (network filesystem): auto-sync skips pushing; "
+                 "set RINGRIFT_SKIP_NFS_SYNC=false to push anyway", self._ctx.settings.data_dir, fstype)
+        self._health = Health(HealthState.HEALTHY, f"skipping: shared storage ({fstype})")
+        ready()
+        while not self._stopping:
+            self._ctx.metrics.shared_storage_skips.inc()
+            self._ctx.metrics.sync_cycles.labels(trigger="shared_storage_skip").inc()
+            await self._wait_for_trigger()
+
+    async def drain(self) -> None:
+        self._stopping = True
+        self._ctx.sync_wakeup.set()
+        async with self._cycle_lock:  # the cycle in flight finishes and acknowledges
+            pass
+
+    async def _close(self) -> None:
+        for source in self._sources.values():
+            await asyncio.to_thread(source.close)
+        self._sources.clear()
+        await self._transport.close()
+
+    def health(self) -> Health:
+        return self._health
+
+    # -- triggers ----------------------------------------------------------------------------
+
+    def _on_fs_event(self, new_file: bool) -> None:
+        self._rescan_sources = self._rescan_sources or new_file
+        self._ctx.sync_wakeup.set()
+
+    async def _loop(self) -> None:
+        trigger = "startup"
+        while not self._stopping:
+            await self.sync_once(trigger)
+            trigger = await self._wait_for_trigger()
+
+    async def _wait_for_trigger(self) -> str:
+        """Sleep until an event or the (jittered) interval; coalesce a burst of events."""
+        interval = self._ctx.settings.sync_interval * random.uniform(0.9, 1.1)
+        try:
+            async with asyncio.timeout(interval):
+                await self._ctx.sync_wakeup.wait()
+        except TimeoutError:
+            self._rescan_sources = True
+            return "interval"
+        await asyncio.sleep(self._ctx.settings.debounce)
+        self._ctx.sync_wakeup.clear()
+        return "event"
+
+    # -- one cycle ---------------------------------------------------------------------------
+
+    async def sync_once(self, trigger: str = "manual") -> None:
+        """Discover completed games, then deliver every target's outbox."""
+        async with self._cycle_lock:
+            started = time.perf_counter()
+            await self._discover()
+            targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
+            cache = _PreparedCache()
+            async with asyncio.TaskGroup() as tg:
+                for target in targets:
+                    tg.create_task(self._deliver(target, cache))
+            self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
+            self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
+
+    async def _discover(self) -> None:
+        s = self._ctx.settings
+        if self._rescan_sources:
+            self._rescan_sources = False
+            for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.synced_dir):
+                key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
+                if key not in self._sources:
+                    self._sources[key] = await asyncio.to_thread(GameSource, path)
+        names = [h.name for h in self._ctx.router.game_targets()]
+        for key, source in list(self._sources.items()):
+            if source.changed():
+                await self._scan(key, source, names)
+
+    async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
+        try:
+            found = await asyncio.to_thread(source.scan)
+        except CorruptDataError as exc:
+            log.error("cannot read source %s, skipping it until it changes: %s", key, exc)
+            return
+        if found:
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found]
+            new = self._ctx.manifest.record_discovered(games, targets)
+            self._ctx.metrics.games_discovered.inc(new)
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    async def _deliver(self, target: Host, cache: _PreparedCache) -> None:
+        """Drain ``target``'s outbox: prepare the next batch while the current one is in flight."""
+        queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=2)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._produce(target.name, queue, cache))
+                await self._consume(target, queue)
+        except* (TransportError, CorruptDataError) as group:
+            self._peer_failed(target.name, group.exceptions[0])
+        else:
+            self._backoff.succeeded(target.name)
+            if self._failing.pop(target.name, None) is not None:
+                log.info("delivery to %s recovered; its backlog is delivered", target.name)
+                self._update_health()
+        finally:
+            self._ctx.metrics.outbox_games.labels(peer=target.name).set(
+                self._ctx.manifest.outbox_size(target.name))
+
+    async def _produce(self, target: str, queue: asyncio.Queue[Prepared | None],
+                       cache: _PreparedCache) -> None:
+        batch_games = self._ctx.settings.batch_games
+        pending = self._ctx.manifest.pending(target, batch_games * 4)
+        by_source: dict[str, list[PendingGame]] = {}
+        for game in pending:
+            by_source.setdefault(game.source, []).append(game)
+        for source, games in by_source.items():
+            for i in range(0, len(games), batch_games):
+                ids = tuple(g.game_id for g in games[i:i + batch_games])
+                await queue.put(await self._prepared(source, ids, target, cache))
+        await queue.put(None)
+
+    async def _prepared(self, source: str, ids: tuple[str, ...], target: str,
+                        cache: _PreparedCache) -> Prepared:
+        """Extract and encode once per cycle, whichever target asks first."""
+        key = (source, ids)
+        async with cache.locks.setdefault(key, asyncio.Lock()):
+            if key not in cache.done:
+                cache.done[key] = await asyncio.to_thread(self._extract, source, ids)
+        self._forget_missing(source, ids, cache.done[key], target)
+        return cache.done[key]
+
+    def _extract(self, source: str, ids: Sequence[str]) -> Prepared:
+        src = self._sources.get(source)
+        if src is None:
+            return []
+        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
+        out = []
+        for batch in batches:
+            payload = encode_batch(batch)
+            out.append((payload, content_digest(payload), batch.game_ids))
+        return out
+
+    def _forget_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
+                        target: str) -> None:
+        found = {gid for _, _, gids in prepared for gid in gids}
+        missing = [gid for gid in ids if gid not in found]
+        if missing:
+            log.error("%d games owed to %s vanished from source %s before delivery "
+                      "(deleted by someone else?); dropping them from the outbox",
+                      len(missing), target, source)
+            self._ctx.manifest.drop(target, missing)
+
+    async def _consume(self, target: Host, queue: asyncio.Queue[Prepared | None]) -> None:
+        while (prepared := await queue.get()) is not None:
+            for payload, digest, game_ids in prepared:
+                await self._push(target, payload, digest, game_ids)
+
+    async def _push(self, target: Host, payload: bytes, digest: str, game_ids: tuple[str, ...]) -> None:
+        m = self._ctx.metrics
+        started = time.perf_counter()
+        try:
+            result = await self._transport.push_games(target, payload, digest)
+        except TransportError:
+            m.batches_sent.labels(peer=target.name, outcome="failed").inc()
+            raise
+        if result.inserted + result.duplicates != len(game_ids):
+            m.batches_sent.labels(peer=target.name, outcome="failed").inc()
+            raise TransportError(target.name, f"acknowledged {result.inserted + result.duplicates} "
+                                              f"of {len(game_ids)} games")
+        self._ctx.manifest.ack(target.name, game_ids)
+        m.push_duration.observe(time.perf_counter() - started)
+        m.batches_sent.labels(peer=target.name, outcome="ok").inc()
+        m.bytes_sent.labels(peer=target.name).inc(len(payload))
+        m.games_shipped.labels(peer=target.name).inc(result.inserted)
+        m.games_already_present.labels(peer=target.name).inc(result.duplicates)
+
+    def _peer_failed(self, peer: str, exc: BaseException) -> None:
+        delay = self._backoff.failed(peer)
+        reason = str(exc)
+        if peer not in self._failing:
+            level = logging.ERROR if isinstance(exc, PeerRejectedError) else logging.WARNING
+            log.log(level, "delivery to %s failing (retry in %.0fs): %s", peer, delay, reason)
+        self._failing[peer] = reason
+        self._update_health()
+
+    def _update_health(self) -> None:
+        if self._failing:
+            detail = "; ".join(f"{p}: {r}" for p, r in sorted(self._failing.items()))
+            self._health = Health(HealthState.DEGRADED, detail[:500])
+        else:
+            self._health = Health(HealthState.HEALTHY)
+

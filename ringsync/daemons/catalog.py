@@ -1,0 +1,16 @@
+"""The daemon types this build provides: one registration line each."""
+
+from __future__ import annotations
+
+from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.base import DaemonType
+from ringsync.daemons.data_server import DataServerDaemon
+from ringsync.daemons.registry import DaemonRegistry
+from ringsync.node import NodeContext
+
+
+def default_registry() -> DaemonRegistry[NodeContext]:
+    registry: DaemonRegistry[NodeContext] = DaemonRegistry()
+    registry.register(DaemonType.DATA_SERVER, DataServerDaemon)
+    registry.register(DaemonType.AUTO_SYNC, AutoSyncDaemon)
+    return registry

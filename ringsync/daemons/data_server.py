@@ -1,0 +1,217 @@
+"""The data server daemon: /healthz, /metrics and the authenticated /v1/ peer API."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
+from ringsync.node import NodeContext
+from ringsync.store.gamedb import count_games
+from ringsync.store.receiver import ReceiveRefused
+from ringsync.transport.http import DIGEST_HEADER, GAMES_PATH
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CTX: web.AppKey[NodeContext] = web.AppKey("ctx", NodeContext)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[_CTX]
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        ctx.metrics.http_requests.labels(route=name, code=str(exc.status)).inc()
+        raise
+    ctx.metrics.http_requests.labels(route=name, code=str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /v1/ request carries the cluster token, compared in constant time."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    ctx = request.app[_CTX]
+    token = ctx.settings.auth_token
+    if token is None:
+        # No token: the server is bound to loopback only (settings enforce it).
+        return await handler(request)
+    offered = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        ctx.metrics.auth_failures.inc()
+        return web.json_response(
+            {"error": "missing or wrong cluster token: send 'Authorization: Bearer <token>' "
+             "with the cluster's RINGRIFT_CLUSTER_AUTH_TOKEN"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="ringsync"'},
+        )
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    ctx = request.app[_CTX]
+    states = {t.value: h.state.value for t, h in ctx.daemon_health().items()}
+    failing = any(s == HealthState.FAILED.value for s in states.values())
+    return web.json_response(
+        {"status": "failing" if failing else "ok", "daemons": states}, status=503 if failing else 200
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[_CTX].metrics.render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def held_games(ctx: NodeContext) -> dict[str, int]:
+    """Games merged here, per config DB (reads files: run it in a worker thread)."""
+    synced = ctx.settings.synced_dir
+    return {p.stem: count_games(p) for p in sorted(synced.glob("*.db"))} if synced.is_dir() else {}
+
+
+def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
+    """This node's view of itself: daemons, routing, outbox, games held."""
+    host = ctx.host
+    return {
+        "node": ctx.settings.node_id,
+        "role": host.role if host else "unknown",
+        "time": time.time(),
+        "daemons": {t.value: {"state": h.state.value, "detail": h.detail}
+                    for t, h in ctx.daemon_health().items()},
+        "routing": ctx.router.get_sync_status(),
+        "manifest": ctx.manifest.summary(),
+        "received_games": held,
+        "received_total": sum(held.values()),
+    }
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[_CTX]
+    held = await asyncio.to_thread(held_games, ctx)
+    return web.json_response(node_status(ctx, held), dumps=lambda d: json.dumps(d, sort_keys=True))
+
+
+async def receive_games(request: web.Request) -> web.Response:
+    ctx = request.app[_CTX]
+    limit = ctx.settings.max_batch_bytes
+    if request.content_length is not None and request.content_length > limit:
+        ctx.metrics.batches_received.labels(outcome="too_large").inc()
+        return _error(413, f"batch of {request.content_length} bytes exceeds the {limit}-byte limit "
+                           "(RINGRIFT_MAX_BATCH_BYTES on the receiver)")
+    digest = request.headers.get(DIGEST_HEADER)
+    if not digest:
+        return _error(400, f"missing {DIGEST_HEADER} header with the batch's content hash")
+    payload = await request.read()  # bounded by client_max_size -> 413
+    started = time.perf_counter()
+    try:
+        result = await asyncio.to_thread(ctx.receiver.receive, payload, digest)
+    except ReceiveRefused as exc:
+        ctx.metrics.batches_received.labels(outcome="refused").inc()
+        return _error(403, str(exc))
+    except (BadInputError, CorruptDataError) as exc:
+        outcome = "unsafe_path" if isinstance(exc, UnsafePathError) else "rejected"
+        ctx.metrics.batches_received.labels(outcome=outcome).inc()
+        log.warning("rejected a game batch from %s: %s",
+                    request.headers.get("X-Ringsync-Node", request.remote), exc)
+        return _error(400, str(exc))
+    ctx.metrics.merge_duration.observe(time.perf_counter() - started)
+    ctx.metrics.batches_received.labels(outcome="merged").inc()
+    ctx.metrics.bytes_received.inc(len(payload))
+    ctx.metrics.games_received.inc(result.inserted)
+    ctx.metrics.games_duplicate_received.inc(result.duplicates)
+    return web.json_response({"inserted": result.inserted, "duplicates": result.duplicates})
+
+
+async def notify(request: web.Request) -> web.Response:
+    """A local generator says 'I committed games': wake auto-sync now."""
+    request.app[_CTX].sync_wakeup.set()
+    return web.json_response({"ok": True})
+
+
+def build_app(ctx: NodeContext) -> web.Application:
+    app = web.Application(
+        middlewares=[_count_requests, _authenticate],
+        client_max_size=ctx.settings.max_batch_bytes,
+    )
+    app[_CTX] = ctx
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post(GAMES_PATH, receive_games)
+    app.router.add_post("/v1/notify", notify)
+    return app
+
+
+class DataServerDaemon(Daemon):
+    """Serves peers and operators on RINGRIFT_P2P_HOST:RINGRIFT_P2P_PORT."""
+
+    daemon_type = DaemonType.DATA_SERVER
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self._ctx = ctx
+        self._runner: web.AppRunner | None = None
+        self._health = Health(HealthState.STARTING)
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        s = self._ctx.settings
+        runner = web.AppRunner(build_app(self._ctx), access_log=None,
+                               shutdown_timeout=s.drain_timeout, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        try:
+            await web.TCPSite(runner, s.p2p_host, s.p2p_port, reuse_address=True).start()
+            self._log_binding()
+            self._health = Health(HealthState.HEALTHY, f"listening on {s.p2p_host}:{s.p2p_port}")
+            ready()
+            await asyncio.Event().wait()
+        finally:
+            self._health = Health(HealthState.STOPPED)
+            await asyncio.shield(self._close())
+
+    def _log_binding(self) -> None:
+        s = self._ctx.settings
+        if s.auth_token is None:
+            log.warning("no cluster token configured (RINGRIFT_CLUSTER_AUTH_TOKEN): peer endpoints "
+                        "listen on loopback only, at %s:%d", s.p2p_host, s.p2p_port)
+        else:
+            log.info("data server listening on %s:%d", s.p2p_host, s.p2p_port)
+
+    async def drain(self) -> None:
+        # Stop accepting; handlers already running (merges) finish within shutdown_timeout.
+        await self._close()
+
+    async def _close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def health(self) -> Health:
+        return self._health

@@ -1,0 +1,182 @@
+"""AutoSyncDaemon against the in-memory transport: routing, exactly-once, outages, shared storage."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.base import HealthState
+from ringsync.node import NodeContext
+from ringsync.store.gamedb import game_ids
+from ringsync.store.receiver import GameReceiver
+from ringsync.transport.memory import MemoryTransport
+from tests.conftest import write_games
+
+LOCAL_MOUNTS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+
+
+@pytest.fixture
+def receivers(tmp_path: Path) -> Iterator[dict[str, GameReceiver]]:
+    made = {name: GameReceiver(tmp_path / name / "synced") for name in ("train-1", "train-2")}
+    made["coordinator"] = GameReceiver(tmp_path / "coordinator" / "synced", refuse_reason="coordinator")
+    yield made
+    for r in made.values():
+        r.close()
+
+
+@pytest.fixture
+def transport(receivers: dict[str, GameReceiver]) -> MemoryTransport:
+    t = MemoryTransport()
+    t.receivers.update(receivers)
+    return t
+
+
+def held(tmp_path: Path, node: str) -> list[str]:
+    out: list[str] = []
+    for db in sorted((tmp_path / node / "synced").glob("*.db")):
+        out.extend(game_ids(db))
+    return out
+
+
+def daemon_for(ctx: NodeContext, transport: MemoryTransport) -> AutoSyncDaemon:
+    return AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
+
+
+async def test_completed_games_reach_both_trainers_once(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    done, open_ = write_games(ctx.settings.games_dir / "sp.db", 30, in_progress=3)
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    await daemon.sync_once()
+    for node in ("train-1", "train-2"):
+        got = held(tmp_path, node)
+        assert sorted(got) == sorted(done)
+        assert not set(open_) & set(got)
+    assert held(tmp_path, "coordinator") == []
+    await daemon.drain()
+
+
+async def test_outage_keeps_the_backlog_and_delivers_after_recovery(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 12)
+    transport.down.add("train-2")
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    assert held(tmp_path, "train-2") == []
+    assert daemon.health().state is HealthState.DEGRADED
+    assert ctx.manifest.outbox_size("train-2") == 12
+    transport.down.clear()
+    await daemon.sync_once()
+    assert sorted(held(tmp_path, "train-2")) == sorted(done)
+    assert daemon.health().state is HealthState.HEALTHY
+    assert ctx.manifest.outbox_size("train-2") == 0
+
+
+async def test_game_completed_later_is_shipped_once_after_completion(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    from ringsync.selfplay_sim import SelfplayWriter
+
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    daemon = daemon_for(ctx, transport)
+    with SelfplayWriter(db, seed=3, moves_per_game=10) as writer:
+        game = writer.start_game()
+        writer.add_moves(game, 5)
+        await daemon.sync_once()
+        assert held(tmp_path, "train-1") == []
+        writer.add_moves(game, 5)
+        writer.complete_game(game)
+        for _ in range(3):
+            await daemon.sync_once()
+    assert held(tmp_path, "train-1") == [game]
+    assert held(tmp_path, "train-2") == [game]
+
+
+async def test_restart_resumes_without_resending(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    write_games(ctx.settings.games_dir / "sp.db", 10)
+    await daemon_for(ctx, transport).sync_once()
+    pushes = transport.pushes
+    again = daemon_for(ctx, transport)
+    await again.sync_once()
+    assert transport.pushes == pushes  # nothing owed, nothing sent
+    assert len(held(tmp_path, "train-1")) == 10
+
+
+async def test_received_games_are_not_pushed_on(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("train-1")
+    write_games(ctx.settings.synced_dir / "hex8_2p.db", 5)  # what a trainer holds after merges
+    await daemon_for(ctx, transport).sync_once()
+    assert transport.pushes == 0
+    assert ctx.manifest.summary()["games"] == 0
+
+
+async def test_shared_storage_skips_pushing_and_counts_it(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=0.01)
+    write_games(ctx.settings.games_dir / "sp.db", 5)
+    nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
+    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
+    ready = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(ready.set))
+        await ready.wait()
+        await asyncio.sleep(0.1)
+        await daemon.drain()
+        task.cancel()
+    assert transport.pushes == 0
+    assert ctx.metrics.shared_storage_skips._value.get() >= 1
+    assert "shared storage" in daemon.health().detail
+
+
+async def test_shared_storage_skip_can_be_turned_off(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1", skip_nfs_sync=False)
+    write_games(ctx.settings.games_dir / "sp.db", 4)
+    nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
+    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
+    ready = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(ready.set))
+        await ready.wait()
+        await daemon.drain()
+        task.cancel()
+    assert len(held(tmp_path, "train-1")) == 4
+
+
+async def test_wakes_on_a_commit_without_waiting_for_the_interval(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=3600.0)
+    db = ctx.settings.games_dir / "sp.db"
+    write_games(db, 1)
+    daemon = daemon_for(ctx, transport)
+    ready = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(ready.set))
+        await ready.wait()
+        done, _ = await asyncio.to_thread(write_games, db, 3, seed=7)
+        async with asyncio.timeout(10):  # the interval is an hour: only inotify can wake it
+            while len(held(tmp_path, "train-1")) < 4:
+                transport.delivered.clear()
+                await transport.delivered.wait()
+        await daemon.drain()
+        task.cancel()
+    assert set(done) <= set(held(tmp_path, "train-1"))

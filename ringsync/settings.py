@@ -411,7 +411,7 @@ def _p2p_host(env: _Env, inventory: Inventory, node_id: str, token: str | None) 
     if explicit:
         value, origin = explicit, "RINGRIFT_P2P_HOST"
     elif host is not None and host.p2p_host:
-        value, origin = host.p2p_host, f"hosts.{node_id}.p2p_host in inventory {inventory.source}"
+        value, origin = host.p2p_host, f"inventory {inventory.source}: hosts.{node_id}.p2p_host"
     else:
         return "0.0.0.0" if token else "127.0.0.1"
     if token is None and not is_loopback_host(value):

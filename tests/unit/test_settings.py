@@ -331,7 +331,7 @@ def test_exposed_inventory_host_without_token_is_refused(tmp_path: Path,
                                                          inventory_file: Path) -> None:
     message = error(tmp_path, RINGRIFT_CLUSTER_CONFIG=str(inventory_file),
                     RINGRIFT_NODE_ID="train-1")
-    assert message.startswith(f"hosts.train-1.p2p_host in inventory {inventory_file} = '10.0.0.2'")
+    assert message.startswith(f"inventory {inventory_file}: hosts.train-1.p2p_host = '10.0.0.2'")
 
 
 def test_loopback_inventory_host_without_token(tmp_path: Path, inventory_file: Path) -> None:

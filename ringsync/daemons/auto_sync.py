@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_games_dir
@@ -130,8 +132,12 @@ class AutoSyncDaemon(Daemon):
 
     # -- triggers ----------------------------------------------------------------------------
 
-    def _on_fs_event(self, new_file: bool) -> None:
-        self._rescan_sources = self._rescan_sources or new_file
+    def _on_fs_event(self, database: Path | None) -> None:
+        # A DB we do not know yet may have been created empty a moment ago and only
+        # now gained its games table: look again on every event until it is a source.
+        games_dir = self._ctx.settings.games_dir
+        if database is None or database.relative_to(games_dir).as_posix() not in self._sources:
+            self._rescan_sources = True
         self._ctx.sync_wakeup.set()
 
     async def _loop(self) -> None:
@@ -159,7 +165,7 @@ class AutoSyncDaemon(Daemon):
         """Discover completed games, then deliver every target's outbox."""
         async with self._cycle_lock:
             started = time.perf_counter()
-            await self._discover()
+            await self._discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
             cache = _PreparedCache()
             async with asyncio.TaskGroup() as tg:
@@ -168,7 +174,12 @@ class AutoSyncDaemon(Daemon):
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
             self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
 
-    async def _discover(self) -> None:
+    async def _discover(self, *, force: bool) -> None:
+        """Scan sources that changed; on the interval (``force``) scan them all.
+
+        The stat-based change check can miss a commit that leaves the WAL the same
+        size within one timestamp tick; the periodic forced scan bounds that delay.
+        """
         s = self._ctx.settings
         if self._rescan_sources:
             self._rescan_sources = False
@@ -178,7 +189,7 @@ class AutoSyncDaemon(Daemon):
                     self._sources[key] = await asyncio.to_thread(GameSource, path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
-            if source.changed():
+            if force or source.changed():
                 await self._scan(key, source, names)
 
     async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
@@ -186,6 +197,9 @@ class AutoSyncDaemon(Daemon):
             found = await asyncio.to_thread(source.scan)
         except CorruptDataError as exc:
             log.error("cannot read source %s, skipping it until it changes: %s", key, exc)
+            return
+        except sqlite3.OperationalError as exc:  # e.g. locked past busy_timeout: retry next cycle
+            log.warning("source %s is busy (%s); retrying on the next cycle", key, exc)
             return
         if found:
             games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found]

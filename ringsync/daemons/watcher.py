@@ -18,13 +18,18 @@ _DIR_EVENTS = _FILE_EVENTS | Mask.ONLYDIR
 _WATCHED_SUFFIXES = (".db", ".db-wal", ".sqlite", ".sqlite-wal", ".jsonl")
 
 
-def _is_new_database(mask: Mask, name: str) -> bool:
-    return bool(mask & (Mask.CREATE | Mask.MOVED_TO)) and name.endswith((".db", ".sqlite"))
+def database_of(path: Path) -> Path:
+    """The database a changed file belongs to (its -wal/-shm/-journal map to it)."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name.removesuffix(suffix))
+    return path
 
 
-async def watch_games_dir(settings: Settings, on_change: Callable[[bool], None]) -> None:
-    """Call ``on_change(new_database)`` whenever a game DB (or its WAL) under games/ changes.
+async def watch_games_dir(settings: Settings, on_change: Callable[[Path | None], None]) -> None:
+    """Call ``on_change(database)`` whenever a game DB (or its WAL) under games/ changes.
 
+    ``None`` means a new directory appeared: look for new databases.
     The node's merged output (games/synced/) is not watched: received games are never
     pushed on as if freshly generated. Without inotify the interval alone drives syncs.
     """
@@ -42,10 +47,10 @@ async def watch_games_dir(settings: Settings, on_change: Callable[[bool], None])
                 created = event.mask & (Mask.CREATE | Mask.MOVED_TO)
                 if created and not _inside(event.path, settings.synced_dir):
                     _add_watch(inotify, event.path)
-                    on_change(True)
+                    on_change(None)
                 continue
-            if name.endswith(_WATCHED_SUFFIXES):
-                on_change(_is_new_database(event.mask, name))
+            if name.endswith(_WATCHED_SUFFIXES) and event.path is not None:
+                on_change(database_of(event.path))
 
 
 def _inside(path: Path, parent: Path) -> bool:

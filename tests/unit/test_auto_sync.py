@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -180,3 +181,19 @@ async def test_wakes_on_a_commit_without_waiting_for_the_interval(
         await daemon.drain()
         task.cancel()
     assert set(done) <= set(held(tmp_path, "train-1"))
+
+
+async def test_database_created_empty_then_filled_is_found_on_the_next_event(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=3600.0)
+    daemon = daemon_for(ctx, transport)
+    db = ctx.settings.games_dir / "late.db"
+    sqlite3.connect(db).close()  # the generator creates the file before its schema
+    daemon._on_fs_event(db)
+    await daemon.sync_once("event")
+    assert ctx.manifest.summary()["games"] == 0
+    done, _ = write_games(db, 3)  # later commits are plain modifications of the file
+    daemon._on_fs_event(db.with_name("late.db-wal"))
+    await daemon.sync_once("event")
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)

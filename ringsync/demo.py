@@ -55,15 +55,22 @@ def run_demo(*, duration: float | None, rate: float, keep_dir: str | None) -> in
             generator = _start_generator(cluster, rate)
             print(f"selfplay-1 writes {rate:g} games/s into a live WAL-mode DB; completed games flow to "
                   "train-1 and train-2, never to the coordinator. Ctrl-C stops.")
-            return _progress(cluster, duration, stop)
+            _progress(cluster, duration, stop)
+            _stop_generator(generator)
+            return _summary(_settle(cluster))
         except RuntimeError as exc:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 1
         finally:
             if generator is not None:
-                generator.terminate()
-                generator.wait(10)
+                _stop_generator(generator)
             cluster.stop_all()
+
+
+def _stop_generator(generator: subprocess.Popen[bytes]) -> None:
+    if generator.poll() is None:
+        generator.terminate()  # it finishes the game in hand, then exits
+        generator.wait(10)
 
 
 def _start_generator(cluster: Cluster, rate: float) -> subprocess.Popen[bytes]:
@@ -72,11 +79,11 @@ def _start_generator(cluster: Cluster, rate: float) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "ringsync.selfplay_sim", str(db), "--games", "1000000000",
          "--rate", str(rate)],
-        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True,
     )
 
 
-def _progress(cluster: Cluster, duration: float | None, stop: threading.Event) -> int:
+def _progress(cluster: Cluster, duration: float | None, stop: threading.Event) -> None:
     settings = cluster.client_settings()
     deadline = None if duration is None else time.monotonic() + duration
     tty = sys.stdout.isatty()
@@ -89,7 +96,18 @@ def _progress(cluster: Cluster, duration: float | None, stop: threading.Event) -
             break
         stop.wait(min(1.0 if tty else 2.0, left if left is not None else 1.0))
     print()
-    return _summary(statuses)
+
+
+def _settle(cluster: Cluster, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """After the generator stopped: the last games reach the trainers within moments."""
+    settings = cluster.client_settings()
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = asyncio.run(collect(settings, everyone=True))
+        trainers = [st.get("received_total") for st in statuses if st["node"].startswith("train")]
+        if all(n == _completed(statuses[0]) for n in trainers) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.2)
 
 
 def _completed(status: dict[str, Any]) -> int:

@@ -102,6 +102,7 @@ class Cluster:
                 node.process = subprocess.Popen(
                     [sys.executable, "-m", "ringsync", "run", *args], env=self.env(node),
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches only the harness
                 )
             self._await_ready(node, sock)
         return node

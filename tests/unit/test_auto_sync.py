@@ -47,6 +47,24 @@ def daemon_for(ctx: NodeContext, transport: MemoryTransport) -> AutoSyncDaemon:
     return AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
 
 
+async def run_daemon_until(daemon: AutoSyncDaemon, done: Callable[[], bool],
+                           progress: asyncio.Event | None = None) -> None:
+    """Run the daemon until ``done()``, re-checking when ``progress`` fires (or every 10 ms)."""
+    ready = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(ready.set))
+        await ready.wait()
+        async with asyncio.timeout(10):
+            while True:
+                if progress is not None:
+                    progress.clear()  # before the check, so no wake-up is lost
+                if done():
+                    break
+                await (asyncio.sleep(0.01) if progress is None else progress.wait())
+        await daemon.drain()
+        task.cancel()
+
+
 async def test_completed_games_reach_both_trainers_once(
     node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
 ) -> None:
@@ -134,13 +152,7 @@ async def test_shared_storage_skips_pushing_and_counts_it(
     write_games(ctx.settings.games_dir / "sp.db", 5)
     nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
     daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
-    ready = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(daemon.run(ready.set))
-        await ready.wait()
-        await asyncio.sleep(0.1)
-        await daemon.drain()
-        task.cancel()
+    await run_daemon_until(daemon, lambda: ctx.metrics.shared_storage_skips._value.get() >= 3)
     assert transport.pushes == 0
     assert ctx.metrics.shared_storage_skips._value.get() >= 1
     assert "shared storage" in daemon.health().detail
@@ -153,12 +165,7 @@ async def test_shared_storage_skip_can_be_turned_off(
     write_games(ctx.settings.games_dir / "sp.db", 4)
     nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
     daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
-    ready = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(daemon.run(ready.set))
-        await ready.wait()
-        await daemon.drain()
-        task.cancel()
+    await run_daemon_until(daemon, lambda: len(held(tmp_path, "train-1")) == 4, transport.delivered)
     assert len(held(tmp_path, "train-1")) == 4
 
 

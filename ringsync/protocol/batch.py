@@ -1,12 +1,12 @@
-"""GameBatch: the msgpack wire format for a batch of completed games, with strict decoding."""
+"""GameBatch: the wire format for a batch of completed games (msgpack header + SQLite image)."""
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from operator import itemgetter
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -16,26 +16,31 @@ from ringsync.errors import BadInputError, TooLargeError, UnsafePathError
 
 __all__ = [
     "BATCH_VERSION",
+    "MAX_IMAGE_BYTES",
     "Column",
     "GameBatch",
-    "TableRows",
+    "TableSchema",
+    "batch_rows",
+    "build_batch",
     "config_key_for",
     "content_digest",
     "decode_batch",
     "encode_batch",
+    "image_table_sql",
     "is_safe_decl_type",
     "is_safe_identifier",
     "validate_config_key",
 ]
 
-BATCH_VERSION = 1
+BATCH_VERSION = 2
+MAX_IMAGE_BYTES = 512 * 1024 * 1024
 GAMES_TABLE = "games"
 GAME_ID = "game_id"
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _DECL_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9 ]{0,40}(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
 _CONFIG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_VALUE_TYPES: frozenset[type] = frozenset({type(None), int, float, str, bytes, bool})
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 _MAX_TABLES = 64
 _MAX_COLUMNS = 256
 
@@ -51,22 +56,27 @@ class Column:
 
 
 @dataclass(frozen=True, slots=True)
-class TableRows:
-    """The rows of one table that belong to the games of a batch."""
+class TableSchema:
+    """One per-game table of a batch: its name and the columns of the source table."""
 
     name: str
     columns: tuple[Column, ...]
-    rows: list[tuple[Any, ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class GameBatch:
-    """Completed games of one config, with their rows from every per-game table (games first)."""
+    """Completed games of one config: the table schemas (games first) and a SQLite image.
+
+    ``image`` is a serialized SQLite database holding exactly ``tables``, each created by
+    ``image_table_sql`` (columns and declared types only: no keys, constraints or indexes),
+    with the rows of ``game_ids`` only. The receiver verifies all of that before reading it.
+    """
 
     source_node: str
     config_key: str
     game_ids: tuple[str, ...]
-    tables: tuple[TableRows, ...]
+    tables: tuple[TableSchema, ...]
+    image: bytes = field(repr=False)
 
 
 def is_safe_identifier(name: object) -> bool:
@@ -101,29 +111,71 @@ def config_key_for(board_type: object, num_players: object) -> str:
     return f"{board}_{players}p"
 
 
+# -- the image -----------------------------------------------------------------------------
+
+
+def image_table_sql(table: TableSchema, schema: str | None = None) -> str:
+    """The CREATE TABLE of ``table`` inside a batch image (names must be safe identifiers).
+
+    Without ``schema`` this is exactly the text SQLite keeps in sqlite_master, which is
+    how a receiver checks that an image holds nothing but what the header declares.
+    """
+    prefix = f'"{schema}".' if schema else ""
+    defs = ", ".join(f'"{c.name}" {c.decl_type}'.rstrip() for c in table.columns)
+    return f'CREATE TABLE {prefix}"{table.name}" ({defs})'
+
+
+def build_batch(source_node: str, config_key: str, game_ids: Sequence[str],
+                tables: Sequence[tuple[TableSchema, Iterable[Sequence[Any]]]]) -> GameBatch:
+    """A batch from rows held in Python (tests and tools; the sender copies inside SQLite)."""
+    with closing(sqlite3.connect(":memory:")) as conn:
+        for schema, rows in tables:
+            conn.execute(image_table_sql(schema))
+            conn.executemany(f'INSERT INTO "{schema.name}" VALUES '
+                             f'({",".join("?" * len(schema.columns))})', rows)
+        conn.commit()
+        image = conn.serialize()
+    return GameBatch(source_node, config_key, tuple(game_ids),
+                     tuple(schema for schema, _ in tables), image)
+
+
+def batch_rows(batch: GameBatch, table: str) -> list[tuple[Any, ...]]:
+    """The rows of ``table`` in the image of ``batch``, in header column order."""
+    schema = next((t for t in batch.tables if t.name == table), None)
+    if schema is None:
+        raise KeyError(f"batch has no table {table!r}")
+    cols = ", ".join(f'"{c.name}"' for c in schema.columns)
+    with closing(sqlite3.connect(":memory:")) as conn:
+        conn.deserialize(batch.image)
+        return conn.execute(f'SELECT {cols} FROM "{table}" ORDER BY rowid').fetchall()
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
 def encode_batch(batch: GameBatch) -> bytes:
-    """Serialise a batch to versioned msgpack; bytes values stay bytes."""
+    """Serialise a batch: a versioned msgpack map whose ``image`` is the SQLite image."""
     doc = {
         "v": BATCH_VERSION,
         "source_node": batch.source_node,
         "config_key": batch.config_key,
         "game_ids": list(batch.game_ids),
-        "tables": [_encode_table(t) for t in batch.tables],
+        "tables": [{"name": t.name, "columns": [[c.name, c.decl_type, c.pk, c.notnull]
+                                                for c in t.columns]}
+                   for t in batch.tables],
+        "image": batch.image,
     }
     out: bytes = msgpack.packb(doc, use_bin_type=True)
     return out
 
 
-def _encode_table(table: TableRows) -> dict[str, Any]:
-    columns = [[c.name, c.decl_type, c.pk, c.notnull] for c in table.columns]
-    return {"name": table.name, "columns": columns, "rows": table.rows}
-
-
-def decode_batch(data: bytes, *, max_games: int = 100_000) -> GameBatch:
-    """Decode and validate a batch from an untrusted peer.
+def decode_batch(data: bytes, *, max_games: int = 100_000,
+                 max_image_bytes: int = MAX_IMAGE_BYTES) -> GameBatch:
+    """Decode and validate the header of a batch from an untrusted peer.
 
     Raises UnsafePathError for a config key that could escape the data dir,
-    TooLargeError above ``max_games``, BadInputError for anything else malformed.
+    TooLargeError above ``max_games`` or ``max_image_bytes``, BadInputError for anything
+    else malformed. The image itself is verified by the merge, inside SQLite.
     """
     doc = _unpack(data)
     if doc.get("v") != BATCH_VERSION:
@@ -136,8 +188,9 @@ def decode_batch(data: bytes, *, max_games: int = 100_000) -> GameBatch:
     if not 1 <= len(raw_tables) <= _MAX_TABLES:
         raise BadInputError(f"batch must have 1..{_MAX_TABLES} tables, got {len(raw_tables)}")
     tables = tuple(_decode_table(t) for t in raw_tables)
-    _check_tables(tables, game_ids)
-    return GameBatch(source_node, config_key, game_ids, tables)
+    _check_tables(tables)
+    image = _check_image(_field(doc, "image", bytes), max_image_bytes)
+    return GameBatch(source_node, config_key, game_ids, tables, image)
 
 
 def _unpack(data: bytes) -> Mapping[str, Any]:
@@ -181,15 +234,13 @@ def _check_game_ids(ids: tuple[Any, ...], max_games: int) -> tuple[str, ...]:
     return ids
 
 
-def _decode_table(raw: object) -> TableRows:
+def _decode_table(raw: object) -> TableSchema:
     if not isinstance(raw, dict):
         raise BadInputError(f"table entry must be a map, got {type(raw).__name__}")
     name = _field(raw, "name", str)
     if not is_safe_identifier(name):
         raise BadInputError(f"table name {name[:80]!r} is not a valid identifier")
-    columns = _decode_columns(name, _field(raw, "columns", tuple))
-    rows = _check_rows(name, _field(raw, "rows", tuple), len(columns))
-    return TableRows(name, columns, rows)
+    return TableSchema(name, _decode_columns(name, _field(raw, "columns", tuple)))
 
 
 def _decode_columns(table: str, raw: tuple[Any, ...]) -> tuple[Column, ...]:
@@ -198,6 +249,8 @@ def _decode_columns(table: str, raw: tuple[Any, ...]) -> tuple[Column, ...]:
     columns = tuple(_decode_column(table, c, len(raw)) for c in raw)
     if len({c.name.lower() for c in columns}) != len(columns):
         raise BadInputError(f"table {table}: duplicate column names")
+    if not any(c.name == GAME_ID for c in columns):
+        raise BadInputError(f"table {table} has no game_id column")
     return columns
 
 
@@ -218,35 +271,17 @@ def _decode_column(table: str, raw: object, ncols: int) -> Column:
     return Column(name, decl_type, pk, notnull)
 
 
-def _check_rows(table: str, rows: tuple[Any, ...], ncols: int) -> list[tuple[Any, ...]]:
-    if rows and (set(map(type, rows)) != {tuple} or set(map(len, rows)) != {ncols}):
-        raise BadInputError(f"table {table}: every row must be an array of {ncols} values")
-    # One C-level pass over all values; cheap enough for 100k-row batches.
-    found = set(map(type, itertools.chain.from_iterable(rows)))
-    if not found <= _VALUE_TYPES:
-        bad = sorted(t.__name__ for t in found - _VALUE_TYPES)
-        raise BadInputError(f"table {table}: values must be null/int/float/str/bytes, got {bad}")
-    return list(rows)
-
-
-def _check_tables(tables: tuple[TableRows, ...], game_ids: tuple[str, ...]) -> None:
+def _check_tables(tables: tuple[TableSchema, ...]) -> None:
     names = [t.name.lower() for t in tables]
     if len(set(names)) != len(names):
         raise BadInputError("batch contains duplicate tables")
     if names[0] != GAMES_TABLE:
         raise BadInputError("the first table of a batch must be 'games'")
-    wanted = frozenset(game_ids)
-    games_ids = _game_id_values(tables[0])
-    unique = frozenset(games_ids)
-    if len(unique) != len(games_ids) or unique != wanted:
-        raise BadInputError("game_ids do not match the rows of the games table")
-    for table in tables[1:]:
-        if not frozenset(_game_id_values(table)) <= wanted:
-            raise BadInputError(f"table {table.name}: rows reference games not in this batch")
 
 
-def _game_id_values(table: TableRows) -> Sequence[Any]:
-    index = next((i for i, c in enumerate(table.columns) if c.name == GAME_ID), None)
-    if index is None:
-        raise BadInputError(f"table {table.name} has no game_id column")
-    return list(map(itemgetter(index), table.rows))
+def _check_image(image: bytes, max_bytes: int) -> bytes:
+    if len(image) > max_bytes:
+        raise TooLargeError(f"batch image has {len(image)} bytes, limit is {max_bytes}")
+    if not image.startswith(_SQLITE_MAGIC):
+        raise BadInputError("batch image is not an SQLite database")
+    return image

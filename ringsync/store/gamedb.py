@@ -9,7 +9,6 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
 from ringsync.protocol.batch import (
     Column,
     GameBatch,
-    TableRows,
+    TableSchema,
     config_key_for,
+    image_table_sql,
     is_safe_decl_type,
     is_safe_identifier,
     validate_config_key,
@@ -99,8 +99,48 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         raise
 
 
-def _table_columns(conn: sqlite3.Connection, table: str) -> tuple[Column, ...]:
-    info = conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()
+def _open_source(path: Path) -> sqlite3.Connection:
+    """An in-memory connection with the live DB attached read-only as ``src``.
+
+    Batch images are built in in-memory DBs attached next to it, so rows move inside SQLite.
+    mode=ro: never creates the DB, never writes or checkpoints the live writer's WAL.
+    """
+    conn = sqlite3.connect(":memory:", uri=True, timeout=5.0,
+                           isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("ATTACH ? AS src", (path.resolve().as_uri() + "?mode=ro",))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # some errors (e.g. disk full) already rolled back
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _load_ids(conn: sqlite3.Connection, ids: Iterable[str]) -> None:
+    """Put ``ids`` into temp.batch_ids, the set that copies and checks join against."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch_ids (game_id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM temp.batch_ids")
+    conn.executemany("INSERT OR IGNORE INTO temp.batch_ids VALUES (?)", ((i,) for i in ids))
+
+
+_IN_IDS = f"{_q(GAME_ID)} IN (SELECT game_id FROM temp.batch_ids)"
+
+
+def _table_columns(conn: sqlite3.Connection, table: str,
+                   schema: str = "main") -> tuple[Column, ...]:
+    info = conn.execute(f"PRAGMA {_q(schema)}.table_info({_q(table)})").fetchall()
     return tuple(Column(str(r[1]), str(r[2] or ""), int(r[5]), bool(r[3])) for r in info)
 
 
@@ -170,7 +210,7 @@ class _Layout:
 
 
 class GameSource:
-    """One live selfplay DB, read through one persistent read-only connection.
+    """One live selfplay DB, attached read-only to one persistent in-memory connection.
 
     Thread-safe: calls are serialised, so scan() and extract() may come from worker threads.
     """
@@ -198,24 +238,22 @@ class GameSource:
     def _stat(self) -> tuple[object, ...]:
         return tuple(_stat_key(self.path.with_name(self.path.name + s)) for s in ("", "-wal"))
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = _open_readonly(self.path)
-        return self._conn
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The connection, used by one caller at a time; SQLite errors name the source DB."""
+        with self._lock, _sqlite_errors(self.path):
+            if self._conn is None:
+                self._conn = _open_source(self.path)
+            yield self._conn
 
     @contextmanager
     def _read(self) -> Iterator[tuple[sqlite3.Connection, _Layout]]:
         """One read transaction, so every query sees the same snapshot."""
-        with self._lock, _sqlite_errors(self.path):
-            conn = self._connection()
-            conn.execute("BEGIN")
-            try:
-                yield conn, self._schema(conn)
-            finally:
-                conn.execute("COMMIT")
+        with self._connection() as conn, _transaction(conn):
+            yield conn, self._schema(conn)
 
     def _schema(self, conn: sqlite3.Connection) -> _Layout:
-        version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
+        version = int(conn.execute("PRAGMA src.schema_version").fetchone()[0])
         if self._layout is None or self._layout[0] != version:
             self._layout = (version, _read_layout(conn, self.path))
         return self._layout[1]
@@ -277,17 +315,35 @@ class GameSource:
         return None
 
     def extract(self, game_ids: Sequence[str], *, source_node: str) -> list[GameBatch]:
-        """All rows of the completed games among ``game_ids``, one GameBatch per config key."""
+        """All rows of the completed games among ``game_ids``, one GameBatch per config key.
+
+        The rows are copied inside SQLite, from one snapshot, into an in-memory DB whose
+        image becomes the batch; ids that are not found or not completed are skipped.
+        """
         wanted = list(dict.fromkeys(game_ids))
-        with self._read() as (conn, layout):
-            if not layout.games or not wanted:
-                return []
-            groups = _completed_games(conn, layout, wanted)
-            if not groups:
-                return []
-            children = [(name, cols, _select_rows(conn, name, cols, wanted))
-                        for name, cols in layout.children]
-        return _build_batches(source_node, layout.games, groups, children)
+        if not wanted:
+            return []
+        with self._connection() as conn, _attached_memory(conn, "out"):
+            with _transaction(conn):
+                layout = self._schema(conn)
+                groups = _completed_games(conn, layout, wanted) if layout.games else {}
+                tables = _copy_games(conn, layout, groups) if groups else ()
+            if len(groups) == 1:
+                ((key, ids),) = groups.items()
+                return [GameBatch(source_node, key, tuple(ids), tables,
+                                  conn.serialize(name="out"))]
+            return [_split_image(conn, source_node, key, ids, tables)
+                    for key, ids in groups.items()]
+
+
+@contextmanager
+def _attached_memory(conn: sqlite3.Connection, name: str) -> Iterator[None]:
+    """An empty in-memory DB attached as ``name`` (outside any transaction) for the block."""
+    conn.execute(f"ATTACH ':memory:' AS {_q(name)}")
+    try:
+        yield
+    finally:
+        conn.execute(f"DETACH {_q(name)}")
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
@@ -302,13 +358,13 @@ def _scan_select(layout: _Layout) -> str:
     # Without a game_status column every row is a finished game.
     status = _q("game_status") if layout.has("game_status") else "'completed'"
     cols = [_q(c) if layout.has(c) else "NULL" for c in ("board_type", "num_players")]
-    return f"SELECT rowid, {_q(GAME_ID)}, {status}, {', '.join(cols)} FROM {_q(GAMES)}"
+    return f"SELECT rowid, {_q(GAME_ID)}, {status}, {', '.join(cols)} FROM src.{_q(GAMES)}"
 
 
 def _read_layout(conn: sqlite3.Connection, path: Path) -> _Layout:
     names = [str(r[0]) for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
-    games = _safe_columns(_table_columns(conn, GAMES), GAMES, path) if GAMES in names else ()
+        "SELECT name FROM src.sqlite_master WHERE type='table' ORDER BY name")]
+    games = _safe_columns(_table_columns(conn, GAMES, "src"), GAMES, path) if GAMES in names else ()
     if games and not any(c.name == GAME_ID for c in games):
         raise CorruptDataError(f"{path}: table games has no game_id column")
     if games and _without_rowid(conn):
@@ -317,7 +373,7 @@ def _read_layout(conn: sqlite3.Connection, path: Path) -> _Layout:
     for name in names:
         if name == GAMES or not is_safe_identifier(name):
             continue
-        cols = _safe_columns(_table_columns(conn, name), name, path)
+        cols = _safe_columns(_table_columns(conn, name, "src"), name, path)
         if any(c.name == GAME_ID for c in cols):
             children.append((name, cols))
     return _Layout(games, tuple(children))
@@ -326,7 +382,7 @@ def _read_layout(conn: sqlite3.Connection, path: Path) -> _Layout:
 def _without_rowid(conn: sqlite3.Connection) -> bool:
     """True when games has no rowid, which the incremental scan cursor relies on."""
     try:
-        conn.execute(f"SELECT rowid FROM {_q(GAMES)} LIMIT 0")
+        conn.execute(f"SELECT rowid FROM src.{_q(GAMES)} LIMIT 0")
     except sqlite3.OperationalError:
         return True
     return False
@@ -343,62 +399,48 @@ def _safe_columns(columns: Iterable[Column], table: str, path: Path) -> tuple[Co
     return tuple(out)
 
 
-def _select_rows(conn: sqlite3.Connection, table: str, cols: tuple[Column, ...],
-                 ids: Sequence[str]) -> list[tuple[Any, ...]]:
-    sql = f"SELECT {', '.join(_q(c.name) for c in cols)} FROM {_q(table)} WHERE {_q(GAME_ID)} IN "
-    rows: list[tuple[Any, ...]] = []
-    for chunk in _chunks(ids):
-        rows.extend(conn.execute(sql + f"({_marks(len(chunk))})", chunk))
-    return rows
-
-
 def _completed_games(conn: sqlite3.Connection, layout: _Layout,
-                     ids: Sequence[str]) -> dict[str, list[tuple[Any, ...]]]:
-    """Completed games rows, grouped by config key."""
-    rows = _select_rows(conn, GAMES, layout.games, ids)
-    status, board, players = (layout.index(n) for n in ("game_status", "board_type",
-                                                          "num_players"))
-    groups: dict[str, list[tuple[Any, ...]]] = {}
-    for row in rows:
-        if status is not None and str(row[status]).lower() not in _COMPLETED:
-            continue
-        key = config_key_for(None if board is None else row[board],
-                             None if players is None else row[players])
-        groups.setdefault(key, []).append(row)
+                     ids: Sequence[str]) -> dict[str, list[str]]:
+    """The completed games among ``ids``, grouped by config key."""
+    _load_ids(conn, ids)
+    groups: dict[str, list[str]] = {}
+    for _, gid, status, board, players in conn.execute(f"{_scan_select(layout)} WHERE {_IN_IDS}"):
+        if str(status).lower() in _COMPLETED and isinstance(gid, str):
+            groups.setdefault(config_key_for(board, players), []).append(gid)
     return groups
 
 
-def _build_batches(
-    source_node: str, games_cols: tuple[Column, ...], groups: dict[str, list[tuple[Any, ...]]],
-    children: list[tuple[str, tuple[Column, ...], list[tuple[Any, ...]]]],
-) -> list[GameBatch]:
-    gid_at = next(i for i, c in enumerate(games_cols) if c.name == GAME_ID)
-    owner = {row[gid_at]: key for key, rows in groups.items() for row in rows}
-    split: dict[str, list[TableRows]] = {k: [TableRows(GAMES, games_cols, r)]
-                                         for k, r in groups.items()}
-    for name, cols, rows in children:
-        for key, part in _split_rows(cols, rows, owner, groups.keys()).items():
-            split[key].append(TableRows(name, cols, part))
-    return [GameBatch(source_node, key, tuple(r[gid_at] for r in groups[key]), tuple(tables))
-            for key, tables in split.items()]
+def _copy_games(conn: sqlite3.Connection, layout: _Layout,
+                groups: dict[str, list[str]]) -> tuple[TableSchema, ...]:
+    """Copy the rows of every game in ``groups`` from src into out, table by table."""
+    tables = (TableSchema(GAMES, layout.games),
+              *(TableSchema(name, cols) for name, cols in layout.children))
+    _load_ids(conn, (gid for ids in groups.values() for gid in ids))
+    for table in tables:
+        cols = ", ".join(_q(c.name) for c in table.columns)
+        conn.execute(image_table_sql(table, "out"))
+        conn.execute(f"INSERT INTO out.{_q(table.name)} SELECT {cols} "
+                     f"FROM src.{_q(table.name)} WHERE {_IN_IDS}")
+    return tables
 
 
-def _split_rows(cols: tuple[Column, ...], rows: list[tuple[Any, ...]], owner: dict[Any, str],
-                keys: Iterable[str]) -> dict[str, list[tuple[Any, ...]]]:
-    """Child rows per config key; rows of games that were not shipped are dropped."""
-    gid = next(i for i, c in enumerate(cols) if c.name == GAME_ID)
-    out: dict[str, list[tuple[Any, ...]]] = {k: [] for k in keys}
-    for row in rows:
-        key = owner.get(row[gid])
-        if key is not None:
-            out[key].append(row)
-    return out
+def _split_image(conn: sqlite3.Connection, source_node: str, key: str, ids: list[str],
+                 tables: tuple[TableSchema, ...]) -> GameBatch:
+    """The batch of one config key, when the games of one extract span several."""
+    with _attached_memory(conn, "part"):
+        with _transaction(conn):
+            _load_ids(conn, ids)
+            for table in tables:
+                conn.execute(image_table_sql(table, "part"))
+                conn.execute(f"INSERT INTO part.{_q(table.name)} "
+                             f"SELECT * FROM out.{_q(table.name)} WHERE {_IN_IDS}")
+        return GameBatch(source_node, key, tuple(ids), tables, conn.serialize(name="part"))
 
 
 # -- receiver side -------------------------------------------------------------------------
 
-_REJECTED = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError,
-             sqlite3.DataError, OverflowError, TypeError, ValueError)
+# Rows the target refuses (NOT NULL, duplicate keys, too big): the batch is bad input.
+_REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
 class _TargetDB:
@@ -413,30 +455,35 @@ class _TargetDB:
         # NORMAL in WAL mode: still atomic, fsync at checkpoints; much faster merges.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=30000")
+        # Defence in depth: images are verified before they are attached here.
+        self.conn.execute("PRAGMA trusted_schema=OFF")
+        self.conn.execute("PRAGMA cell_size_check=ON")
+        self.conn.execute("PRAGMA temp_store=MEMORY")
         self._columns: dict[str, set[str]] = {}
 
     def merge(self, batch: GameBatch) -> MergeResult:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        """Insert the new games of a batch whose image passed _verify_image."""
+        with _attached_memory(self.conn, "incoming"):
+            self.conn.deserialize(batch.image, name="incoming")
+            _load_ids(self.conn, batch.game_ids)
+            return self._insert_new(batch)
+
+    def _insert_new(self, batch: GameBatch) -> MergeResult:
         try:
-            for table in batch.tables:
-                self._ensure_table(table)
-            new = self._new_ids(batch.game_ids)
-            if new:
-                everything = len(new) == len(batch.game_ids)
+            with _transaction(self.conn, "BEGIN IMMEDIATE"):
                 for table in batch.tables:
-                    self._insert(table, None if everything else new)
-            conn.execute("COMMIT")
+                    self._ensure_table(table)
+                new = self._keep_new_ids(len(batch.game_ids))
+                for table in batch.tables if new else ():
+                    self._insert(table, everything=new == len(batch.game_ids))
         except BaseException as exc:
-            if conn.in_transaction:  # some errors (e.g. disk full) already rolled back
-                conn.execute("ROLLBACK")
             self._columns.clear()  # DDL of this batch was rolled back too
             if isinstance(exc, _REJECTED):
                 raise BadInputError(
                     f"batch {batch.config_key} from {batch.source_node} rejected, nothing merged: "
                     f"{type(exc).__name__}: {exc}") from exc
             raise
-        return MergeResult(len(new), len(batch.game_ids) - len(new))
+        return MergeResult(new, len(batch.game_ids) - new)
 
     def _existing(self, table: str) -> set[str]:
         if table not in self._columns:
@@ -444,7 +491,7 @@ class _TargetDB:
             self._columns[table] = {c.name.lower() for c in cols}
         return self._columns[table]
 
-    def _ensure_table(self, table: TableRows) -> None:
+    def _ensure_table(self, table: TableSchema) -> None:
         existing = self._existing(table.name)
         if not existing:
             self._create(table)
@@ -452,11 +499,11 @@ class _TargetDB:
         for col in table.columns:
             if col.name.lower() not in existing:
                 # ADD COLUMN cannot carry NOT NULL without a default; older rows are NULL.
-                self.conn.execute(f"ALTER TABLE {_q(table.name)} ADD COLUMN "
+                self.conn.execute(f"ALTER TABLE main.{_q(table.name)} ADD COLUMN "
                                   f"{_q(col.name)} {col.decl_type}")
                 existing.add(col.name.lower())
 
-    def _create(self, table: TableRows) -> None:
+    def _create(self, table: TableSchema) -> None:
         is_games = table.name.lower() == GAMES
         pk = [GAME_ID] if is_games else [c.name for c in sorted(table.columns, key=lambda c: c.pk)
                                          if c.pk]
@@ -467,41 +514,83 @@ class _TargetDB:
                 for c in table.columns]
         if pk and alias is None:
             defs.append(f"PRIMARY KEY ({', '.join(_q(n) for n in pk)})")
-        self.conn.execute(f"CREATE TABLE {_q(table.name)} ({', '.join(defs)})")
+        self.conn.execute(f"CREATE TABLE main.{_q(table.name)} ({', '.join(defs)})")
         if not is_games and (not pk or pk[0] != GAME_ID):
             # A PK that starts with game_id already serves lookups by game.
-            self.conn.execute(f"CREATE INDEX {_q('idx_' + table.name + '_game_id')} "
+            self.conn.execute(f"CREATE INDEX main.{_q('idx_' + table.name + '_game_id')} "
                               f"ON {_q(table.name)} ({_q(GAME_ID)})")
         self._columns[table.name] = {c.name.lower() for c in table.columns}
 
-    def _new_ids(self, ids: Sequence[str]) -> set[str]:
-        present: set[str] = set()
-        sql = f"SELECT {_q(GAME_ID)} FROM {_q(GAMES)} WHERE {_q(GAME_ID)} IN "
-        for chunk in _chunks(ids):
-            present.update(r[0] for r in self.conn.execute(sql + f"({_marks(len(chunk))})",
-                                                           chunk))
-        return set(ids) - present
+    def _keep_new_ids(self, total: int) -> int:
+        """Drop the games this DB already holds from temp.batch_ids; return how many are left."""
+        cur = self.conn.execute(f"DELETE FROM temp.batch_ids WHERE game_id IN "
+                                f"(SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)})")
+        return total - cur.rowcount
 
-    def _insert(self, table: TableRows, only: set[str] | None) -> None:
-        rows: Iterable[tuple[Any, ...]] = table.rows
-        if only is not None:
-            gid = next(i for i, c in enumerate(table.columns) if c.name == GAME_ID)
-            rows = [r for r in rows if r[gid] in only]
+    def _insert(self, table: TableSchema, *, everything: bool) -> None:
+        # The source's own rowid-alias ids would collide with other sources': SQLite assigns ours.
         alias = _rowid_alias(table)
-        keep = [i for i, c in enumerate(table.columns) if c is not alias]
-        if len(keep) < len(table.columns):
-            # The source's own ids would collide with other sources': let SQLite assign ours.
-            pick = itemgetter(*keep)
-            rows = (pick(r) for r in rows) if len(keep) > 1 else ((r[keep[0]],) for r in rows)
-        names = ", ".join(_q(table.columns[i].name) for i in keep)
-        self.conn.executemany(f"INSERT INTO {_q(table.name)} ({names}) VALUES "
-                              f"({_marks(len(keep))})", rows)
+        names = ", ".join(_q(c.name) for c in table.columns if c is not alias)
+        where = "" if everything else f" WHERE {_IN_IDS}"
+        self.conn.execute(f"INSERT INTO main.{_q(table.name)} ({names}) "
+                          f"SELECT {names} FROM incoming.{_q(table.name)}{where}")
 
     def close(self) -> None:
         self.conn.close()
 
 
-def _rowid_alias(table: TableRows) -> Column | None:
+def _verify_image(batch: GameBatch) -> None:
+    """Raise BadInputError unless the image holds exactly the header's tables and games.
+
+    Runs on a throwaway connection, before any target DB is opened or created: an
+    untrusted image never reaches a target's connection unverified.
+    """
+    def reject(why: str) -> BadInputError:
+        return BadInputError(f"batch {batch.config_key} from {batch.source_node} rejected, "
+                             f"nothing merged: {why}")
+
+    try:
+        with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+            # No functions or virtual tables run from the image's schema; every b-tree
+            # cell is bounds-checked as it is read.
+            conn.execute("PRAGMA trusted_schema=OFF")
+            conn.execute("PRAGMA cell_size_check=ON")
+            conn.deserialize(batch.image)
+            problem = _image_problem(conn, batch)
+    except (sqlite3.Error, OverflowError) as exc:
+        raise reject(f"unreadable image: {exc}") from exc
+    if problem:
+        raise reject(problem)
+
+
+def _image_problem(conn: sqlite3.Connection, batch: GameBatch) -> str | None:
+    check = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    if check != ["ok"]:
+        return f"unreadable image: quick_check says {'; '.join(map(str, check[:3]))}"
+    # Equal CREATE TABLE text means equal columns, and no constraints, defaults or
+    # generated columns; any other object (index, view, trigger) is an extra row.
+    found = set(conn.execute("SELECT type, name, sql FROM main.sqlite_master").fetchall())
+    wanted = {("table", t.name, image_table_sql(t)) for t in batch.tables}
+    if found != wanted:
+        extra = sorted(f"{kind} {name}" for kind, name, _ in found - wanted)
+        missing = sorted(name for _, name, _ in wanted - found)
+        return (f"image schema does not match the header (unexpected or different: "
+                f"{extra[:5]}, expected: {missing[:5]})")
+    _load_ids(conn, batch.game_ids)
+    for table in batch.tables:
+        stray = conn.execute(f"SELECT count(*) FROM main.{_q(table.name)} WHERE "
+                             f"{_q(GAME_ID)} IS NULL OR NOT {_IN_IDS}").fetchall()[0][0]
+        if stray:
+            return f"table {table.name}: {stray} rows belong to games not in the header"
+    rows, distinct = conn.execute(f"SELECT count(*), count(DISTINCT {_q(GAME_ID)}) "
+                                  f"FROM main.{_q(GAMES)}").fetchall()[0]
+    if rows != distinct or rows != len(batch.game_ids):
+        return (f"games table has {rows} rows for {distinct} of the header's "
+                f"{len(batch.game_ids)} game ids")
+    return None
+
+
+def _rowid_alias(table: TableSchema) -> Column | None:
     """The child table's own single INTEGER primary key (not game_id), if it has one."""
     if table.name.lower() == GAMES:
         return None
@@ -525,6 +614,7 @@ class GameMerger:
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows."""
         key = validate_config_key(batch.config_key)
+        _verify_image(batch)  # first: a bad batch creates nothing, not even the target DB
         path = self._safe_path(key)
         with _sqlite_errors(path):
             target = self._target(key, path)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +129,26 @@ async def test_name_escaping_the_data_dir_is_400(node_factory: Callable[..., Nod
     assert not list(tmp_path.rglob("escape*"))
 
 
+def _tampered_image(raw: dict[str, Any]) -> bytes:
+    """A valid SQLite image that smuggles in a trigger the header does not declare."""
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        conn.deserialize(raw["image"])
+        conn.execute("CREATE TRIGGER t AFTER INSERT ON games BEGIN DELETE FROM games; END")
+        return msgpack.packb({**raw, "image": conn.serialize()}, use_bin_type=True)
+
+
 @pytest.mark.parametrize("mutate", [
     lambda raw: b"\x93not msgpack at all",
-    lambda raw: msgpack.packb({**raw, "v": 99}),
-    lambda raw: msgpack.packb({k: v for k, v in raw.items() if k != "tables"}),
-    lambda raw: msgpack.packb({**raw, "game_ids": ["someone-else"]}),
+    lambda raw: msgpack.packb({**raw, "v": 99}, use_bin_type=True),
+    lambda raw: msgpack.packb({k: v for k, v in raw.items() if k != "tables"}, use_bin_type=True),
+    lambda raw: msgpack.packb({**raw, "game_ids": ["someone-else"]}, use_bin_type=True),
     lambda raw: msgpack.packb({**raw, "tables": [*raw["tables"][:1], {"name": "sqlite_master",
-                                                                       "columns": [], "rows": []}]}),
-])
+                                                                       "columns": []}]},
+                              use_bin_type=True),
+    lambda raw: msgpack.packb({**raw, "image": raw["image"][:4096]}, use_bin_type=True),
+    _tampered_image,
+], ids=["garbage", "version", "no tables", "foreign game_ids", "sqlite_master table",
+        "truncated image", "image with a trigger"])
 async def test_malformed_batch_is_400_and_merges_nothing(node_factory: Callable[..., NodeContext],
                                                          served: Callable[..., Any], batch: GameBatch,
                                                          mutate: Callable[[dict[str, Any]], bytes]) -> None:

@@ -1,4 +1,7 @@
-"""Tests for the GameBatch wire format: round trips and strict rejection of malformed input."""
+"""Tests for the GameBatch wire format: round trips and strict rejection of malformed headers.
+
+The image inside a batch is verified by the merge; those cases live in test_gamedb.py.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ from ringsync.errors import BadInputError, TooLargeError, UnsafePathError
 from ringsync.protocol.batch import (
     Column,
     GameBatch,
-    TableRows,
+    TableSchema,
+    batch_rows,
+    build_batch,
     config_key_for,
     content_digest,
     decode_batch,
     encode_batch,
+    image_table_sql,
 )
 
 GAMES_COLS = (
@@ -37,10 +43,10 @@ MOVES_COLS = (
 
 
 def make_batch(ids: tuple[str, ...] = ("g1", "g2")) -> GameBatch:
-    games = TableRows("games", GAMES_COLS, [(g, "hex8", 2, 0.5) for g in ids])
-    moves = TableRows("game_moves", MOVES_COLS,
-                      [(g, m, '{"x": 1}', bytes(range(256))) for g in ids for m in range(3)])
-    return GameBatch("node-a", "hex8_2p", ids, (games, moves))
+    games = [(g, "hex8", 2, 0.5) for g in ids]
+    moves = [(g, m, '{"x": 1}', bytes(range(256)) if m else None) for g in ids for m in range(3)]
+    return build_batch("node-a", "hex8_2p", ids, [(TableSchema("games", GAMES_COLS), games),
+                                                  (TableSchema("game_moves", MOVES_COLS), moves)])
 
 
 def valid_doc() -> dict[str, Any]:
@@ -48,15 +54,33 @@ def valid_doc() -> dict[str, Any]:
     return doc
 
 
-def test_round_trip_keeps_everything_including_blobs() -> None:
+def test_round_trip_keeps_everything_including_blobs_and_nulls() -> None:
     batch = make_batch()
     decoded = decode_batch(encode_batch(batch))
     assert decoded == batch
-    assert isinstance(decoded.tables[1].rows[0][3], bytes)
+    assert decoded.tables == (TableSchema("games", GAMES_COLS),
+                              TableSchema("game_moves", MOVES_COLS))
+    moves = batch_rows(decoded, "game_moves")
+    assert len(moves) == 6
+    assert moves[0] == ("g1", 0, '{"x": 1}', None)
+    assert moves[1] == ("g1", 1, '{"x": 1}', bytes(range(256)))
+    assert batch_rows(decoded, "games") == [("g1", "hex8", 2, 0.5), ("g2", "hex8", 2, 0.5)]
 
 
-def test_encoding_is_versioned() -> None:
-    assert valid_doc()["v"] == 1
+def test_encoding_is_versioned_and_carries_no_rows_in_the_header() -> None:
+    doc = valid_doc()
+    assert doc["v"] == 2
+    assert set(doc) == {"v", "source_node", "config_key", "game_ids", "tables", "image"}
+    assert all(set(t) == {"name", "columns"} for t in doc["tables"])
+    assert doc["image"].startswith(b"SQLite format 3\x00")
+
+
+def test_image_tables_carry_types_but_no_constraints() -> None:
+    sql = image_table_sql(TableSchema("game_moves", MOVES_COLS))
+    assert sql == ('CREATE TABLE "game_moves" ("game_id" TEXT, "move_number" INTEGER, '
+                   '"move_json" VARCHAR(255), "features" BLOB)')
+    assert image_table_sql(TableSchema("t", (Column("a", "", 1, True),)), "out") == \
+        'CREATE TABLE "out"."t" ("a")'
 
 
 values = st.one_of(
@@ -74,12 +98,17 @@ values = st.one_of(
     extra=st.lists(st.tuples(values, values), max_size=6),
 )
 def test_round_trip_property(ids: list[str], extra: list[tuple[Any, Any]]) -> None:
+    # Columns without affinity: SQLite must hand back exactly the values that went in.
     cols = (Column("game_id", "TEXT", 1, True), Column("a", "", 0, False),
-            Column("b", "NUMERIC(10, 2)", 0, False))
-    games = TableRows("games", cols, [(g, *extra[0]) if extra else (g, None, None) for g in ids])
-    child = TableRows("game_x", cols, [(ids[i % len(ids)], a, b) for i, (a, b) in enumerate(extra)])
-    batch = GameBatch("n", "cfg", tuple(ids), (games, child))
-    assert decode_batch(encode_batch(batch)) == batch
+            Column("b", "BLOB", 0, False))
+    games = [(g, *extra[0]) if extra else (g, None, None) for g in ids]
+    child = [(ids[i % len(ids)], a, b) for i, (a, b) in enumerate(extra)]
+    batch = build_batch("n", "cfg", ids, [(TableSchema("games", cols), games),
+                                          (TableSchema("game_x", cols), child)])
+    decoded = decode_batch(encode_batch(batch))
+    assert decoded == batch
+    assert batch_rows(decoded, "games") == games
+    assert batch_rows(decoded, "game_x") == child
 
 
 def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
@@ -96,7 +125,7 @@ def _delete(key: str) -> Callable[[dict[str, Any]], None]:
 
 
 MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
-    "wrong version": _set(("v",), 2),
+    "wrong version": _set(("v",), 1),
     "no version": _delete("v"),
     "missing game_ids": _delete("game_ids"),
     "missing tables": _delete("tables"),
@@ -104,7 +133,7 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "game_ids not list": _set(("game_ids",), "g1"),
     "empty game_ids": _set(("game_ids",), []),
     "duplicate game_ids": _set(("game_ids",), ["g1", "g1"]),
-    "game_ids mismatch": _set(("game_ids",), ["g1", "zz"]),
+    "game_ids not strings": _set(("game_ids",), ["g1", 2]),
     "no tables": _set(("tables",), []),
     "table not a map": _set(("tables", 1), [1, 2]),
     "bad table name": _set(("tables", 1, "name"), "moves; DROP TABLE games"),
@@ -117,16 +146,16 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], None]] = {
     "pk out of range": _set(("tables", 1, "columns", 2, 2), 99),
     "notnull not bool": _set(("tables", 1, "columns", 2, 3), 1),
     "duplicate column": _set(("tables", 1, "columns", 3, 0), "move_json"),
-    "short row": _set(("tables", 1, "rows", 0), ["g1", 0, "x"]),
-    "row not list": _set(("tables", 1, "rows", 0), "g1"),
-    "nested value": _set(("tables", 1, "rows", 0, 2), [1, 2]),
-    "map value": _set(("tables", 1, "rows", 0, 2), {"a": 1}),
+    "columns not list": _set(("tables", 1, "columns"), "game_id"),
+    "no columns": _set(("tables", 1, "columns"), []),
     "games not first": lambda d: d["tables"].reverse(),
     "duplicate tables": lambda d: d["tables"].append(d["tables"][1]),
     "games without game_id": _set(("tables", 0, "columns", 0, 0), "gid"),
     "child without game_id": _set(("tables", 1, "columns", 0, 0), "gid"),
-    "child references foreign game": _set(("tables", 1, "rows", 0, 0), "other"),
-    "duplicate games rows": _set(("tables", 0, "rows", 1, 0), "g1"),
+    "missing image": _delete("image"),
+    "image not bytes": _set(("image",), "SQLite format 3"),
+    "image not sqlite": _set(("image",), b"\0" * 4096),
+    "empty image": _set(("image",), b""),
 }
 
 
@@ -158,6 +187,14 @@ def test_path_escaping_config_key_is_unsafe(key: str) -> None:
 def test_too_many_games() -> None:
     with pytest.raises(TooLargeError):
         decode_batch(encode_batch(make_batch(("a", "b", "c"))), max_games=2)
+
+
+def test_image_too_large() -> None:
+    payload = encode_batch(make_batch())
+    size = len(make_batch().image)
+    assert decode_batch(payload, max_image_bytes=size).image == make_batch().image
+    with pytest.raises(TooLargeError):
+        decode_batch(payload, max_image_bytes=size - 1)
 
 
 def test_content_digest_format() -> None:

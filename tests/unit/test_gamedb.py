@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import ringsync.selfplay_sim
+import ringsync.store.gamedb
 from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
-from ringsync.protocol.batch import Column, GameBatch, TableRows, decode_batch, encode_batch
+from ringsync.protocol.batch import (
+    Column,
+    GameBatch,
+    TableSchema,
+    batch_rows,
+    build_batch,
+    decode_batch,
+    encode_batch,
+)
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import (
     GameMerger,
@@ -70,6 +81,10 @@ def table_counts(db: Path) -> dict[str, int]:
         return {n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
 
 
+def dir_listing(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in directory.iterdir()}
+
+
 def one_batch(src: GameSource, ids: list[str]) -> GameBatch:
     batches = src.extract(ids, source_node="node-a")
     assert len(batches) == 1
@@ -86,6 +101,11 @@ def test_in_progress_game_is_shipped_exactly_once_after_it_completes(
     done = writer.write_game()
     assert ids_of(source.scan()) == [done]
     assert source.extract([live], source_node="n") == []
+    mixed = one_batch(source, [live, done])
+    assert mixed.game_ids == (done,)
+    for table in mixed.tables:
+        at = [c.name for c in table.columns].index("game_id")
+        assert {r[at] for r in batch_rows(mixed, table.name)} == {done}, table.name
     writer.add_moves(live, 10)
     assert source.scan() == []
     writer.complete_game(live)
@@ -140,11 +160,72 @@ def test_extract_includes_every_per_game_table(
     assert {t.name for t in batch.tables} == PER_GAME_TABLES
     with closing(sqlite3.connect(db_path)) as conn:
         for table in batch.tables:
+            cols = ", ".join(f'"{c.name}"' for c in table.columns)
             expected = conn.execute(
-                f'SELECT count(*) FROM "{table.name}" WHERE game_id=?', (gid,)).fetchone()[0]
-            assert len(table.rows) == expected > 0, table.name
-    nnue = next(t for t in batch.tables if t.name == "game_nnue_features")
-    assert all(isinstance(r[3], bytes) for r in nnue.rows)
+                f'SELECT {cols} FROM "{table.name}" WHERE game_id=?', (gid,)).fetchall()
+            assert sorted(batch_rows(batch, table.name), key=repr) == sorted(expected, key=repr)
+            assert expected, table.name
+    assert all(isinstance(r[3], bytes) for r in batch_rows(batch, "game_nnue_features"))
+
+
+def test_extract_reads_every_table_from_one_snapshot(
+        writer: SelfplayWriter, source: GameSource, db_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gid = writer.write_game()
+    source.scan()
+    real_copy = ringsync.store.gamedb._copy_games
+
+    def copy_after_a_concurrent_commit(*args: Any) -> Any:
+        # The games rows were read already; a commit now must not show in the other tables.
+        with closing(sqlite3.connect(db_path)) as other:
+            other.execute("DELETE FROM game_moves WHERE game_id=?", (gid,))
+            other.execute("UPDATE games SET total_moves=0 WHERE game_id=?", (gid,))
+            other.commit()
+        return real_copy(*args)
+
+    monkeypatch.setattr(ringsync.store.gamedb, "_copy_games", copy_after_a_concurrent_commit)
+    batch = one_batch(source, [gid])
+    assert len(batch_rows(batch, "game_moves")) == 30
+    assert batch_rows(batch, "games")[0][9] == 30  # total_moves
+    monkeypatch.undo()
+    assert batch_rows(one_batch(source, [gid]), "game_moves") == []
+
+
+def test_extract_creates_nothing_next_to_the_live_db(
+        writer: SelfplayWriter, db_path: Path, tmp_path: Path) -> None:
+    ids = [writer.write_game() for _ in range(3)]
+    before = dir_listing(db_path.parent)
+    assert {"selfplay.db-wal", "selfplay.db-shm"} <= set(before)  # the writer is live
+    src = GameSource(db_path)
+    try:
+        src.scan()
+        batches = src.extract(ids, source_node="n")
+    finally:
+        src.close()
+    assert [sorted(b.game_ids) for b in batches] == [sorted(ids)]
+    assert dir_listing(db_path.parent) == before  # no new files, WAL neither grown nor reset
+    assert writer.write_game()  # the writer is undisturbed
+
+
+def test_extract_splits_configs_into_one_image_each(
+        db_path: Path, writer: SelfplayWriter, merger: GameMerger, tmp_path: Path) -> None:
+    hex_ids = [writer.write_game() for _ in range(2)]
+    with SelfplayWriter(db_path, board_type="square8", num_players=3, moves_per_game=30,
+                        seed=9) as other:
+        square_ids = [other.write_game() for _ in range(3)]
+    src = GameSource(db_path)
+    try:
+        src.scan()
+        batches = {b.config_key: b for b in src.extract([*square_ids, *hex_ids],
+                                                        source_node="n")}
+    finally:
+        src.close()
+    assert {k: sorted(b.game_ids) for k, b in batches.items()} == {
+        "hex8_2p": sorted(hex_ids), "square8_3p": sorted(square_ids)}
+    for key, batch in batches.items():
+        assert len(batch_rows(batch, "game_moves")) == 30 * len(batch.game_ids)
+        assert merger.merge(decode_batch(encode_batch(batch))).inserted == len(batch.game_ids)
+        assert game_ids(tmp_path / "synced" / f"{key}.db") == set(batch.game_ids)
 
 
 def test_scan_cost_is_proportional_to_new_and_in_progress_rows(
@@ -183,7 +264,8 @@ def test_source_schema_change_is_picked_up(
         conn.execute("UPDATE games SET extra='x'")
         conn.commit()
     batch = one_batch(source, [first])
-    assert batch.tables[0].rows[0][-1] == "x"
+    assert batch.tables[0].columns[-1].name == "extra"
+    assert batch_rows(batch, "games")[0][-1] == "x"
 
 
 def test_minimal_schema_without_status_or_config_columns(tmp_path: Path) -> None:
@@ -204,7 +286,7 @@ def test_minimal_schema_without_status_or_config_columns(tmp_path: Path) -> None
         src.close()
     assert batch.config_key == "unknown"
     assert [t.name for t in batch.tables] == ["games", "moves"]
-    assert len(batch.tables[1].rows) == 2
+    assert batch_rows(batch, "moves") == [("a", 1), ("a", 2)]
 
 
 def test_finished_status_is_completed_case_insensitively(tmp_path: Path) -> None:
@@ -331,30 +413,33 @@ def test_merged_schema_keeps_primary_keys(
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def _broken(batch: GameBatch, table: str, value: object) -> GameBatch:
-    """A copy of ``batch`` whose first row of ``table`` has ``value`` in its third column."""
-    tables = []
-    for t in batch.tables:
-        if t.name == table:
-            rows = [(*t.rows[0][:2], value, *t.rows[0][3:]), *t.rows[1:]]
-            t = dataclasses.replace(t, rows=rows)
-        tables.append(t)
-    return dataclasses.replace(batch, tables=tuple(tables))
+def tampered(batch: GameBatch, *statements: str) -> GameBatch:
+    """A copy of ``batch`` whose image was changed by ``statements`` (the header is kept)."""
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        conn.deserialize(batch.image)
+        for sql in statements:
+            conn.execute(sql)
+        return dataclasses.replace(batch, image=conn.serialize())
 
 
-@pytest.mark.parametrize("value", [None, [1, 2], 2**70])
+def first_id(batch: GameBatch) -> str:
+    return batch.game_ids[0]
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE game_moves SET phase=NULL WHERE rowid=1",  # NOT NULL at the receiver
+    "INSERT INTO game_moves SELECT * FROM game_moves WHERE rowid=1",  # duplicate primary key
+])
 def test_failing_merge_changes_nothing(
         writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
-        value: object) -> None:
+        statement: str) -> None:
     good, bad = writer.write_game(), writer.write_game()
     source.scan()
     merger.merge(one_batch(source, [good]))
     target = tmp_path / "synced" / "hex8_2p.db"
     before = table_counts(target)
-    # game_moves.phase is NOT NULL; a list cannot be bound; 2**70 overflows SQLite's int64.
-    broken = _broken(one_batch(source, [bad]), "game_moves", value)
     with pytest.raises(BadInputError, match="nothing merged"):
-        merger.merge(broken)
+        merger.merge(tampered(one_batch(source, [bad]), statement))
     assert table_counts(target) == before
     assert game_ids(target) == {good}
     assert merger.merge(one_batch(source, [bad])).inserted == 1  # the DB is still usable
@@ -365,24 +450,102 @@ def test_failing_first_merge_creates_no_tables(
     gid = writer.write_game()
     source.scan()
     with pytest.raises(BadInputError):
-        merger.merge(_broken(one_batch(source, [gid]), "game_players", None))
+        merger.merge(tampered(one_batch(source, [gid]), "UPDATE game_players SET player_type=NULL"))
     assert table_counts(tmp_path / "synced" / "hex8_2p.db") == {}
     assert merger.merge(one_batch(source, [gid])).inserted == 1
 
 
+def _other_columns(batch: GameBatch) -> GameBatch:
+    """The header claims one column fewer for game_moves than the image holds."""
+    tables = tuple(dataclasses.replace(t, columns=t.columns[:-1]) if t.name == "game_moves" else t
+                   for t in batch.tables)
+    return dataclasses.replace(batch, tables=tables)
+
+
+def _image_of(data: bytes) -> Callable[[GameBatch], GameBatch]:
+    return lambda b: dataclasses.replace(b, image=data)
+
+
+def _overwrite_page(page: int) -> Callable[[GameBatch], GameBatch]:
+    def tamper(b: GameBatch) -> GameBatch:
+        image = bytearray(b.image)
+        image[4096 * page:4096 * (page + 1)] = GARBAGE[:4096]
+        return dataclasses.replace(b, image=bytes(image))
+    return tamper
+
+
+def _sql(*statements: str) -> Callable[[GameBatch], GameBatch]:
+    return lambda b: tampered(b, *(s.format(id=first_id(b), other=b.game_ids[1])
+                                   for s in statements))
+
+
+UNREADABLE = "unreadable image"
+SCHEMA = "image schema does not match the header"
+STRAY = "belong to games not in the header"
+GAMES_ROWS = "games table has"
+GARBAGE = random.Random(0).randbytes(64 * 1024)
+
+BAD_IMAGES: dict[str, tuple[Callable[[GameBatch], GameBatch], str]] = {
+    "random bytes": (_image_of(GARBAGE), UNREADABLE),
+    "sqlite magic then garbage": (_image_of(b"SQLite format 3\x00" + GARBAGE), UNREADABLE),
+    "truncated": (lambda b: dataclasses.replace(b, image=b.image[:len(b.image) // 2]),
+                  UNREADABLE),
+    "overwritten b-tree page": (_overwrite_page(3), UNREADABLE),
+    "empty database": (lambda b: tampered(b, *(f'DROP TABLE "{t.name}"' for t in b.tables)),
+                       SCHEMA),
+    "extra table": (_sql("CREATE TABLE extra (game_id TEXT)"), SCHEMA),
+    "missing table": (_sql("DROP TABLE game_events"), SCHEMA),
+    "view": (_sql("CREATE VIEW v AS SELECT * FROM games"), SCHEMA),
+    "trigger": (_sql("CREATE TRIGGER t AFTER INSERT ON games BEGIN DELETE FROM games; END"),
+                SCHEMA),
+    "index": (_sql("CREATE INDEX i ON game_moves (game_id)"), SCHEMA),
+    "extra column in the image": (_sql("ALTER TABLE game_moves ADD COLUMN x TEXT"), SCHEMA),
+    "fewer columns in the header": (_other_columns, SCHEMA),
+    "child row of a game not in the header": (
+        _sql("UPDATE game_moves SET game_id='intruder' WHERE rowid=1"), STRAY),
+    "child row without game_id": (_sql("UPDATE game_moves SET game_id=NULL WHERE rowid=1"), STRAY),
+    "games row not in the header": (_sql("UPDATE games SET game_id='intruder' WHERE rowid=1"),
+                                    STRAY),
+    "games table misses a header id": (_sql("DELETE FROM games WHERE game_id='{id}'"),
+                                       GAMES_ROWS),
+    "games table duplicates a header id": (
+        _sql("INSERT INTO games SELECT * FROM games WHERE game_id='{id}'"), GAMES_ROWS),
+    "games table duplicates one id instead of another": (
+        _sql("UPDATE games SET game_id='{id}' WHERE game_id='{other}'"), GAMES_ROWS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_malformed_image_is_rejected_and_changes_nothing(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        name: str) -> None:
+    done = [writer.write_game() for _ in range(2)]
+    fresh = [writer.write_game() for _ in range(2)]
+    source.scan()
+    merger.merge(one_batch(source, done))
+    target = tmp_path / "synced" / "hex8_2p.db"
+    before = table_counts(target)
+    tamper, reason = BAD_IMAGES[name]
+    with pytest.raises(BadInputError, match=f"nothing merged: .*{reason}"):
+        merger.merge(tamper(one_batch(source, fresh)))
+    assert table_counts(target) == before
+    assert game_ids(target) == set(done)
+    assert merger.merge(one_batch(source, fresh)).inserted == 2  # the DB is still usable
+
+
 def test_schema_evolution_adds_columns(merger: GameMerger, tmp_path: Path) -> None:
     base = (Column("game_id", "TEXT", 1, True), Column("board_type", "TEXT", 0, True))
-    old = GameBatch("n", "cfg", ("a",), (
-        TableRows("games", base, [("a", "hex8")]),
-        TableRows("game_x", (Column("id", "INTEGER", 1, False), Column("game_id", "TEXT", 0, True)),
-                  [(7, "a")]),
-    ))
+    x_cols = (Column("id", "INTEGER", 1, False), Column("game_id", "TEXT", 0, True))
+    old = build_batch("n", "cfg", ("a",), [
+        (TableSchema("games", base), [("a", "hex8")]),
+        (TableSchema("game_x", x_cols), [(7, "a")]),
+    ])
     new_cols = (*base, Column("quality_score", "REAL", 0, True))
-    new = GameBatch("n", "cfg", ("b",), (
-        TableRows("games", new_cols, [("b", "hex8", 0.75)]),
-        TableRows("game_y", (Column("game_id", "TEXT", 0, True), Column("v", "BLOB", 0, False)),
-                  [("b", b"\x00\xff")]),
-    ))
+    y_cols = (Column("game_id", "TEXT", 0, True), Column("v", "BLOB", 0, False))
+    new = build_batch("n", "cfg", ("b",), [
+        (TableSchema("games", new_cols), [("b", "hex8", 0.75)]),
+        (TableSchema("game_y", y_cols), [("b", b"\x00\xff")]),
+    ])
     assert merger.merge(old).inserted == 1
     assert merger.merge(new).inserted == 1
     with closing(sqlite3.connect(tmp_path / "synced" / "cfg.db")) as conn:
@@ -397,7 +560,7 @@ def test_schema_evolution_adds_columns(merger: GameMerger, tmp_path: Path) -> No
 @pytest.mark.parametrize("key", ["../x", "a/b", "..", "/etc"])
 def test_merge_refuses_unsafe_config_key(merger: GameMerger, key: str) -> None:
     cols = (Column("game_id", "TEXT", 1, True),)
-    batch = GameBatch("n", key, ("a",), (TableRows("games", cols, [("a",)]),))
+    batch = build_batch("n", key, ("a",), [(TableSchema("games", cols), [("a",)])])
     with pytest.raises(UnsafePathError):
         merger.merge(batch)
 

@@ -38,7 +38,15 @@ GAMES_TABLE = "games"
 GAME_ID = "game_id"
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_DECL_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9 ]{0,40}(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
+_DECL_TYPE_RE = re.compile(r"(?P<words>[A-Za-z][A-Za-z0-9 ]{0,40}?)\s*(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
+# Words that name a type. Anything else (UNIQUE, DEFAULT, REFERENCES, COLLATE, ...) would
+# put a constraint from a peer into our CREATE TABLE; such a column is sent untyped instead.
+_TYPE_WORDS = frozenset({
+    "INT", "INTEGER", "TINYINT", "SMALLINT", "MEDIUMINT", "BIGINT", "UNSIGNED", "INT2", "INT8",
+    "CHARACTER", "VARCHAR", "VARYING", "NCHAR", "NATIVE", "NVARCHAR", "CHAR", "TEXT", "CLOB",
+    "BLOB", "REAL", "DOUBLE", "PRECISION", "FLOAT", "NUMERIC", "DECIMAL", "BOOLEAN", "BOOL",
+    "DATE", "DATETIME", "TIMESTAMP", "TIME", "JSON", "UUID", "BIG", "STRING",
+})
 _CONFIG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MAX_TABLES = 64
@@ -90,9 +98,12 @@ def is_safe_identifier(name: object) -> bool:
 
 def is_safe_decl_type(decl_type: object) -> bool:
     """True for a declared column type we are willing to put in a CREATE TABLE ('' = none)."""
-    return isinstance(decl_type, str) and (
-        decl_type == "" or _DECL_TYPE_RE.fullmatch(decl_type) is not None
-    )
+    if not isinstance(decl_type, str):
+        return False
+    if decl_type == "":
+        return True
+    match = _DECL_TYPE_RE.fullmatch(decl_type)
+    return match is not None and all(w.upper() in _TYPE_WORDS for w in match["words"].split())
 
 
 def content_digest(data: bytes) -> str:

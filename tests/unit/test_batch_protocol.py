@@ -26,6 +26,7 @@ from ringsync.protocol.batch import (
     decode_batch,
     encode_batch,
     image_table_sql,
+    is_safe_decl_type,
 )
 
 GAMES_COLS = (
@@ -223,3 +224,16 @@ def test_config_key_for_is_always_safe(board: object, players: object) -> None:
     key = config_key_for(board, players)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", key)
     assert ".." not in key
+
+
+@pytest.mark.parametrize("decl_type", ["TEXT UNIQUE", "TEXT DEFAULT 5", "INTEGER PRIMARY KEY",
+                                       "TEXT COLLATE NOCASE", "INTEGER REFERENCES games",
+                                       "TEXT NOT NULL", "BLOB CHECK"])
+def test_decl_types_carrying_constraints_are_refused(decl_type: str) -> None:
+    assert not is_safe_decl_type(decl_type)
+
+
+@pytest.mark.parametrize("decl_type", ["", "TEXT", "integer", "VARCHAR(255)", "DECIMAL(10, 2)",
+                                       "DOUBLE PRECISION", "BIG INT", "TIMESTAMP"])
+def test_plain_decl_types_are_accepted(decl_type: str) -> None:
+    assert is_safe_decl_type(decl_type)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import ringsync.selfplay_sim
-import ringsync.store.gamedb
+import ringsync.store.gamesource
 from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
 from ringsync.protocol.batch import (
     Column,
@@ -173,7 +173,7 @@ def test_extract_reads_every_table_from_one_snapshot(
         monkeypatch: pytest.MonkeyPatch) -> None:
     gid = writer.write_game()
     source.scan()
-    real_copy = ringsync.store.gamedb._copy_games
+    real_copy = ringsync.store.gamesource._copy_games
 
     def copy_after_a_concurrent_commit(*args: Any) -> Any:
         # The games rows were read already; a commit now must not show in the other tables.
@@ -183,7 +183,7 @@ def test_extract_reads_every_table_from_one_snapshot(
             other.commit()
         return real_copy(*args)
 
-    monkeypatch.setattr(ringsync.store.gamedb, "_copy_games", copy_after_a_concurrent_commit)
+    monkeypatch.setattr(ringsync.store.gamesource, "_copy_games", copy_after_a_concurrent_commit)
     batch = one_batch(source, [gid])
     assert len(batch_rows(batch, "game_moves")) == 30
     assert batch_rows(batch, "games")[0][9] == 30  # total_moves

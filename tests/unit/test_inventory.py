@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -224,10 +223,13 @@ def test_directory_is_unreadable(tmp_path: Path) -> None:
         load_inventory(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_permission_denied(hosts_file: Path) -> None:
-    hosts_file.chmod(0)
-    with pytest.raises(ConfigError, match="cannot read it"):
+def test_permission_denied(hosts_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root in CI, where chmod 0 does not stop a read: fake the refusal.
+    def refuse(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match=r"cannot read it \(Permission denied\)"):
         load_inventory(hosts_file)
 
 

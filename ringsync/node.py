@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ringsync.daemons.base import DaemonType, Health
 from ringsync.inventory import Host
+from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
 from ringsync.policy.router import SyncRouter
 from ringsync.settings import Settings
@@ -25,6 +26,7 @@ class NodeContext:
     router: SyncRouter
     receiver: GameReceiver
     sync_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
 
     @property

@@ -7,7 +7,8 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ringsync.node import NodeContext
 from ringsync.ops.fsdetect import is_network_filesystem
 from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.gamedb import GameSource, discover_sources
-from ringsync.store.manifest import DiscoveredGame, PendingGame
+from ringsync.store.manifest import DiscoveredGame
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 
@@ -28,12 +29,30 @@ log = logging.getLogger(__name__)
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 
 
+CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
+
+
 @dataclass
 class _PreparedCache:
-    """Batches extracted during one cycle, shared by the targets that owe the same games."""
+    """The last few batches extracted in a cycle, shared by the targets that owe them.
 
-    done: dict[tuple[str, tuple[str, ...]], Prepared] = field(default_factory=dict)
-    locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = field(default_factory=dict)
+    Targets walk their outboxes in the same order, so they usually ask for the same
+    batch moments apart; a window of ``capacity`` keeps memory bounded when they drift
+    apart (a late target then extracts again, which costs time, not correctness).
+    """
+
+    capacity: int = 2
+    done: OrderedDict[CacheKey, Prepared] = field(default_factory=OrderedDict)
+    locks: dict[CacheKey, asyncio.Lock] = field(default_factory=dict)
+
+    async def get(self, key: CacheKey, make: Callable[[], Awaitable[Prepared]]) -> Prepared:
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            if key not in self.done:
+                self.done[key] = await make()
+                while len(self.done) > self.capacity:
+                    evicted, _ = self.done.popitem(last=False)
+                    self.locks.pop(evicted, None)
+            return self.done[key]
 
 
 class _PeerBackoff:
@@ -121,6 +140,10 @@ class AutoSyncDaemon(Daemon):
         async with self._cycle_lock:  # the cycle in flight finishes and acknowledges
             pass
 
+    async def close(self) -> None:
+        """Release sources and connections; run() does this itself on the way out."""
+        await self._close()
+
     async def _close(self) -> None:
         for source in self._sources.values():
             await asyncio.to_thread(source.close)
@@ -144,7 +167,12 @@ class AutoSyncDaemon(Daemon):
         trigger = "startup"
         while not self._stopping:
             await self.sync_once(trigger)
-            trigger = await self._wait_for_trigger()
+            trigger = "backlog" if self._backlog_waiting() else await self._wait_for_trigger()
+
+    def _backlog_waiting(self) -> bool:
+        """Games arrived during the cycle for a target that is not backing off."""
+        return any(self._backoff.ready(h.name) and self._ctx.manifest.has_pending(h.name)
+                   for h in self._ctx.router.game_targets())
 
     async def _wait_for_trigger(self) -> str:
         """Sleep until an event or the (jittered) interval; coalesce a burst of events."""
@@ -153,7 +181,6 @@ class AutoSyncDaemon(Daemon):
             async with asyncio.timeout(interval):
                 await self._ctx.sync_wakeup.wait()
         except TimeoutError:
-            self._rescan_sources = True
             return "interval"
         await asyncio.sleep(self._ctx.settings.debounce)
         self._ctx.sync_wakeup.clear()
@@ -162,8 +189,13 @@ class AutoSyncDaemon(Daemon):
     # -- one cycle ---------------------------------------------------------------------------
 
     async def sync_once(self, trigger: str = "manual") -> None:
-        """Discover completed games, then deliver every target's outbox."""
+        """Discover completed games, then deliver every target's outbox.
+
+        Any trigger but "event" also looks for new source databases and rescans all.
+        """
         async with self._cycle_lock:
+            if trigger != "event":
+                self._rescan_sources = True
             started = time.perf_counter()
             await self._discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
@@ -210,7 +242,7 @@ class AutoSyncDaemon(Daemon):
 
     async def _deliver(self, target: Host, cache: _PreparedCache) -> None:
         """Drain ``target``'s outbox: prepare the next batch while the current one is in flight."""
-        queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=2)
+        queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._produce(target.name, queue, cache))
@@ -228,26 +260,27 @@ class AutoSyncDaemon(Daemon):
 
     async def _produce(self, target: str, queue: asyncio.Queue[Prepared | None],
                        cache: _PreparedCache) -> None:
+        """Walk ``target``'s whole outbox once, a batch at a time, in game-id order."""
         batch_games = self._ctx.settings.batch_games
-        pending = self._ctx.manifest.pending(target, batch_games * 4)
-        by_source: dict[str, list[PendingGame]] = {}
-        for game in pending:
-            by_source.setdefault(game.source, []).append(game)
-        for source, games in by_source.items():
-            for i in range(0, len(games), batch_games):
-                ids = tuple(g.game_id for g in games[i:i + batch_games])
-                await queue.put(await self._prepared(source, ids, target, cache))
+        after = ""
+        while not self._stopping:
+            page = self._ctx.manifest.pending(target, batch_games, after=after)
+            if not page:
+                break
+            after = page[-1].game_id
+            by_source: dict[str, list[str]] = {}
+            for game in page:
+                by_source.setdefault(game.source, []).append(game.game_id)
+            for source, ids in by_source.items():
+                await queue.put(await self._prepared(source, tuple(ids), target, cache))
         await queue.put(None)
 
     async def _prepared(self, source: str, ids: tuple[str, ...], target: str,
                         cache: _PreparedCache) -> Prepared:
-        """Extract and encode once per cycle, whichever target asks first."""
-        key = (source, ids)
-        async with cache.locks.setdefault(key, asyncio.Lock()):
-            if key not in cache.done:
-                cache.done[key] = await asyncio.to_thread(self._extract, source, ids)
-        self._forget_missing(source, ids, cache.done[key], target)
-        return cache.done[key]
+        """Extract and encode once, whichever target asks first."""
+        prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        self._forget_missing(source, ids, prepared, target)
+        return prepared
 
     def _extract(self, source: str, ids: Sequence[str]) -> Prepared:
         src = self._sources.get(source)
@@ -291,6 +324,7 @@ class AutoSyncDaemon(Daemon):
         m.push_duration.observe(time.perf_counter() - started)
         m.batches_sent.labels(peer=target.name, outcome="ok").inc()
         m.bytes_sent.labels(peer=target.name).inc(len(payload))
+        self._ctx.memory.note(len(payload))
         m.games_shipped.labels(peer=target.name).inc(result.inserted)
         m.games_already_present.labels(peer=target.name).inc(result.duplicates)
 

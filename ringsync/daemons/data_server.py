@@ -145,6 +145,7 @@ async def receive_games(request: web.Request) -> web.Response:
     ctx.metrics.merge_duration.observe(time.perf_counter() - started)
     ctx.metrics.batches_received.labels(outcome="merged").inc()
     ctx.metrics.bytes_received.inc(len(payload))
+    ctx.memory.note(len(payload))
     ctx.metrics.games_received.inc(result.inserted)
     ctx.metrics.games_duplicate_received.inc(result.duplicates)
     return web.json_response({"inserted": result.inserted, "duplicates": result.duplicates})

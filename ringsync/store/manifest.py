@@ -136,12 +136,16 @@ class DataManifest:
                 added += self._db.total_changes - before
         return added
 
-    def pending(self, target: str, limit: int) -> list[PendingGame]:
-        """Up to ``limit`` games owed to ``target``."""
+    def pending(self, target: str, limit: int, *, after: str = "") -> list[PendingGame]:
+        """Up to ``limit`` games owed to ``target``, in game-id order after ``after``.
+
+        Keyset paging lets a sender walk a large outbox once while earlier pages are
+        still in flight (and so still in the outbox).
+        """
         rows = self._db.execute(
             "SELECT o.game_id, g.source, g.config_key FROM outbox o JOIN games g USING (game_id) "
-            "WHERE o.target = ? LIMIT ?",
-            (target, limit),
+            "WHERE o.target = ? AND o.game_id > ? ORDER BY o.game_id LIMIT ?",
+            (target, after, limit),
         ).fetchall()
         return [PendingGame(*row) for row in rows]
 

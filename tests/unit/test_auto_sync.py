@@ -204,3 +204,14 @@ async def test_database_created_empty_then_filled_is_found_on_the_next_event(
     daemon._on_fs_event(db.with_name("late.db-wal"))
     await daemon.sync_once("event")
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
+
+
+async def test_one_cycle_delivers_a_backlog_many_batches_long(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1", batch_games=5)
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 53)
+    await daemon_for(ctx, transport).sync_once()
+    for node in ("train-1", "train-2"):
+        assert sorted(held(tmp_path, node)) == sorted(done)
+    assert ctx.manifest.summary()["pending"] == {}

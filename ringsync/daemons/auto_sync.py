@@ -203,6 +203,7 @@ class AutoSyncDaemon(Daemon):
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
                     tg.create_task(self._deliver(target, cache))
+            self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
             self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
 

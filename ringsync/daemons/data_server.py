@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -18,12 +19,23 @@ from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import count_games
 from ringsync.store.receiver import ReceiveRefused
+from ringsync.transport.base import PushResult
 from ringsync.transport.http import DIGEST_HEADER, GAMES_PATH
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CTX: web.AppKey[NodeContext] = web.AppKey("ctx", NodeContext)
+
+
+@dataclass
+class _InFlight:
+    """Merges running now; when the last one ends, freed batch memory goes back to the OS."""
+
+    merges: int = 0
+
+
+_INFLIGHT: web.AppKey[_InFlight] = web.AppKey("inflight", _InFlight)
 
 
 def is_loopback(host: str) -> bool:
@@ -132,7 +144,7 @@ async def receive_games(request: web.Request) -> web.Response:
     payload = await request.read()  # bounded by client_max_size -> 413
     started = time.perf_counter()
     try:
-        result = await asyncio.to_thread(ctx.receiver.receive, payload, digest)
+        result = await _merge(request.app, payload, digest)
     except ReceiveRefused as exc:
         ctx.metrics.batches_received.labels(outcome="refused").inc()
         return _error(403, str(exc))
@@ -151,6 +163,17 @@ async def receive_games(request: web.Request) -> web.Response:
     return web.json_response({"inserted": result.inserted, "duplicates": result.duplicates})
 
 
+async def _merge(app: web.Application, payload: bytes, digest: str) -> PushResult:
+    inflight = app[_INFLIGHT]
+    inflight.merges += 1
+    try:
+        return await asyncio.to_thread(app[_CTX].receiver.receive, payload, digest)
+    finally:
+        inflight.merges -= 1
+        if inflight.merges == 0:
+            app[_CTX].memory.idle()
+
+
 async def notify(request: web.Request) -> web.Response:
     """A local generator says 'I committed games': wake auto-sync now."""
     request.app[_CTX].sync_wakeup.set()
@@ -163,6 +186,7 @@ def build_app(ctx: NodeContext) -> web.Application:
         client_max_size=ctx.settings.max_batch_bytes,
     )
     app[_CTX] = ctx
+    app[_INFLIGHT] = _InFlight()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 TRIM_EVERY_BYTES = 64 * 1024 * 1024
+TRIM_WHEN_IDLE_BYTES = 4 * 1024 * 1024
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -27,7 +28,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class MemoryTrimmer:
-    """Counts bytes that passed through and trims the heap after every ``every`` bytes."""
+    """Counts bytes that passed through; trims the heap every ``every`` bytes and when idle."""
 
     def __init__(self, every: int = TRIM_EVERY_BYTES) -> None:
         self._every = every
@@ -37,6 +38,11 @@ class MemoryTrimmer:
     def note(self, nbytes: int) -> None:
         self._since += nbytes
         if self._since >= self._every:
+            self.trim()
+
+    def idle(self) -> None:
+        """A burst of transfers ended: trim if it moved enough to matter."""
+        if self._since >= TRIM_WHEN_IDLE_BYTES:
             self.trim()
 
     def trim(self) -> None:

@@ -11,6 +11,7 @@ from ringsync.errors import (
     PeerRejectedError,
     RestartBudgetExhausted,
     RingsyncError,
+    StorageFullError,
     TransportError,
     UnsafePathError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "RestartBudgetExhausted",
     "RingsyncError",
     "Settings",
+    "StorageFullError",
     "SyncRouter",
     "TransportError",
     "UnsafePathError",

@@ -48,6 +48,10 @@ class TooLargeError(BadInputError):
     """Input exceeds a configured size bound."""
 
 
+class StorageFullError(RingsyncError):
+    """The disk (or a quota) holding the data dir is full; nothing was written."""
+
+
 class CorruptDataError(RingsyncError):
     """Stored or received data fails verification; it is quarantined or fetched again."""
 

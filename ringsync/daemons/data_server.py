@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
-from ringsync.errors import BadInputError, CorruptDataError, UnsafePathError
+from ringsync.errors import BadInputError, CorruptDataError, StorageFullError, UnsafePathError
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import count_games
 from ringsync.store.receiver import ReceiveRefused
@@ -148,6 +148,10 @@ async def receive_games(request: web.Request) -> web.Response:
     except ReceiveRefused as exc:
         ctx.metrics.batches_received.labels(outcome="refused").inc()
         return _error(403, str(exc))
+    except StorageFullError as exc:
+        ctx.metrics.batches_received.labels(outcome="storage_full").inc()
+        log.error("cannot merge a game batch: %s", exc)
+        return _error(507, str(exc))
     except (BadInputError, CorruptDataError) as exc:
         outcome = "unsafe_path" if isinstance(exc, UnsafePathError) else "rejected"
         ctx.metrics.batches_received.labels(outcome=outcome).inc()

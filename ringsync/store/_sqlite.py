@@ -9,7 +9,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ringsync.errors import CorruptDataError
+from ringsync.errors import CorruptDataError, StorageFullError
 from ringsync.protocol.batch import (
     Column,
 )
@@ -60,6 +60,10 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         code = getattr(exc, "sqlite_errorcode", -1) & 0xFF  # primary code of an extended one
         if code in _CORRUPT_CODES or code == sqlite3.SQLITE_CANTOPEN:
             raise CorruptDataError(f"{path}: cannot read game DB: {exc}") from exc
+        if code == sqlite3.SQLITE_FULL:
+            raise StorageFullError(
+                f"{path}: disk or quota full, batch rolled back; free space in {path.parent}"
+            ) from exc
         raise
 
 

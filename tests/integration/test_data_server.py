@@ -6,7 +6,7 @@ import io
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -197,3 +197,39 @@ async def test_metrics_pass_promtool(node_factory: Callable[..., NodeContext],
     assert TOKEN.encode() not in text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Mount a 1 MiB tmpfs over a directory: a real full disk, undone at teardown."""
+    mounted: list[Path] = []
+
+    def mount(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_full_disk_is_507_with_a_clear_message_and_merges_nothing(
+    node_factory: Callable[..., NodeContext], served: Callable[..., Any], tmp_path: Path,
+    tiny_filesystem: Callable[[Path], None],
+) -> None:
+    ctx = node_factory(max_batch_bytes=64 * 1024 * 1024)
+    tiny_filesystem(ctx.settings.synced_dir)
+    await served(ctx)
+    write_games(tmp_path / "src" / "big.db", 300)
+    (big,) = extract_batches(tmp_path / "src" / "big.db")
+    status, body = await post_batch(ctx, encode_batch(big))
+    assert status == 507
+    assert "full" in body["error"]
+    assert str(ctx.settings.synced_dir) in body["error"]
+    target = ctx.settings.synced_dir / f"{big.config_key}.db"
+    assert not target.exists() or count_games(target) == 0
+    assert ctx.metrics.batches_received.labels(outcome="storage_full")._value.get() == 1

@@ -112,9 +112,11 @@ class _TargetDB:
         pk = [GAME_ID] if is_games else [c.name for c in sorted(table.columns, key=lambda c: c.pk)
                                          if c.pk]
         alias = _rowid_alias(table)
-        defs = [f"{_q(c.name)} {c.decl_type}"
-                + (" PRIMARY KEY" if alias is c else "")
-                + (" NOT NULL" if c.notnull and alias is not c else "")
+        # No NOT NULL from a peer: sources with older or newer schemas feed the same
+        # DB, and a constraint one of them declares must not reject the others' games
+        # forever. game_id never gets INTEGER affinity: "INTEGER PRIMARY KEY" would
+        # make it a rowid alias that refuses every text id after the first batch.
+        defs = [f"{_q(c.name)} {_receiver_type(c)}" + (" PRIMARY KEY" if alias is c else "")
                 for c in table.columns]
         if pk and alias is None:
             defs.append(f"PRIMARY KEY ({', '.join(_q(n) for n in pk)})")
@@ -192,6 +194,12 @@ def _image_problem(conn: sqlite3.Connection, batch: GameBatch) -> str | None:
         return (f"games table has {rows} rows for {distinct} of the header's "
                 f"{len(batch.game_ids)} game ids")
     return None
+
+
+def _receiver_type(column: Column) -> str:
+    if column.name.lower() == GAME_ID and column.decl_type.upper().startswith("INT"):
+        return ""
+    return column.decl_type
 
 
 def _rowid_alias(table: TableSchema) -> Column | None:

@@ -427,8 +427,8 @@ def first_id(batch: GameBatch) -> str:
 
 
 @pytest.mark.parametrize("statement", [
-    "UPDATE game_moves SET phase=NULL WHERE rowid=1",  # NOT NULL at the receiver
     "INSERT INTO game_moves SELECT * FROM game_moves WHERE rowid=1",  # duplicate primary key
+    "INSERT INTO game_players SELECT * FROM game_players WHERE rowid=2",  # in another table
 ])
 def test_failing_merge_changes_nothing(
         writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
@@ -450,7 +450,8 @@ def test_failing_first_merge_creates_no_tables(
     gid = writer.write_game()
     source.scan()
     with pytest.raises(BadInputError):
-        merger.merge(tampered(one_batch(source, [gid]), "UPDATE game_players SET player_type=NULL"))
+        merger.merge(tampered(one_batch(source, [gid]),
+                              "INSERT INTO game_players SELECT * FROM game_players WHERE rowid=1"))
     assert table_counts(tmp_path / "synced" / "hex8_2p.db") == {}
     assert merger.merge(one_batch(source, [gid])).inserted == 1
 
@@ -581,3 +582,28 @@ def test_without_rowid_games_table_is_reported(tmp_path: Path) -> None:
             src.scan()
     finally:
         src.close()
+
+
+def test_sources_with_diverging_constraints_all_merge(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path) -> None:
+    """A NOT NULL that one source declares must not reject another source's games forever."""
+    first, second = writer.write_game(), writer.write_game()
+    source.scan()
+    merger.merge(one_batch(source, [first]))
+    older_schema = tampered(one_batch(source, [second]), "UPDATE game_moves SET phase=NULL")
+    assert merger.merge(older_schema).inserted == 1
+    assert game_ids(tmp_path / "synced" / "hex8_2p.db") == {first, second}
+
+
+def test_integer_declared_game_id_does_not_lock_out_text_ids(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger) -> None:
+    first, second = writer.write_game(), writer.write_game()
+    source.scan()
+    batch = one_batch(source, [first])
+    tables = tuple(dataclasses.replace(t, columns=tuple(
+        dataclasses.replace(c, decl_type="INTEGER") if c.name == "game_id" else c
+        for c in t.columns)) if t.name == "games" else t for t in batch.tables)
+    odd = build_batch(batch.source_node, batch.config_key, batch.game_ids,
+                      [(t, batch_rows(batch, t.name)) for t in tables])
+    assert merger.merge(odd).inserted == 1
+    assert merger.merge(one_batch(source, [second])).inserted == 1

@@ -26,6 +26,7 @@ from ringsync.transport.http import HttpTransport
 
 log = logging.getLogger(__name__)
 
+PUSHES_IN_FLIGHT = 2
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 
 
@@ -103,6 +104,9 @@ class AutoSyncDaemon(Daemon):
         self._backoff = _PeerBackoff(retry_initial, max(1.0, min(60.0, s.sync_interval)))
         self._health = Health(HealthState.STARTING)
         self._failing: dict[str, str] = {}
+        self._missing_reported: set[str] = set()
+        self._inodes: dict[str, int] = {}
+        self._acked_in_cycle = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -171,6 +175,8 @@ class AutoSyncDaemon(Daemon):
 
     def _backlog_waiting(self) -> bool:
         """Games arrived during the cycle for a target that is not backing off."""
+        if self._acked_in_cycle == 0:  # owed games that could not be read: wait, don't spin
+            return False
         return any(self._backoff.ready(h.name) and self._ctx.manifest.has_pending(h.name)
                    for h in self._ctx.router.game_targets())
 
@@ -196,6 +202,7 @@ class AutoSyncDaemon(Daemon):
         async with self._cycle_lock:
             if trigger != "event":
                 self._rescan_sources = True
+            self._acked_in_cycle = 0
             started = time.perf_counter()
             await self._discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
@@ -216,14 +223,26 @@ class AutoSyncDaemon(Daemon):
         s = self._ctx.settings
         if self._rescan_sources:
             self._rescan_sources = False
+            await self._forget_replaced_sources()
             for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.synced_dir):
                 key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
                 if key not in self._sources:
                     self._sources[key] = await asyncio.to_thread(GameSource, path)
+                    self._inodes[key] = _inode(path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
                 await self._scan(key, source, names)
+
+    async def _forget_replaced_sources(self) -> None:
+        """Close sources whose file was removed, renamed away or replaced by a new file."""
+        games_dir = self._ctx.settings.games_dir
+        for key in list(self._sources):
+            if _inode(games_dir / key) != self._inodes.get(key):
+                source = self._sources.pop(key)
+                self._inodes.pop(key, None)
+                await asyncio.to_thread(source.close)
+                log.info("source %s was moved or replaced; rescanning", key)
 
     async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
         try:
@@ -242,12 +261,17 @@ class AutoSyncDaemon(Daemon):
     # -- delivery ----------------------------------------------------------------------------
 
     async def _deliver(self, target: Host, cache: _PreparedCache) -> None:
-        """Drain ``target``'s outbox: prepare the next batch while the current one is in flight."""
+        """Drain ``target``'s outbox: prepare the next batch while earlier ones are in flight.
+
+        Two pushes in flight let the receiver read and check one batch while it merges
+        the other; each batch is acknowledged on its own, so order does not matter.
+        """
         queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._produce(target.name, queue, cache))
-                await self._consume(target, queue)
+                for _ in range(PUSHES_IN_FLIGHT):
+                    tg.create_task(self._consume(target, queue))
         except* (TransportError, CorruptDataError) as group:
             self._peer_failed(target.name, group.exceptions[0])
         else:
@@ -274,35 +298,46 @@ class AutoSyncDaemon(Daemon):
                 by_source.setdefault(game.source, []).append(game.game_id)
             for source, ids in by_source.items():
                 await queue.put(await self._prepared(source, tuple(ids), target, cache))
-        await queue.put(None)
+        for _ in range(PUSHES_IN_FLIGHT):
+            await queue.put(None)  # one end marker per consumer
 
     async def _prepared(self, source: str, ids: tuple[str, ...], target: str,
                         cache: _PreparedCache) -> Prepared:
         """Extract and encode once, whichever target asks first."""
         prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
-        self._forget_missing(source, ids, prepared, target)
+        self._note_missing(source, ids, prepared, target)
         return prepared
 
     def _extract(self, source: str, ids: Sequence[str]) -> Prepared:
         src = self._sources.get(source)
         if src is None:
             return []
-        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
+        try:
+            batches = src.extract(ids, source_node=self._ctx.settings.node_id)
+        except (CorruptDataError, sqlite3.OperationalError) as exc:
+            log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
+            return []
         out = []
         for batch in batches:
             payload = encode_batch(batch)
             out.append((payload, content_digest(payload), batch.game_ids))
         return out
 
-    def _forget_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
-                        target: str) -> None:
+    def _note_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
+                      target: str) -> None:
+        """Games not found where the manifest says they are stay queued, never dropped.
+
+        A rotated or renamed DB is found again by the next rescan, which points the
+        manifest at the new path; a busy or broken source is retried next cycle.
+        """
         found = {gid for _, _, gids in prepared for gid in gids}
-        missing = [gid for gid in ids if gid not in found]
-        if missing:
-            log.error("%d games owed to %s vanished from source %s before delivery "
-                      "(deleted by someone else?); dropping them from the outbox",
-                      len(missing), target, source)
-            self._ctx.manifest.drop(target, missing)
+        missing = len(ids) - len(found)
+        if missing and source not in self._missing_reported:
+            self._missing_reported.add(source)
+            log.error("%d games owed to %s are not readable in source %s now; they stay queued "
+                      "and ship when the file is found again", missing, target, source)
+        elif not missing:
+            self._missing_reported.discard(source)
 
     async def _consume(self, target: Host, queue: asyncio.Queue[Prepared | None]) -> None:
         while (prepared := await queue.get()) is not None:
@@ -322,6 +357,7 @@ class AutoSyncDaemon(Daemon):
             raise TransportError(target.name, f"acknowledged {result.inserted + result.duplicates} "
                                               f"of {len(game_ids)} games")
         self._ctx.manifest.ack(target.name, game_ids)
+        self._acked_in_cycle += 1
         m.push_duration.observe(time.perf_counter() - started)
         m.batches_sent.labels(peer=target.name, outcome="ok").inc()
         m.bytes_sent.labels(peer=target.name).inc(len(payload))
@@ -345,3 +381,9 @@ class AutoSyncDaemon(Daemon):
         else:
             self._health = Health(HealthState.HEALTHY)
 
+
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return -1

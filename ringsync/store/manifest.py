@@ -114,6 +114,11 @@ class DataManifest:
             before = self._db.total_changes
             self._db.executemany("INSERT OR IGNORE INTO games VALUES (?, ?, ?, ?)", rows)
             new = self._db.total_changes - before
+            # A game found again elsewhere (a rotated or renamed file) is read from there now.
+            self._db.executemany(
+                "UPDATE games SET source = ?2, config_key = ?3 WHERE game_id = ?1 AND source <> ?2",
+                [(g.game_id, g.source, g.config_key) for g in games],
+            )
             for target in targets:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO outbox SELECT ?1, ?2 WHERE NOT EXISTS "
@@ -157,14 +162,6 @@ class DataManifest:
                 "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
                 [(target, gid, now) for gid in game_ids],
             )
-            self._db.executemany(
-                "DELETE FROM outbox WHERE target = ? AND game_id = ?",
-                [(target, gid) for gid in game_ids],
-            )
-
-    def drop(self, target: str, game_ids: Sequence[str]) -> None:
-        """Forget games that vanished from their source before delivery (logged by the caller)."""
-        with self._transaction():
             self._db.executemany(
                 "DELETE FROM outbox WHERE target = ? AND game_id = ?",
                 [(target, gid) for gid in game_ids],

@@ -215,3 +215,44 @@ async def test_one_cycle_delivers_a_backlog_many_batches_long(
     for node in ("train-1", "train-2"):
         assert sorted(held(tmp_path, node)) == sorted(done)
     assert ctx.manifest.summary()["pending"] == {}
+
+
+async def test_rotated_source_db_loses_no_owed_game(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    games = ctx.settings.games_dir
+    old, _ = write_games(games / "selfplay.db", 10)
+    transport.down.update({"train-1", "train-2"})
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()  # discovered and owed, not delivered
+    (games / "archive").mkdir()
+    (games / "selfplay.db").rename(games / "archive" / "selfplay-1.db")  # the generator rotates
+    new, _ = write_games(games / "selfplay.db", 3, seed=9)
+    transport.down.clear()
+    await daemon.sync_once("interval")
+    await daemon.sync_once("interval")
+    for node in ("train-1", "train-2"):
+        assert sorted(held(tmp_path, node)) == sorted(old + new)
+    assert ctx.manifest.summary()["pending"] == {}
+    await daemon.close()
+
+
+async def test_unreadable_owed_games_stay_queued_without_spinning(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "selfplay.db"
+    done, _ = write_games(db, 4)
+    transport.down.update({"train-1", "train-2"})
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    db.rename(db.with_name("parked.bin"))  # gone from games/ as a database for now
+    transport.down.clear()
+    await daemon.sync_once("interval")
+    assert ctx.manifest.outbox_size("train-1") == 4  # kept, not dropped
+    assert not daemon._backlog_waiting()  # and no hot loop while they cannot be read
+    db.with_name("parked.bin").rename(db)
+    await daemon.sync_once("interval")
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    await daemon.close()

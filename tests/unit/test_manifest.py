@@ -124,3 +124,10 @@ def test_every_discovered_game_is_owed_or_delivered_exactly_once(tmp_path_factor
             assert set(owed) | set(held) == seen
     finally:
         m.close()
+
+
+def test_a_game_found_in_a_new_file_is_read_from_there(manifest: DataManifest) -> None:
+    manifest.record_discovered(games("a"), ["t1"])
+    moved = [DiscoveredGame("a", "archive/selfplay-1.db", "hex8_2p")]
+    assert manifest.record_discovered(moved, ["t1"]) == 0
+    assert [p.source for p in manifest.pending("t1", 10)] == ["archive/selfplay-1.db"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class MergeResult:
 # -- receiver side -------------------------------------------------------------------------
 
 # Rows the target refuses (NOT NULL, duplicate keys, too big): the batch is bad input.
+MAX_OPEN_TARGETS = 32
 _REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
@@ -64,6 +66,7 @@ class _TargetDB:
         self.conn.execute("PRAGMA cell_size_check=ON")
         self.conn.execute("PRAGMA temp_store=MEMORY")
         self._columns: dict[str, set[str]] = {}
+        self.closed = False
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the new games of a batch whose image passed _verify_image."""
@@ -142,6 +145,7 @@ class _TargetDB:
                           f"SELECT {names} FROM incoming.{_q(table.name)}{where}")
 
     def close(self) -> None:
+        self.closed = True
         self.conn.close()
 
 
@@ -218,10 +222,11 @@ class GameMerger:
     Thread-safe; merges into the same DB are serialised, different DBs run in parallel.
     """
 
-    def __init__(self, synced_dir: Path) -> None:
+    def __init__(self, synced_dir: Path, *, max_open: int = MAX_OPEN_TARGETS) -> None:
         self.synced_dir = Path(synced_dir)
         self._lock = threading.Lock()
-        self._dbs: dict[str, _TargetDB] = {}
+        self._dbs: OrderedDict[str, _TargetDB] = OrderedDict()
+        self._max_open = max_open
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows."""
@@ -229,15 +234,36 @@ class GameMerger:
         _verify_image(batch)  # first: a bad batch creates nothing, not even the target DB
         path = self._safe_path(key)
         with _sqlite_errors(path):
-            target = self._target(key, path)
-            with target.lock:
-                return target.merge(batch)
+            while True:
+                target = self._target(key, path)
+                with target.lock:
+                    if not target.closed:  # else evicted between lookup and lock: reopen
+                        return target.merge(batch)
 
     def _target(self, key: str, path: Path) -> _TargetDB:
         with self._lock:
             if key not in self._dbs:
                 self._dbs[key] = _TargetDB(path)
+            self._dbs.move_to_end(key)
+            self._evict_idle()
             return self._dbs[key]
+
+    def _evict_idle(self) -> None:
+        """Keep at most ``max_open`` connections (3 fds each), closing idle ones first.
+
+        Config keys come from peers; without a bound, many distinct keys would
+        exhaust file descriptors and stop every merge.
+        """
+        for key in list(self._dbs)[:-1]:
+            if len(self._dbs) <= self._max_open:
+                return
+            db = self._dbs[key]
+            if db.lock.acquire(blocking=False):  # never close one mid-merge
+                try:
+                    db.close()
+                finally:
+                    db.lock.release()
+                del self._dbs[key]
 
     def _safe_path(self, key: str) -> Path:
         root = self.synced_dir.resolve()
@@ -250,7 +276,7 @@ class GameMerger:
     def close(self) -> None:
         """Close every cached connection."""
         with self._lock:
-            dbs, self._dbs = list(self._dbs.values()), {}
+            dbs, self._dbs = list(self._dbs.values()), OrderedDict()
         for db in dbs:
             with db.lock:
                 db.close()

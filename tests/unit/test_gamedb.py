@@ -607,3 +607,22 @@ def test_integer_declared_game_id_does_not_lock_out_text_ids(
                       [(t, batch_rows(batch, t.name)) for t in tables])
     assert merger.merge(odd).inserted == 1
     assert merger.merge(one_batch(source, [second])).inserted == 1
+
+
+def test_many_config_keys_keep_open_files_bounded(
+        writer: SelfplayWriter, source: GameSource, tmp_path: Path) -> None:
+    """Config keys come from peers: distinct keys must not pile up open connections."""
+    ids = [writer.write_game() for _ in range(12)]
+    source.scan()
+    merger = GameMerger(tmp_path / "many", max_open=4)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        for i, gid in enumerate(ids):
+            merger.merge(dataclasses.replace(one_batch(source, [gid]), config_key=f"peer_key_{i}"))
+        assert len(os.listdir("/proc/self/fd")) - fds_before <= 4 * 3
+        for i, gid in enumerate(ids):
+            assert game_ids(tmp_path / "many" / f"peer_key_{i}.db") == {gid}
+        again = merger.merge(dataclasses.replace(one_batch(source, [ids[0]]), config_key="peer_key_0"))
+        assert again.duplicates == 1  # an evicted DB reopens and still de-duplicates
+    finally:
+        merger.close()

@@ -31,7 +31,7 @@ COPY daemons/ daemons/
 RUN pip install --no-cache-dir . && rm -rf /src
 
 ENV PYTHONUNBUFFERED=1 \
-    MALLOC_ARENA_MAX=2 \
+    MALLOC_ARENA_MAX=1 \
     RINGRIFT_DATA_DIR=/var/lib/ringsync \
     RINGRIFT_P2P_HOST=0.0.0.0 \
     RINGRIFT_P2P_PORT=8770

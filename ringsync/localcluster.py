@@ -87,7 +87,7 @@ class Cluster:
             "RINGRIFT_CLUSTER_CONFIG": str(self.inventory), "RINGRIFT_CLUSTER_AUTH_TOKEN": self.token,
             "RINGRIFT_SYNC_INTERVAL": str(self.sync_interval), "RINGRIFT_ENV_FILE": os.devnull,
             "RINGRIFT_LOG_LEVEL": self.log_level, "NOTIFY_SOCKET": str(node.notify_path),
-            "MALLOC_ARENA_MAX": "2",  # as systemd/ringsync@.service and the Dockerfile set it
+            "MALLOC_ARENA_MAX": "1",  # as systemd/ringsync@.service and the Dockerfile set it
         })
         env.update(node.extra_env)
         return env

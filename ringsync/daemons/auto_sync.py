@@ -27,6 +27,7 @@ from ringsync.transport.http import HttpTransport
 log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
+_BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 
 
@@ -107,6 +108,7 @@ class AutoSyncDaemon(Daemon):
         self._missing_reported: set[str] = set()
         self._inodes: dict[str, int] = {}
         self._acked_in_cycle = 0
+        self._rejected_in_cycle: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -203,6 +205,7 @@ class AutoSyncDaemon(Daemon):
             if trigger != "event":
                 self._rescan_sources = True
             self._acked_in_cycle = 0
+            self._rejected_in_cycle = set()
             started = time.perf_counter()
             await self._discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
@@ -276,6 +279,8 @@ class AutoSyncDaemon(Daemon):
             self._peer_failed(target.name, group.exceptions[0])
         else:
             self._backoff.succeeded(target.name)
+            if target.name in self._rejected_in_cycle:
+                return  # reachable, but a batch is still refused: stay degraded, log nothing new
             if self._failing.pop(target.name, None) is not None:
                 log.info("delivery to %s recovered; its backlog is delivered", target.name)
                 self._update_health()
@@ -317,10 +322,19 @@ class AutoSyncDaemon(Daemon):
         except (CorruptDataError, sqlite3.OperationalError) as exc:
             log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
             return []
-        out = []
+        out: Prepared = []
         for batch in batches:
             payload = encode_batch(batch)
-            out.append((payload, content_digest(payload), batch.game_ids))
+            if len(payload) <= self._ctx.settings.max_batch_bytes:
+                out.append((payload, content_digest(payload), batch.game_ids))
+            elif len(batch.game_ids) > 1:  # receivers would answer 413 forever: halve it
+                half = len(batch.game_ids) // 2
+                out += self._extract(source, batch.game_ids[:half])
+                out += self._extract(source, batch.game_ids[half:])
+            else:
+                log.error("game %s from %s is %d bytes as a batch, over RINGRIFT_MAX_BATCH_BYTES=%d; "
+                          "it stays queued until the limit is raised on this node and its targets",
+                          batch.game_ids[0], source, len(payload), self._ctx.settings.max_batch_bytes)
         return out
 
     def _note_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
@@ -342,13 +356,30 @@ class AutoSyncDaemon(Daemon):
     async def _consume(self, target: Host, queue: asyncio.Queue[Prepared | None]) -> None:
         while (prepared := await queue.get()) is not None:
             for payload, digest, game_ids in prepared:
-                await self._push(target, payload, digest, game_ids)
+                try:
+                    await self._push(target, payload, digest, game_ids)
+                except PeerRejectedError as exc:
+                    if exc.status not in _BATCH_SPECIFIC:
+                        raise  # e.g. 401/403: every batch would fail; back off this peer
+                    self._batch_rejected(target.name, exc, game_ids)
+
+    def _batch_rejected(self, peer: str, exc: PeerRejectedError, game_ids: tuple[str, ...]) -> None:
+        """One batch refused: it stays queued and the rest of the outbox goes on."""
+        self._ctx.metrics.batches_sent.labels(peer=peer, outcome="rejected").inc()
+        self._rejected_in_cycle.add(peer)
+        if peer not in self._failing:
+            log.error("%s rejected a batch of %d games (first %s); they stay queued, the rest "
+                      "of the outbox continues: %s", peer, len(game_ids), game_ids[0], exc)
+        self._failing[peer] = f"batch rejected: {exc}"
+        self._update_health()
 
     async def _push(self, target: Host, payload: bytes, digest: str, game_ids: tuple[str, ...]) -> None:
         m = self._ctx.metrics
         started = time.perf_counter()
         try:
             result = await self._transport.push_games(target, payload, digest)
+        except PeerRejectedError:
+            raise
         except TransportError:
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
             raise

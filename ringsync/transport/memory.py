@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from ringsync.errors import TransportError
+from ringsync.errors import (
+    BadInputError,
+    CorruptDataError,
+    PeerRejectedError,
+    StorageFullError,
+    TransportError,
+)
 from ringsync.inventory import Host
-from ringsync.store.receiver import GameReceiver
+from ringsync.store.receiver import GameReceiver, ReceiveRefused
 from ringsync.transport.base import PushResult
 
 
@@ -26,7 +32,14 @@ class MemoryTransport:
         receiver = self.receivers.get(peer.name)
         if receiver is None or peer.name in self.down:
             raise TransportError(peer.name, "unreachable (memory transport)")
-        result = receiver.receive(payload, digest)
+        try:
+            result = receiver.receive(payload, digest)
+        except ReceiveRefused as exc:  # the statuses the HTTP data server answers
+            raise PeerRejectedError(peer.name, 403, str(exc)) from exc
+        except (BadInputError, CorruptDataError) as exc:
+            raise PeerRejectedError(peer.name, 400, str(exc)) from exc
+        except StorageFullError as exc:
+            raise TransportError(peer.name, f"HTTP 507: {exc}") from exc
         self.delivered.set()
         return result
 

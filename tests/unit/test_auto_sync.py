@@ -11,9 +11,14 @@ import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import HealthState
+from ringsync.errors import BadInputError
+from ringsync.inventory import Host
 from ringsync.node import NodeContext
+from ringsync.protocol.batch import decode_batch
+from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import game_ids
 from ringsync.store.receiver import GameReceiver
+from ringsync.transport.base import PushResult
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
 
@@ -256,3 +261,62 @@ async def test_unreadable_owed_games_stay_queued_without_spinning(
     await daemon.sync_once("interval")
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
     await daemon.close()
+
+
+class _SizeRecorder(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult:
+        self.sizes.append(len(payload))
+        return await super().push_games(peer, payload, digest)
+
+
+async def test_batches_over_the_byte_limit_are_split_not_refused_forever(
+    node_factory: Callable[..., NodeContext], receivers: dict[str, GameReceiver], tmp_path: Path
+) -> None:
+    limit = 256 * 1024
+    ctx = node_factory("selfplay-1", max_batch_bytes=limit)
+    db = ctx.settings.games_dir / "sp.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with SelfplayWriter(db, seed=4, moves_per_game=80) as writer:  # ~26 KB per game
+        done = [writer.write_game() for _ in range(40)]
+    transport = _SizeRecorder()
+    transport.receivers.update(receivers)
+    await daemon_for(ctx, transport).sync_once()
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    assert len(transport.sizes) > 2
+    assert max(transport.sizes) <= limit
+
+
+class _PoisonReceiver(GameReceiver):
+    """Refuses any batch holding one particular game, as a receiver would a bad batch."""
+
+    def __init__(self, synced: Path, poison: str) -> None:
+        super().__init__(synced)
+        self.poison = poison
+
+    def receive(self, payload: bytes, digest: str) -> PushResult:
+        if self.poison in decode_batch(payload).game_ids:
+            raise BadInputError("this batch is refused")
+        return super().receive(payload, digest)
+
+
+async def test_a_refused_batch_stays_queued_and_does_not_block_the_rest(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ctx = node_factory("selfplay-1", batch_games=1)
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 8)
+    poison = sorted(done)[0]  # first in outbox order: it used to block everything behind it
+    transport.receivers["train-1"].close()
+    transport.receivers["train-1"] = _PoisonReceiver(tmp_path / "train-1" / "synced", poison)
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    await daemon.sync_once()
+    assert sorted(held(tmp_path, "train-1")) == sorted(set(done) - {poison})
+    assert [p.game_id for p in ctx.manifest.pending("train-1", 10)] == [poison]
+    assert sorted(held(tmp_path, "train-2")) == sorted(done)
+    assert daemon.health().state is HealthState.DEGRADED
+    assert sum("rejected a batch" in r.message for r in caplog.records) == 1  # a transition, not spam

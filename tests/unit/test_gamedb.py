@@ -8,6 +8,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -29,6 +30,7 @@ from ringsync.protocol.batch import (
     encode_batch,
 )
 from ringsync.selfplay_sim import SelfplayWriter
+from ringsync.store import gamemerge
 from ringsync.store.gamedb import (
     GameMerger,
     GameSource,
@@ -413,6 +415,65 @@ def test_merged_schema_keeps_primary_keys(
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def file_game_ids(db: Path) -> set[str]:
+    """The games in the DB file itself, ignoring its WAL: what a checkpoint has copied."""
+    with closing(sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True)) as conn:
+        return {r[0] for r in conn.execute("SELECT game_id FROM games")}
+
+
+def test_merged_batch_is_fsynced_and_then_checkpointed(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path) -> None:
+    ids = [writer.write_game() for _ in range(3)]
+    source.scan()
+    merger.merge(one_batch(source, ids))
+    target = tmp_path / "synced" / "hex8_2p.db"
+    (db,) = merger._dbs.values()
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: an ack is on disk
+    assert file_game_ids(target) == set(ids)  # the merge's checkpoint ran (no autocheckpoint)
+    with closing(sqlite3.connect(target)) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == gamemerge.TARGET_PAGE_SIZE
+
+
+def test_merge_committed_during_a_checkpoint_is_checkpointed_too(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint() that finds one running leaves a mark; the running one goes again."""
+    ids = [writer.write_game() for _ in range(2)]
+    source.scan()
+    merger.merge(one_batch(source, ids[:1]))
+    (db,) = merger._dbs.values()
+    checkpointed, release = threading.Event(), threading.Event()
+    real_connect = gamemerge._connect
+
+    class _PausesAfterCheckpoint:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            rows = self.conn.execute(sql).fetchall()
+            checkpointed.set()
+            release.wait(10)
+            return self.conn.execute("SELECT ?, ?, ?", rows[0])
+
+        def close(self) -> None:
+            self.conn.close()
+
+    def connect(path: Path) -> Any:
+        conn = real_connect(path)
+        paused = threading.current_thread().name == "first" and not checkpointed.is_set()
+        return _PausesAfterCheckpoint(conn) if paused else conn
+
+    monkeypatch.setattr(gamemerge, "_connect", connect)
+    first = threading.Thread(target=db.checkpoint, name="first")
+    first.start()
+    assert checkpointed.wait(10)
+    merger.merge(one_batch(source, ids[1:]))  # commits after that checkpoint; its own finds it busy
+    assert file_game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids[:1])
+    release.set()
+    first.join(10)
+    assert file_game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
+
+
 def tampered(batch: GameBatch, *statements: str) -> GameBatch:
     """A copy of ``batch`` whose image was changed by ``statements`` (the header is kept)."""
     with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
@@ -619,7 +680,8 @@ def test_many_config_keys_keep_open_files_bounded(
     try:
         for i, gid in enumerate(ids):
             merger.merge(dataclasses.replace(one_batch(source, [gid]), config_key=f"peer_key_{i}"))
-        assert len(os.listdir("/proc/self/fd")) - fds_before <= 4 * 3
+        # db + wal + shm, plus the db fd SQLite keeps for reuse after a checkpoint connection
+        assert len(os.listdir("/proc/self/fd")) - fds_before <= 4 * 4
         for i, gid in enumerate(ids):
             assert game_ids(tmp_path / "many" / f"peer_key_{i}.db") == {gid}
         again = merger.merge(dataclasses.replace(one_batch(source, [ids[0]]), config_key="peer_key_0"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import statistics
 import time
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(db, cached)
         db_bytes = db.stat().st_size
+        os.sync()  # the pre-write's dirty pages are flushed now, not during the measurement
         print(f"  {fmt(write_s)} s, {fmt(db_bytes / MB)} MB", flush=True)
         synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced"
 

@@ -2,8 +2,8 @@
 
 RingRift's readers migrate a DB without ``schema_metadata`` in place as if it were v1 and
 refuse one above 18, so a DB ringsync creates must look exactly like one RingRift created.
-Column and table names follow ``ai-service/app/db/game_replay.py`` (shared/RINGRIFT_FACTS.md
-§2); the v10-v18 additions beyond those the facts name are modelled, not copied.
+Column and table names follow ``ai-service/app/db/game_replay.py`` as the RingRift facts file
+(section 2) describes it; the v10-v18 additions beyond those it names are modelled, not copied.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ async def test_a_receiver_with_our_marker_refuses_the_copy_and_we_learn_from_it(
     node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
 ) -> None:
     ctx = node_factory("selfplay-1")
-    done, _ = write_games(ctx.settings.games_dir / "sp.db", 3)
+    _done, _ = write_games(ctx.settings.games_dir / "sp.db", 3)
     transport.data_dir_ids["train-1"] = ctx.shared.own.data_dir_id
     original = transport.peer_data_dir_id
 

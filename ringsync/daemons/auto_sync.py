@@ -125,6 +125,7 @@ class AutoSyncDaemon(Daemon):
             queued = self._ctx.manifest.ensure_targets(targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
             self._log_storage()
+            await self._elect()  # our heartbeat is visible to the other sharers before we are ready
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(watch_games_dir(self._ctx.settings, self._on_fs_event))
                 self._health = Health(HealthState.HEALTHY)

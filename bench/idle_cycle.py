@@ -112,7 +112,7 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
     ids = game_ids(games)
     t0 = time.perf_counter()
     write_source(settings.games_dir / SOURCE, ids, moves=2)
-    ctx = build_context(settings)
+    ctx = build_context(settings, mountinfo=LOCAL_MOUNTINFO)
     key = config_key_for(BOARD, PLAYERS)
     for start in range(0, games, CHUNK):  # everything is already delivered to both targets
         chunk = ids[start:start + CHUNK]
@@ -122,7 +122,7 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
     print(f"  source DB and manifest with {games:,} delivered games built in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     transport = MemoryTransport()
-    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTINFO)
+    daemon = AutoSyncDaemon(ctx, transport)
     try:
         started = time.perf_counter()
         await daemon.sync_once()  # warm-up: discovers the source and scans its 100,000 rows

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                           sync_interval=60)
         db = cluster.nodes[SENDER].data_dir / "games" / "selfplay.db"
         SelfplayWriter(db).close()  # the generator's DB exists (empty) before the nodes start
-        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced"
+        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
         timings = Timings()
         stop = threading.Event()
         with running(cluster):

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         staging = root / "staging" / "selfplay.db"
         print(f"pre-writing {args.games} games outside the data dir ...", flush=True)
         prewrite(staging, args.games, args.seed)
-        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced"
+        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
         with running(cluster):
             cluster.start_all()
             time.sleep(args.idle)

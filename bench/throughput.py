@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         db_bytes = db.stat().st_size
         os.sync()  # the pre-write's dirty pages are flushed now, not during the measurement
         print(f"  {fmt(write_s)} s, {fmt(db_bytes / MB)} MB", flush=True)
-        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced"
+        synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
 
         with running(cluster):
             cluster.start(RECEIVER)

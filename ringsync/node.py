@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 
 from ringsync.daemons.base import DaemonType, Health
 from ringsync.inventory import Host
+from ringsync.ops.fsdetect import mount_of
 from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
 from ringsync.policy.router import SyncRouter
+from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
 from ringsync.store.manifest import DataManifest
 from ringsync.store.receiver import GameReceiver
+from ringsync.store.sharedir import check_node_dir_name, ensure_data_dir_id, migrate_legacy_state
 
 
 @dataclass
@@ -25,6 +28,7 @@ class NodeContext:
     manifest: DataManifest
     router: SyncRouter
     receiver: GameReceiver
+    shared: SharedStorage
     sync_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
@@ -48,13 +52,24 @@ def receive_refusal(settings: Settings, router: SyncRouter) -> str | None:
     return None
 
 
-def build_context(settings: Settings) -> NodeContext:
+def storage_identity(settings: Settings, *, mountinfo: str | None = None) -> StorageIdentity:
+    """This data dir's marker (created on first use) and the mount it lives on."""
+    marker = ensure_data_dir_id(settings.state_root)
+    mount = mount_of(settings.data_dir, mountinfo=mountinfo)
+    return StorageIdentity(marker, mount.fstype, mount.source, mount.is_network)
+
+
+def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeContext:
     """Open the node's durable state and wire the shared objects."""
+    check_node_dir_name(settings.node_id)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.synced_dir.mkdir(parents=True, exist_ok=True)
+    identity = storage_identity(settings, mountinfo=mountinfo)
+    migrate_legacy_state(settings.state_root, settings.state_dir)
     router = SyncRouter(settings.inventory, settings.node_id, settings.coordinator_node)
     manifest = DataManifest(settings.state_dir / "manifest.db")
     receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router))
-    return NodeContext(
-        settings=settings, metrics=Metrics(), manifest=manifest, router=router, receiver=receiver
-    )
+    shared = SharedStorage(settings.node_id, identity, enabled=settings.skip_nfs_sync,
+                           marked_nfs=nfs_hosts(settings.inventory))
+    return NodeContext(settings=settings, metrics=Metrics(), manifest=manifest, router=router,
+                       receiver=receiver, shared=shared)

@@ -73,8 +73,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "else 60"),
     EnvVar("RINGRIFT_COORDINATOR_NODE", "", "Name of the coordinator host, which never receives "
            "games", default_text="hosts whose role contains 'coordinator'"),
-    EnvVar("RINGRIFT_SKIP_NFS_SYNC", "true", "Skip pushing games when the data dir is on a shared "
-           "network filesystem (true/false)"),
+    EnvVar("RINGRIFT_SKIP_NFS_SYNC", "true", "Skip sending games to a peer that uses the same data "
+           "dir on shared storage (equal .ringsync/data_dir_id), counted per peer; other peers are "
+           "always sent to (true/false)"),
     EnvVar("RINGRIFT_SYNC_BATCH_GAMES", "500", "Most games in one pushed batch (1-100000)"),
     EnvVar("RINGRIFT_MAX_BATCH_BYTES", str(64 * MIB), "Largest batch in bytes this node sends or "
            "accepts (at least 1048576)"),
@@ -118,18 +119,30 @@ class Settings:
     use_uvloop: bool = True
 
     @property
-    def state_dir(self) -> Path:
-        """ringsync's own durable state, outside games/."""
+    def state_root(self) -> Path:
+        """ringsync's directory in the data dir: the data dir's id and one state dir per node."""
         return self.data_dir / ".ringsync"
+
+    @property
+    def state_dir(self) -> Path:
+        """This node's own durable state, outside games/: never shared with another node,
+        even when several nodes use one data dir on shared storage."""
+        return self.state_root / self.node_id
 
     @property
     def games_dir(self) -> Path:
         return self.data_dir / "games"
 
     @property
-    def synced_dir(self) -> Path:
-        """Where received games are merged; never a source."""
+    def received_root(self) -> Path:
+        """Received games of every node using this data dir; never a source."""
         return self.games_dir / "synced"
+
+    @property
+    def synced_dir(self) -> Path:
+        """Where this node merges received games (games/synced/<node>/, RingRift's layout):
+        nodes sharing a data dir never write one SQLite file from two hosts."""
+        return self.received_root / self.node_id
 
     @property
     def replication_target(self) -> int:

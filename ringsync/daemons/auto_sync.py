@@ -17,10 +17,11 @@ from ringsync.daemons.watcher import watch_games_dir
 from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
-from ringsync.ops.fsdetect import is_network_filesystem
+from ringsync.policy.shared_storage import SharerElection, all_skipped
 from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.gamedb import GameSource, discover_sources
 from ringsync.store.manifest import DiscoveredGame
+from ringsync.store.sharedir import read_heartbeats, write_heartbeat
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
 _BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
+_SHARED = "shared"  # the manifest's note on games held by a target through shared storage
+_ACK_PAGE = 10_000
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 
 
@@ -92,12 +95,16 @@ class AutoSyncDaemon(Daemon):
 
     def __init__(
         self, ctx: NodeContext, transport: GameTransport | None = None, *,
-        mountinfo: str | None = None, retry_initial: float = 1.0,
+        retry_initial: float = 1.0,
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
         self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
-        self._mountinfo = mountinfo
+        self._election = SharerElection(s.node_id, window=sharer_window(s.sync_interval))
+        self._beats = 0
+        self._shipper: bool | None = None
+        self._sharing: set[str] = set()
+        self._all_shared_warned = False
         self._sources: dict[str, GameSource] = {}
         self._rescan_sources = True
         self._stopping = False
@@ -114,13 +121,11 @@ class AutoSyncDaemon(Daemon):
 
     async def run(self, ready: Callable[[], None]) -> None:
         try:
-            shared, fstype = is_network_filesystem(self._ctx.settings.data_dir, mountinfo=self._mountinfo)
-            if shared and self._ctx.settings.skip_nfs_sync:
-                await self._run_shared_storage(ready, fstype)
-                return
             targets = [h.name for h in self._ctx.router.game_targets()]
             queued = self._ctx.manifest.ensure_targets(targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
+            self._log_storage()
+            await self._elect()  # our heartbeat is visible to the other sharers before we are ready
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(watch_games_dir(self._ctx.settings, self._on_fs_event))
                 self._health = Health(HealthState.HEALTHY)
@@ -129,16 +134,12 @@ class AutoSyncDaemon(Daemon):
         finally:
             await asyncio.shield(self._close())
 
-    async def _run_shared_storage(self, ready: Callable[[], None], fstype: str) -> None:
-        # Every node reads the same files: copying would only duplicate them.
-        log.info("data dir %s is on %s (network filesystem): auto-sync skips pushing; "
-                 "set RINGRIFT_SKIP_NFS_SYNC=false to push anyway", self._ctx.settings.data_dir, fstype)
-        self._health = Health(HealthState.HEALTHY, f"skipping: shared storage ({fstype})")
-        ready()
-        while not self._stopping:
-            self._ctx.metrics.shared_storage_skips.inc()
-            self._ctx.metrics.sync_cycles.labels(trigger="shared_storage_skip").inc()
-            await self._wait_for_trigger()
+    def _log_storage(self) -> None:
+        s, own = self._ctx.settings, self._ctx.shared.own
+        if own.network:
+            log.info("data dir %s is on %s (%s), id %s: a peer that uses this same data dir is "
+                     "not sent games (decided per peer); every other peer is", s.data_dir,
+                     own.fstype, own.mount_source, own.data_dir_id)
 
     async def drain(self) -> None:
         self._stopping = True
@@ -207,12 +208,14 @@ class AutoSyncDaemon(Daemon):
             self._acked_in_cycle = 0
             self._rejected_in_cycle = set()
             started = time.perf_counter()
-            await self._discover(force=trigger != "event")
+            if await self._elect():
+                await self._discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._backoff.ready(h.name)]
             cache = _PreparedCache()
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
                     tg.create_task(self._deliver(target, cache))
+            self._warn_if_all_shared()
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
             self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
@@ -227,7 +230,7 @@ class AutoSyncDaemon(Daemon):
         if self._rescan_sources:
             self._rescan_sources = False
             await self._forget_replaced_sources()
-            for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.synced_dir):
+            for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.received_root):
                 key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
                 if key not in self._sources:
                     self._sources[key] = await asyncio.to_thread(GameSource, path)
@@ -269,6 +272,10 @@ class AutoSyncDaemon(Daemon):
         Two pushes in flight let the receiver read and check one batch while it merges
         the other; each batch is acknowledged on its own, so order does not matter.
         """
+        if await self._shares_storage(target):
+            self._skip_shared(target.name)
+            self._ctx.metrics.outbox_games.labels(peer=target.name).set(0)
+            return
         queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -376,13 +383,21 @@ class AutoSyncDaemon(Daemon):
     async def _push(self, target: Host, payload: bytes, digest: str, game_ids: tuple[str, ...]) -> None:
         m = self._ctx.metrics
         started = time.perf_counter()
+        shared = self._ctx.shared
+        marker = shared.own.data_dir_id if shared.may_skip(target.name) else None
         try:
-            result = await self._transport.push_games(target, payload, digest)
+            result = await self._transport.push_games(target, payload, digest, data_dir_id=marker)
         except PeerRejectedError:
             raise
         except TransportError:
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
+            shared.forget(target.name)  # it may come back with another data dir
             raise
+        if result.shared_storage and marker is not None:  # it told us: it uses our data dir
+            shared.learned(target.name, marker, time.monotonic())
+            self._note_sharing(target.name)
+            self._ack_shared(target.name, game_ids)
+            return
         if result.inserted + result.duplicates != len(game_ids):
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
             raise TransportError(target.name, f"acknowledged {result.inserted + result.duplicates} "
@@ -395,6 +410,76 @@ class AutoSyncDaemon(Daemon):
         self._ctx.memory.note(len(payload))
         m.games_shipped.labels(peer=target.name).inc(result.inserted)
         m.games_already_present.labels(peer=target.name).inc(result.duplicates)
+
+    # -- shared storage ----------------------------------------------------------------------
+
+    async def _elect(self) -> bool:
+        """Beat our heartbeat, watch the other sharers' and say whether this node ships.
+
+        Nodes that use one data dir find the same source DBs; only the elected one
+        (smallest name alive) sends them, so each game leaves the shared dir once.
+        """
+        s = self._ctx.settings
+        self._beats += 1
+        others = set(s.inventory.hosts) - {s.node_id}
+        beats = await asyncio.to_thread(_heartbeat, s.state_root, s.state_dir, self._beats, others)
+        now = time.monotonic()
+        self._election.observe(beats, now)
+        ships = self._election.is_shipper(now)
+        if ships != self._shipper:
+            self._shipper = ships
+            self._ctx.metrics.shared_dir_shipper.set(1 if ships else 0)
+            sharers = self._election.alive(now)
+            if sharers:
+                log.info("data dir %s is shared with %s; %s ships the games generated in it",
+                         s.data_dir, ", ".join(sharers), self._election.shipper(now))
+        return ships
+
+    async def _shares_storage(self, target: Host) -> bool:
+        """Whether ``target`` uses our data dir; its marker is asked for when unknown or old."""
+        shared = self._ctx.shared
+        if shared.needs_probe(target.name, time.monotonic()):
+            try:
+                marker = await self._transport.peer_data_dir_id(target)
+            except TransportError as exc:  # unknown: send (the receiver de-duplicates)
+                log.debug("cannot learn %s's data dir id: %s", target.name, exc)
+                shared.forget(target.name)
+                return False
+            shared.learned(target.name, marker, time.monotonic())
+        sharing = shared.shares(target.name, time.monotonic())
+        if sharing:
+            self._note_sharing(target.name)
+        elif target.name in self._sharing:
+            self._sharing.discard(target.name)
+            log.info("%s no longer uses this node's data dir: games are sent to it again", target.name)
+        return sharing
+
+    def _note_sharing(self, target: str) -> None:
+        if target not in self._sharing:
+            self._sharing.add(target)
+            log.info("%s uses this node's data dir %s (shared storage): its games are recorded as "
+                     "held there, not sent", target, self._ctx.settings.data_dir)
+
+    def _skip_shared(self, target: str) -> None:
+        """Everything owed to a target that sees our data dir is held by it already."""
+        while page := self._ctx.manifest.pending(target, _ACK_PAGE):
+            self._ack_shared(target, [g.game_id for g in page])
+
+    def _ack_shared(self, target: str, game_ids: Sequence[str]) -> None:
+        self._ctx.manifest.ack(target, game_ids, note=_SHARED)
+        self._ctx.shared.skipped(target, len(game_ids))
+        self._ctx.metrics.shared_storage_skips.labels(peer=target).inc(len(game_ids))
+
+    def _warn_if_all_shared(self) -> None:
+        targets = [h.name for h in self._ctx.router.game_targets()]
+        if all_skipped(targets, self._sharing):
+            if not self._all_shared_warned:
+                self._all_shared_warned = True
+                log.warning("every target of this node (%s) uses its data dir %s: no games leave "
+                            "it, so they exist only on that shared storage", ", ".join(targets),
+                            self._ctx.settings.data_dir)
+        else:
+            self._all_shared_warned = False
 
     def _peer_failed(self, peer: str, exc: BaseException) -> None:
         delay = self._backoff.failed(peer)
@@ -411,6 +496,20 @@ class AutoSyncDaemon(Daemon):
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:
             self._health = Health(HealthState.HEALTHY)
+
+
+def sharer_window(sync_interval: float) -> float:
+    """How long a sharer whose heartbeat stopped changing still counts as alive.
+
+    Heartbeats change every cycle (at most ~1.1 intervals apart); NFS may show a
+    change up to a minute late (attribute caching), hence the floor.
+    """
+    return max(60.0, 4 * sync_interval)
+
+
+def _heartbeat(state_root: Path, state_dir: Path, beat: int, others: set[str]) -> dict[str, str]:
+    write_heartbeat(state_dir, beat)
+    return read_heartbeats(state_root, others)
 
 
 def _inode(path: Path) -> int:

@@ -20,7 +20,7 @@ from ringsync.node import NodeContext
 from ringsync.store.gamedb import count_games
 from ringsync.store.receiver import ReceiveRefused
 from ringsync.transport.base import PushResult
-from ringsync.transport.http import DIGEST_HEADER, GAMES_PATH
+from ringsync.transport.http import DATA_DIR_HEADER, DIGEST_HEADER, GAMES_PATH, STORAGE_PATH
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
         "manifest": ctx.manifest.summary(),
         "received_games": held,
         "received_total": sum(held.values()),
+        "storage": ctx.shared.status(time.monotonic()),
     }
 
 
@@ -131,8 +132,19 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(node_status(ctx, held), dumps=lambda d: json.dumps(d, sort_keys=True))
 
 
+async def storage(request: web.Request) -> web.Response:
+    """This node's data dir identity: peers compare it with theirs (equal = shared storage)."""
+    ctx = request.app[_CTX]
+    return web.json_response({"node": ctx.settings.node_id, **ctx.shared.own.as_dict()})
+
+
 async def receive_games(request: web.Request) -> web.Response:
     ctx = request.app[_CTX]
+    if request.headers.get(DATA_DIR_HEADER) == ctx.shared.own.data_dir_id:
+        # The sender's games are in our data dir already, where training reads them:
+        # a merged copy beside the original would only duplicate them. Body left unread.
+        ctx.metrics.batches_received.labels(outcome="shared_storage").inc()
+        return web.json_response({"shared_storage": True, **ctx.shared.own.as_dict()})
     limit = ctx.settings.max_batch_bytes
     digest = request.headers.get(DIGEST_HEADER)
     payload = await _read_body(request, limit)
@@ -212,6 +224,7 @@ def build_app(ctx: NodeContext) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
+    app.router.add_get(STORAGE_PATH, storage)
     app.router.add_post(GAMES_PATH, receive_games)
     app.router.add_post("/v1/notify", notify)
     return app

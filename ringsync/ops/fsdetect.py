@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NETWORK_FILESYSTEMS", "filesystem_type", "is_network_filesystem"]
+__all__ = ["NETWORK_FILESYSTEMS", "Mount", "filesystem_type", "is_network_filesystem", "mount_of"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,22 @@ LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs", "fuse.portal", "fus
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
-    """The fs type of the mount holding `path` (which need not exist yet), or 'unknown'.
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """The mount holding a path: where it is mounted, its fs type and what it mounts."""
+
+    point: str = ""
+    fstype: str = UNKNOWN
+    source: str = UNKNOWN
+
+    @property
+    def is_network(self) -> bool:
+        """On a network or cluster filesystem other nodes may share."""
+        return _is_network_type(self.fstype)
+
+
+def mount_of(path: Path, *, mountinfo: str | None = None) -> Mount:
+    """The mount holding `path` (which need not exist yet); fields 'unknown' if unreadable.
 
     `mountinfo` is the text of /proc/self/mountinfo (read when None; tests pass samples).
     """
@@ -40,20 +55,25 @@ def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
             mountinfo = os.fsdecode(MOUNTINFO.read_bytes())
         except OSError as exc:  # not Linux, or /proc not mounted
             log.debug("cannot read %s: %s", MOUNTINFO, exc)
-            return UNKNOWN
+            return Mount()
     target = os.fsdecode(Path(path).resolve())
-    best_len, best_type = -1, UNKNOWN
-    for mount_point, fstype in _mounts(mountinfo):
+    best = Mount()
+    for mount in _mounts(mountinfo):
         # >= : a later line is mounted over an earlier one at the same point and hides it.
-        if _contains(mount_point, target) and len(mount_point) >= best_len:
-            best_len, best_type = len(mount_point), fstype
-    return best_type
+        if _contains(mount.point, target) and len(mount.point) >= len(best.point):
+            best = mount
+    return best
+
+
+def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
+    """The fs type of the mount holding `path` (which need not exist yet), or 'unknown'."""
+    return mount_of(path, mountinfo=mountinfo).fstype
 
 
 def is_network_filesystem(path: Path, *, mountinfo: str | None = None) -> tuple[bool, str]:
     """(True, fstype) when `path` is on a network or cluster filesystem other nodes may share."""
-    fstype = filesystem_type(path, mountinfo=mountinfo)
-    return _is_network_type(fstype), fstype
+    mount = mount_of(path, mountinfo=mountinfo)
+    return mount.is_network, mount.fstype
 
 
 def _is_network_type(fstype: str) -> bool:
@@ -62,19 +82,19 @@ def _is_network_type(fstype: str) -> bool:
     return fstype in NETWORK_FILESYSTEMS
 
 
-def _mounts(mountinfo: str) -> list[tuple[str, str]]:
-    """(mount point, fs type) per line; see proc(5) for the fields."""
-    mounts: list[tuple[str, str]] = []
+def _mounts(mountinfo: str) -> list[Mount]:
+    """One Mount per line; see proc(5) for the fields."""
+    mounts: list[Mount] = []
     for line in mountinfo.splitlines():
         fields = line.split(" ")
         # 0 id, 1 parent, 2 major:minor, 3 root, 4 mount point, 5 options, then optional
         # fields up to a lone "-", then fs type, source, super options.
         try:
             separator = fields.index("-", 6)
-            fstype = fields[separator + 1]
+            fstype, source = fields[separator + 1], fields[separator + 2]
         except (ValueError, IndexError):
             continue  # not a mountinfo line
-        mounts.append((_unescape(fields[4]), fstype))
+        mounts.append(Mount(_unescape(fields[4]), fstype, _unescape(source)))
     return mounts
 
 

@@ -64,7 +64,13 @@ class Metrics:
         )
         self.shared_storage_skips = Counter(
             "ringsync_shared_storage_skips_total",
-            "Sync cycles skipped because the data dir is on a network filesystem.",
+            "Games not sent to a peer because it uses this node's data dir (shared storage).",
+            ["peer"],
+            registry=r,
+        )
+        self.shared_dir_shipper = Gauge(
+            "ringsync_shared_dir_shipper",
+            "1 when this node ships the games of its shared data dir, 0 when another sharer does.",
             registry=r,
         )
         self.games_received = Counter(

@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     target TEXT NOT NULL,
     game_id TEXT NOT NULL,
     delivered_at REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (target, game_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
@@ -79,6 +80,9 @@ class DataManifest:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+            if "note" not in columns:  # a manifest from before shared-storage notes
+                db.execute("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''")
         except BaseException:
             db.close()
             raise
@@ -154,13 +158,16 @@ class DataManifest:
         ).fetchall()
         return [PendingGame(*row) for row in rows]
 
-    def ack(self, target: str, game_ids: Sequence[str]) -> None:
-        """The target holds these games: record the delivery and clear the outbox, atomically."""
+    def ack(self, target: str, game_ids: Sequence[str], *, note: str = "") -> None:
+        """The target holds these games: record the delivery and clear the outbox, atomically.
+
+        ``note`` says how, when not by a transfer ("shared": it sees our data dir).
+        """
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
-                [(target, gid, now) for gid in game_ids],
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+                [(target, gid, now, note) for gid in game_ids],
             )
             self._db.executemany(
                 "DELETE FROM outbox WHERE target = ? AND game_id = ?",
@@ -190,7 +197,10 @@ class DataManifest:
         pending = dict(
             self._db.execute("SELECT target, count(*) FROM outbox GROUP BY target").fetchall()
         )
-        return {"games": games, "delivered": delivered, "pending": pending}
+        shared = dict(self._db.execute(
+            "SELECT target, count(*) FROM deliveries WHERE note = 'shared' GROUP BY target"
+        ).fetchall())
+        return {"games": games, "delivered": delivered, "pending": pending, "shared": shared}
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

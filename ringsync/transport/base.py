@@ -14,6 +14,7 @@ class PushResult:
 
     inserted: int
     duplicates: int
+    shared_storage: bool = False  # the receiver uses the sender's data dir: nothing was sent
 
 
 class GameTransport(Protocol):
@@ -25,6 +26,14 @@ class GameTransport(Protocol):
 
     name: str
 
-    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult: ...
+    async def push_games(self, peer: Host, payload: bytes, digest: str, *,
+                         data_dir_id: str | None = None) -> PushResult:
+        """``data_dir_id``: the sender's marker, sent when the pair may be skipped as shared;
+        a receiver with the same marker answers ``shared_storage`` and merges nothing."""
+        ...
+
+    async def peer_data_dir_id(self, peer: Host) -> str:
+        """The peer's data dir marker (``TransportError`` when it cannot be learned)."""
+        ...
 
     async def close(self) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import aiohttp
 from yarl import URL
@@ -15,6 +16,9 @@ from ringsync.transport.base import PushResult
 GAMES_PATH = "/v1/games"
 DIGEST_HEADER = "X-Ringsync-Digest"
 NODE_HEADER = "X-Ringsync-Node"
+DATA_DIR_HEADER = "X-Ringsync-Data-Dir-Id"
+STORAGE_PATH = "/v1/storage"
+_DATA_DIR_ID = re.compile(r"^[0-9a-f]{32}$")
 BATCH_CONTENT_TYPE = "application/vnd.ringsync.games+msgpack"
 
 
@@ -45,10 +49,13 @@ class HttpTransport:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
         return self._session
 
-    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult:
+    async def push_games(self, peer: Host, payload: bytes, digest: str, *,
+                         data_dir_id: str | None = None) -> PushResult:
         # BytesIO: aiohttp streams it instead of warning about a large in-memory body.
         headers = {DIGEST_HEADER: digest, "Content-Type": BATCH_CONTENT_TYPE,
                    "Content-Length": str(len(payload))}
+        if data_dir_id is not None:
+            headers[DATA_DIR_HEADER] = data_dir_id
         try:
             async with self._client().post(
                 peer_url(peer, GAMES_PATH), data=io.BytesIO(payload), headers=headers
@@ -59,6 +66,16 @@ class HttpTransport:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         return _parse_push_result(peer.name, body)
+
+    async def peer_data_dir_id(self, peer: Host) -> str:
+        try:
+            async with self._client().get(peer_url(peer, STORAGE_PATH)) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise _rejection(peer.name, resp.status, body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+        return _parse_data_dir_id(peer.name, body)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -77,9 +94,21 @@ def _parse_push_result(peer: str, body: bytes) -> PushResult:
     """Peers are untrusted: accept only the exact shape we expect."""
     try:
         data = json.loads(body)
+        if data.get("shared_storage") is True:
+            return PushResult(inserted=0, duplicates=0, shared_storage=True)
         inserted, duplicates = data["inserted"], data["duplicates"]
     except (ValueError, KeyError, TypeError) as exc:
         raise TransportError(peer, f"malformed acknowledgement: {body[:100]!r}") from exc
     if not all(type(v) is int and v >= 0 for v in (inserted, duplicates)):
         raise TransportError(peer, f"malformed acknowledgement counts: {body[:100]!r}")
     return PushResult(inserted=inserted, duplicates=duplicates)
+
+
+def _parse_data_dir_id(peer: str, body: bytes) -> str:
+    try:
+        marker = json.loads(body)["data_dir_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransportError(peer, f"malformed storage answer: {body[:100]!r}") from exc
+    if not isinstance(marker, str) or not _DATA_DIR_ID.match(marker):
+        raise TransportError(peer, f"malformed data dir id: {body[:100]!r}")
+    return marker

@@ -26,12 +26,17 @@ class MemoryTransport:
         self.down: set[str] = set()
         self.pushes = 0
         self.delivered = asyncio.Event()  # set after every successful push
+        self.data_dir_ids: dict[str, str] = {}  # peer → its data dir marker
+        self.probes = 0
 
-    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult:
+    async def push_games(self, peer: Host, payload: bytes, digest: str, *,
+                         data_dir_id: str | None = None) -> PushResult:
         self.pushes += 1
         receiver = self.receivers.get(peer.name)
         if receiver is None or peer.name in self.down:
             raise TransportError(peer.name, "unreachable (memory transport)")
+        if data_dir_id is not None and self.data_dir_ids.get(peer.name) == data_dir_id:
+            return PushResult(inserted=0, duplicates=0, shared_storage=True)
         try:
             result = receiver.receive(payload, digest)
         except ReceiveRefused as exc:  # the statuses the HTTP data server answers
@@ -42,6 +47,13 @@ class MemoryTransport:
             raise TransportError(peer.name, f"HTTP 507: {exc}") from exc
         self.delivered.set()
         return result
+
+    async def peer_data_dir_id(self, peer: Host) -> str:
+        self.probes += 1
+        marker = self.data_dir_ids.get(peer.name)
+        if marker is None or peer.name in self.down:
+            raise TransportError(peer.name, "no data dir id (memory transport)")
+        return marker
 
     async def close(self) -> None:
         return None

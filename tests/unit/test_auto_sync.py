@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import HealthState
-from ringsync.errors import BadInputError
+from ringsync.errors import BadInputError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.protocol.batch import decode_batch
@@ -21,8 +22,6 @@ from ringsync.store.receiver import GameReceiver
 from ringsync.transport.base import PushResult
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
-
-LOCAL_MOUNTS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
 
 
 @pytest.fixture
@@ -49,7 +48,7 @@ def held(tmp_path: Path, node: str) -> list[str]:
 
 
 def daemon_for(ctx: NodeContext, transport: MemoryTransport) -> AutoSyncDaemon:
-    return AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
+    return AutoSyncDaemon(ctx, transport, retry_initial=0.0)
 
 
 async def run_daemon_until(daemon: AutoSyncDaemon, done: Callable[[], bool],
@@ -150,28 +149,82 @@ async def test_received_games_are_not_pushed_on(
     assert ctx.manifest.summary()["games"] == 0
 
 
-async def test_shared_storage_skips_pushing_and_counts_it(
+async def test_shared_storage_is_decided_per_target(
     node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
 ) -> None:
-    ctx = node_factory("selfplay-1", sync_interval=0.01)
-    write_games(ctx.settings.games_dir / "sp.db", 5)
-    nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
-    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
-    await run_daemon_until(daemon, lambda: ctx.metrics.shared_storage_skips._value.get() >= 3)
-    assert transport.pushes == 0
-    assert ctx.metrics.shared_storage_skips._value.get() >= 1
-    assert "shared storage" in daemon.health().detail
+    """train-1 uses our data dir: recorded as held, not sent; train-2 gets every game."""
+    ctx = node_factory("selfplay-1")
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 5)
+    transport.data_dir_ids.update({"train-1": ctx.shared.own.data_dir_id, "train-2": "b" * 32})
+    await daemon_for(ctx, transport).sync_once()
+    assert held(tmp_path, "train-1") == []
+    assert sorted(held(tmp_path, "train-2")) == sorted(done)
+    assert ctx.metrics.shared_storage_skips.labels(peer="train-1")._value.get() == 5
+    assert ctx.metrics.shared_storage_skips.labels(peer="train-2")._value.get() == 0
+    assert ctx.manifest.summary()["shared"] == {"train-1": 5}
+    assert ctx.manifest.holders(done[0]) == ["train-1", "train-2"]  # K copies still counted
+    assert ctx.shared.status(0.0)["skipped_games"] == {"train-1": 5}
 
 
-async def test_shared_storage_skip_can_be_turned_off(
+async def test_an_unknown_marker_never_means_skip(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 4)
+    await daemon_for(ctx, transport).sync_once()  # no peer answers a marker
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    assert sorted(held(tmp_path, "train-2")) == sorted(done)
+
+
+async def test_a_receiver_with_our_marker_refuses_the_copy_and_we_learn_from_it(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    ctx = node_factory("selfplay-1")
+    _done, _ = write_games(ctx.settings.games_dir / "sp.db", 3)
+    transport.data_dir_ids["train-1"] = ctx.shared.own.data_dir_id
+    original = transport.peer_data_dir_id
+
+    async def failing_probe(peer: Host) -> str:
+        raise TransportError(peer.name, "status endpoint unreachable")
+
+    transport.peer_data_dir_id = failing_probe  # type: ignore[method-assign]
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    assert held(tmp_path, "train-1") == []  # answered "shared storage" to the push
+    assert ctx.manifest.summary()["shared"] == {"train-1": 3}
+    assert ctx.shared.status(time.monotonic())["sharing_targets"] == ["train-1"]
+    transport.peer_data_dir_id = original  # type: ignore[method-assign]
+    write_games(ctx.settings.games_dir / "sp.db", 2, seed=9)
+    pushes = transport.pushes
+    await daemon.sync_once()
+    assert transport.pushes - pushes == 1  # only train-2 is sent the new games
+    assert ctx.manifest.summary()["shared"] == {"train-1": 5}
+
+
+async def test_skip_turned_off_sends_to_a_sharing_target_too(
     node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
 ) -> None:
     ctx = node_factory("selfplay-1", skip_nfs_sync=False)
-    write_games(ctx.settings.games_dir / "sp.db", 4)
-    nfs = f"40 22 0:50 / {tmp_path} rw - nfs4 server:/export rw\n"
-    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS + nfs)
-    await run_daemon_until(daemon, lambda: len(held(tmp_path, "train-1")) == 4, transport.delivered)
-    assert len(held(tmp_path, "train-1")) == 4
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 4)
+    transport.data_dir_ids["train-1"] = ctx.shared.own.data_dir_id
+    await daemon_for(ctx, transport).sync_once()
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    assert transport.probes == 0
+
+
+async def test_a_node_whose_every_target_shares_warns_once(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ctx = node_factory("selfplay-1")
+    write_games(ctx.settings.games_dir / "sp.db", 2)
+    transport.data_dir_ids.update({n: ctx.shared.own.data_dir_id for n in ("train-1", "train-2")})
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    await daemon.sync_once("interval")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "every target" in r.message]
+    assert len(warnings) == 1
+    assert transport.pushes == 0
 
 
 async def test_wakes_on_a_commit_without_waiting_for_the_interval(
@@ -268,9 +321,10 @@ class _SizeRecorder(MemoryTransport):
         super().__init__()
         self.sizes: list[int] = []
 
-    async def push_games(self, peer: Host, payload: bytes, digest: str) -> PushResult:
+    async def push_games(self, peer: Host, payload: bytes, digest: str, *,
+                         data_dir_id: str | None = None) -> PushResult:
         self.sizes.append(len(payload))
-        return await super().push_games(peer, payload, digest)
+        return await super().push_games(peer, payload, digest, data_dir_id=data_dir_id)
 
 
 async def test_batches_over_the_byte_limit_are_split_not_refused_forever(

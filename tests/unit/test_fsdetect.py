@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ringsync.ops.fsdetect import filesystem_type, is_network_filesystem
+from ringsync.ops.fsdetect import filesystem_type, is_network_filesystem, mount_of
 
 # Shaped like a GPU node's mountinfo: overlay root, ext4 data, NFS, Lustre, sshfs, escapes.
 MOUNTINFO = """\
@@ -86,3 +86,22 @@ def test_real_mountinfo_tmp_path_is_local(tmp_path: Path) -> None:
     shared, fstype = is_network_filesystem(tmp_path / "not-yet-created")
     assert fstype not in ("", "unknown")
     assert not shared, f"tmp_path is on {fstype}"
+
+
+@pytest.mark.parametrize(
+    ("path", "point", "source"),
+    [
+        ("/mnt/nfs/data", "/mnt/nfs", "10.0.0.5:/export"),
+        ("/mnt/my games/x", "/mnt/my games", "gpu@host:/games"),
+        ("/var/lib/ringsync", "/var/lib", "/dev/nvme0n1p2"),
+    ],
+)
+def test_mount_of_names_point_type_and_source(path: str, point: str, source: str) -> None:
+    mount = mount_of(Path(path), mountinfo=MOUNTINFO)
+    assert (mount.point, mount.source) == (point, source)
+    assert mount.fstype == filesystem_type(Path(path), mountinfo=MOUNTINFO)
+
+
+def test_mount_of_unreadable_mountinfo_is_unknown_and_local() -> None:
+    mount = mount_of(Path("/x"), mountinfo="garbage\n")
+    assert (mount.fstype, mount.source, mount.is_network) == ("unknown", "unknown", False)

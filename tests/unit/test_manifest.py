@@ -60,7 +60,8 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     again = DataManifest(tmp_path / "m.db")
     try:
         assert [p.game_id for p in again.pending("t1", 10)] == ["b"]
-        assert again.summary() == {"games": 2, "delivered": {"t1": 1}, "pending": {"t1": 1}}
+        assert again.summary() == {"games": 2, "delivered": {"t1": 1}, "pending": {"t1": 1},
+                                   "shared": {}}
     finally:
         again.close()
 

@@ -432,5 +432,6 @@ def test_settings_built_by_hand_keep_working() -> None:
     hosts = {"a": Host(name="a")}
     s = Settings(node_id="a", data_dir=Path("/d"))
     assert s.replication_target == 2
-    assert s.synced_dir == Path("/d/games/synced")
+    assert s.synced_dir == Path("/d/games/synced/a")  # per node: RingRift's games/synced/<node>/
+    assert s.state_dir == Path("/d/.ringsync/a")
     assert hosts["a"].address == "127.0.0.1"

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
-from ringsync.daemons.watcher import watch_games_dir
+from ringsync.daemons.watcher import watch_sources
 from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.fsdetect import is_network_filesystem
 from ringsync.protocol.batch import content_digest, encode_batch
-from ringsync.store.gamedb import GameSource, discover_sources
+from ringsync.store.discovery import discover_sources
+from ringsync.store.gamedb import GameSource
 from ringsync.store.manifest import DiscoveredGame
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
@@ -107,6 +108,7 @@ class AutoSyncDaemon(Daemon):
         self._failing: dict[str, str] = {}
         self._missing_reported: set[str] = set()
         self._inodes: dict[str, int] = {}
+        self._unreadable: set[str] = set()
         self._acked_in_cycle = 0
         self._rejected_in_cycle: set[str] = set()
 
@@ -122,7 +124,7 @@ class AutoSyncDaemon(Daemon):
             queued = self._ctx.manifest.ensure_targets(targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(watch_games_dir(self._ctx.settings, self._on_fs_event))
+                tg.create_task(watch_sources(self._ctx.settings, self._on_fs_event))
                 self._health = Health(HealthState.HEALTHY)
                 ready()
                 await self._loop()
@@ -162,11 +164,14 @@ class AutoSyncDaemon(Daemon):
     # -- triggers ----------------------------------------------------------------------------
 
     def _on_fs_event(self, database: Path | None) -> None:
-        # A DB we do not know yet may have been created empty a moment ago and only
-        # now gained its games table: look again on every event until it is a source.
-        games_dir = self._ctx.settings.games_dir
-        if database is None or database.relative_to(games_dir).as_posix() not in self._sources:
+        # A new job dir or file: look for new sources (only paths the patterns select).
+        s = self._ctx.settings
+        if database is None:
             self._rescan_sources = True
+        elif database.is_relative_to(s.data_dir):
+            key = database.relative_to(s.data_dir).as_posix()
+            if key not in self._sources and s.source_patterns.classify(key) is not None:
+                self._rescan_sources = True
         self._ctx.sync_wakeup.set()
 
     async def _loop(self) -> None:
@@ -227,11 +232,12 @@ class AutoSyncDaemon(Daemon):
         if self._rescan_sources:
             self._rescan_sources = False
             await self._forget_replaced_sources()
-            for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.synced_dir):
-                key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
-                if key not in self._sources:
-                    self._sources[key] = await asyncio.to_thread(GameSource, path)
-                    self._inodes[key] = _inode(path)
+            found = await asyncio.to_thread(discover_sources, s.data_dir, s.source_patterns,
+                                            exclude=(s.synced_dir,))
+            for file in found:  # keys: paths under the data dir, stable across restarts
+                if file.key not in self._sources:
+                    self._sources[file.key] = await asyncio.to_thread(GameSource, file.path)
+                    self._inodes[file.key] = _inode(file.path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
@@ -239,9 +245,9 @@ class AutoSyncDaemon(Daemon):
 
     async def _forget_replaced_sources(self) -> None:
         """Close sources whose file was removed, renamed away or replaced by a new file."""
-        games_dir = self._ctx.settings.games_dir
+        data_dir = self._ctx.settings.data_dir
         for key in list(self._sources):
-            if _inode(games_dir / key) != self._inodes.get(key):
+            if _inode(data_dir / key) != self._inodes.get(key):
                 source = self._sources.pop(key)
                 self._inodes.pop(key, None)
                 await asyncio.to_thread(source.close)
@@ -251,13 +257,22 @@ class AutoSyncDaemon(Daemon):
         try:
             found = await asyncio.to_thread(source.scan)
         except CorruptDataError as exc:
-            log.error("cannot read source %s, skipping it until it changes: %s", key, exc)
+            if key not in self._unreadable:  # e.g. a .db that is not SQLite: say so once
+                self._unreadable.add(key)
+                self._ctx.metrics.unreadable_sources.inc()
+                log.error("cannot read source %s, skipping it until it is readable: %s", key, exc)
             return
         except sqlite3.OperationalError as exc:  # e.g. locked past busy_timeout: retry next cycle
             log.warning("source %s is busy (%s); retrying on the next cycle", key, exc)
             return
+        if key in self._unreadable:
+            self._unreadable.discard(key)
+            log.info("source %s is readable again", key)
         if found:
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found]
+            # A game received from a peer, wherever it was copied to here, is not ours to push.
+            received = self._ctx.manifest.received_filter([g.game_id for g in found])
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
+                     if g.game_id not in received]
             new = self._ctx.manifest.record_discovered(games, targets)
             self._ctx.metrics.games_discovered.inc(new)
 

@@ -18,9 +18,11 @@ from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.fsdetect import is_network_filesystem
+from ringsync.policy.sources import SourceKind
 from ringsync.protocol.batch import content_digest, encode_batch
-from ringsync.store.discovery import discover_sources
+from ringsync.store.discovery import SourceFile, discover_sources
 from ringsync.store.gamedb import GameSource
+from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
 from ringsync.store.manifest import DiscoveredGame
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
@@ -99,7 +101,8 @@ class AutoSyncDaemon(Daemon):
         self._ctx = ctx
         self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
         self._mountinfo = mountinfo
-        self._sources: dict[str, GameSource] = {}
+        self._sources: dict[str, GameSource | JsonlSource] = {}
+        self._jsonl: JsonlIndex | None = None
         self._rescan_sources = True
         self._stopping = False
         self._cycle_lock = asyncio.Lock()
@@ -156,6 +159,9 @@ class AutoSyncDaemon(Daemon):
         for source in self._sources.values():
             await asyncio.to_thread(source.close)
         self._sources.clear()
+        if self._jsonl is not None:
+            await asyncio.to_thread(self._jsonl.close)
+            self._jsonl = None
         await self._transport.close()
 
     def health(self) -> Health:
@@ -236,12 +242,19 @@ class AutoSyncDaemon(Daemon):
                                             exclude=(s.synced_dir,))
             for file in found:  # keys: paths under the data dir, stable across restarts
                 if file.key not in self._sources:
-                    self._sources[file.key] = await asyncio.to_thread(GameSource, file.path)
+                    self._sources[file.key] = await asyncio.to_thread(self._open_source, file)
                     self._inodes[file.key] = _inode(file.path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
                 await self._scan(key, source, names)
+
+    def _open_source(self, file: SourceFile) -> GameSource | JsonlSource:
+        if file.kind is SourceKind.DB:
+            return GameSource(file.path)
+        if self._jsonl is None:
+            self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
+        return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
 
     async def _forget_replaced_sources(self) -> None:
         """Close sources whose file was removed, renamed away or replaced by a new file."""
@@ -253,10 +266,10 @@ class AutoSyncDaemon(Daemon):
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
+    async def _scan(self, key: str, source: GameSource | JsonlSource, targets: list[str]) -> None:
         try:
             found = await asyncio.to_thread(source.scan)
-        except CorruptDataError as exc:
+        except (CorruptDataError, OSError) as exc:
             if key not in self._unreadable:  # e.g. a .db that is not SQLite: say so once
                 self._unreadable.add(key)
                 self._ctx.metrics.unreadable_sources.inc()
@@ -275,6 +288,18 @@ class AutoSyncDaemon(Daemon):
                      if g.game_id not in received]
             new = self._ctx.manifest.record_discovered(games, targets)
             self._ctx.metrics.games_discovered.inc(new)
+        if isinstance(source, JsonlSource):
+            self._jsonl_scanned(source)
+
+    def _jsonl_scanned(self, source: JsonlSource) -> None:
+        """Count what the scan skipped; its read position is durable only now, after the manifest."""
+        m = self._ctx.metrics
+        for reason, n in source.skipped.items():
+            if reason == "malformed":
+                m.jsonl_malformed_lines.inc(n)
+            else:
+                m.jsonl_games_skipped.labels(reason=reason).inc(n)
+        source.commit()
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -334,7 +359,7 @@ class AutoSyncDaemon(Daemon):
             return []
         try:
             batches = src.extract(ids, source_node=self._ctx.settings.node_id)
-        except (CorruptDataError, sqlite3.OperationalError) as exc:
+        except (CorruptDataError, sqlite3.OperationalError, OSError) as exc:
             log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
             return []
         out: Prepared = []

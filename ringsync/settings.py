@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 from ringsync.errors import ConfigError
 from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
+from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "counted (> 0)"),
     EnvVar("RINGRIFT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     EnvVar("RINGRIFT_USE_UVLOOP", "true", "Run the event loop on uvloop (true/false)"),
+    EnvVar("RINGRIFT_GAME_SOURCES", ",".join(DEFAULT_INCLUDE), "Where local generators write "
+           "games: comma-separated gitignore-style globs relative to RINGRIFT_DATA_DIR (.db "
+           "files are read as game DBs, .jsonl and .jsonl.gz as JSONL game logs); no absolute "
+           "paths or '..'", default_text=", ".join(DEFAULT_INCLUDE)),
+    EnvVar("RINGRIFT_GAME_SOURCES_EXCLUDE", "", "More globs (as RINGRIFT_GAME_SOURCES) never "
+           "read as sources, added to the built-in exclusions of received, fetched, imported, "
+           "consolidated and evaluation games (" + ", ".join(DEFAULT_EXCLUDE) + ")",
+           default_text="none beyond the built-in ones"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -117,6 +126,8 @@ class Settings:
     restart_window: float = 300.0
     log_level: str = "INFO"
     use_uvloop: bool = True
+    game_sources: tuple[str, ...] = DEFAULT_INCLUDE
+    game_sources_exclude: tuple[str, ...] = ()
 
     @property
     def state_root(self) -> Path:
@@ -143,6 +154,11 @@ class Settings:
         """Where this node merges received games (games/synced/<node>/, RingRift's layout):
         nodes sharing a data dir never write one SQLite file from two hosts."""
         return self.received_root / self.node_id
+
+    @property
+    def source_patterns(self) -> SourcePatterns:
+        """Which files under the data dir are this node's own games (class b never is)."""
+        return SourcePatterns(self.game_sources, DEFAULT_EXCLUDE + self.game_sources_exclude)
 
     @property
     def replication_target(self) -> int:
@@ -194,6 +210,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         restart_window=env.number("RINGRIFT_DAEMON_RESTART_WINDOW", 300.0),
         log_level=env.choice("RINGRIFT_LOG_LEVEL", "INFO", LOG_LEVELS),
         use_uvloop=env.flag("RINGRIFT_USE_UVLOOP", True),
+        game_sources=parse_patterns("RINGRIFT_GAME_SOURCES", env.get("RINGRIFT_GAME_SOURCES"),
+                                    DEFAULT_INCLUDE),
+        game_sources_exclude=parse_patterns("RINGRIFT_GAME_SOURCES_EXCLUDE",
+                                            env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
     )
 
 

@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
-from ringsync.daemons.watcher import watch_games_dir
+from ringsync.daemons.watcher import watch_sources
 from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.policy.shared_storage import SharerElection, all_skipped
+from ringsync.policy.sources import SourceKind
 from ringsync.protocol.batch import content_digest, encode_batch
-from ringsync.store.gamedb import GameSource, discover_sources
+from ringsync.store.discovery import SourceFile, discover_sources
+from ringsync.store.gamedb import GameSource
+from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
 from ringsync.store.manifest import DiscoveredGame
 from ringsync.store.sharedir import read_heartbeats, write_heartbeat
 from ringsync.transport.base import GameTransport
@@ -105,7 +108,8 @@ class AutoSyncDaemon(Daemon):
         self._shipper: bool | None = None
         self._sharing: set[str] = set()
         self._all_shared_warned = False
-        self._sources: dict[str, GameSource] = {}
+        self._sources: dict[str, GameSource | JsonlSource] = {}
+        self._jsonl: JsonlIndex | None = None
         self._rescan_sources = True
         self._stopping = False
         self._cycle_lock = asyncio.Lock()
@@ -114,6 +118,7 @@ class AutoSyncDaemon(Daemon):
         self._failing: dict[str, str] = {}
         self._missing_reported: set[str] = set()
         self._inodes: dict[str, int] = {}
+        self._unreadable: set[str] = set()
         self._acked_in_cycle = 0
         self._rejected_in_cycle: set[str] = set()
 
@@ -127,7 +132,7 @@ class AutoSyncDaemon(Daemon):
             self._log_storage()
             await self._elect()  # our heartbeat is visible to the other sharers before we are ready
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(watch_games_dir(self._ctx.settings, self._on_fs_event))
+                tg.create_task(watch_sources(self._ctx.settings, self._on_fs_event))
                 self._health = Health(HealthState.HEALTHY)
                 ready()
                 await self._loop()
@@ -155,6 +160,9 @@ class AutoSyncDaemon(Daemon):
         for source in self._sources.values():
             await asyncio.to_thread(source.close)
         self._sources.clear()
+        if self._jsonl is not None:
+            await asyncio.to_thread(self._jsonl.close)
+            self._jsonl = None
         await self._transport.close()
 
     def health(self) -> Health:
@@ -163,11 +171,14 @@ class AutoSyncDaemon(Daemon):
     # -- triggers ----------------------------------------------------------------------------
 
     def _on_fs_event(self, database: Path | None) -> None:
-        # A DB we do not know yet may have been created empty a moment ago and only
-        # now gained its games table: look again on every event until it is a source.
-        games_dir = self._ctx.settings.games_dir
-        if database is None or database.relative_to(games_dir).as_posix() not in self._sources:
+        # A new job dir or file: look for new sources (only paths the patterns select).
+        s = self._ctx.settings
+        if database is None:
             self._rescan_sources = True
+        elif database.is_relative_to(s.data_dir):
+            key = database.relative_to(s.data_dir).as_posix()
+            if key not in self._sources and s.source_patterns.classify(key) is not None:
+                self._rescan_sources = True
         self._ctx.sync_wakeup.set()
 
     async def _loop(self) -> None:
@@ -230,39 +241,68 @@ class AutoSyncDaemon(Daemon):
         if self._rescan_sources:
             self._rescan_sources = False
             await self._forget_replaced_sources()
-            for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.received_root):
-                key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
-                if key not in self._sources:
-                    self._sources[key] = await asyncio.to_thread(GameSource, path)
-                    self._inodes[key] = _inode(path)
+            found = await asyncio.to_thread(discover_sources, s.data_dir, s.source_patterns,
+                                            exclude=(s.received_root,))
+            for file in found:  # keys: paths under the data dir, stable across restarts
+                if file.key not in self._sources:
+                    self._sources[file.key] = await asyncio.to_thread(self._open_source, file)
+                    self._inodes[file.key] = _inode(file.path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
                 await self._scan(key, source, names)
 
+    def _open_source(self, file: SourceFile) -> GameSource | JsonlSource:
+        if file.kind is SourceKind.DB:
+            return GameSource(file.path)
+        if self._jsonl is None:
+            self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
+        return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
+
     async def _forget_replaced_sources(self) -> None:
         """Close sources whose file was removed, renamed away or replaced by a new file."""
-        games_dir = self._ctx.settings.games_dir
+        data_dir = self._ctx.settings.data_dir
         for key in list(self._sources):
-            if _inode(games_dir / key) != self._inodes.get(key):
+            if _inode(data_dir / key) != self._inodes.get(key):
                 source = self._sources.pop(key)
                 self._inodes.pop(key, None)
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
+    async def _scan(self, key: str, source: GameSource | JsonlSource, targets: list[str]) -> None:
         try:
             found = await asyncio.to_thread(source.scan)
-        except CorruptDataError as exc:
-            log.error("cannot read source %s, skipping it until it changes: %s", key, exc)
+        except (CorruptDataError, OSError) as exc:
+            if key not in self._unreadable:  # e.g. a .db that is not SQLite: say so once
+                self._unreadable.add(key)
+                self._ctx.metrics.unreadable_sources.inc()
+                log.error("cannot read source %s, skipping it until it is readable: %s", key, exc)
             return
         except sqlite3.OperationalError as exc:  # e.g. locked past busy_timeout: retry next cycle
             log.warning("source %s is busy (%s); retrying on the next cycle", key, exc)
             return
+        if key in self._unreadable:
+            self._unreadable.discard(key)
+            log.info("source %s is readable again", key)
         if found:
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found]
+            # A game received from a peer, wherever it was copied to here, is not ours to push.
+            received = self._ctx.manifest.received_filter([g.game_id for g in found])
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
+                     if g.game_id not in received]
             new = self._ctx.manifest.record_discovered(games, targets)
             self._ctx.metrics.games_discovered.inc(new)
+        if isinstance(source, JsonlSource):
+            self._jsonl_scanned(source)
+
+    def _jsonl_scanned(self, source: JsonlSource) -> None:
+        """Count what the scan skipped; its read position is durable only now, after the manifest."""
+        m = self._ctx.metrics
+        for reason, n in source.skipped.items():
+            if reason == "malformed":
+                m.jsonl_malformed_lines.inc(n)
+            else:
+                m.jsonl_games_skipped.labels(reason=reason).inc(n)
+        source.commit()
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -326,7 +366,7 @@ class AutoSyncDaemon(Daemon):
             return []
         try:
             batches = src.extract(ids, source_node=self._ctx.settings.node_id)
-        except (CorruptDataError, sqlite3.OperationalError) as exc:
+        except (CorruptDataError, sqlite3.OperationalError, OSError) as exc:
             log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
             return []
         out: Prepared = []

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from asyncinotify import Inotify, Mask
 
+from ringsync.policy.sources import SourcePatterns, kind_of
 from ringsync.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _FILE_EVENTS = Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.MOVED_TO
 _DIR_EVENTS = _FILE_EVENTS | Mask.ONLYDIR
-_WATCHED_SUFFIXES = (".db", ".db-wal", ".sqlite", ".sqlite-wal", ".jsonl")
+# RingRift starts a job dir per job; a long-lived node collects thousands.
+MAX_WATCHES = 8192
 
 
 def database_of(path: Path) -> Path:
@@ -26,12 +28,69 @@ def database_of(path: Path) -> Path:
     return path
 
 
-async def watch_games_dir(settings: Settings, on_change: Callable[[Path | None], None]) -> None:
-    """Call ``on_change(database)`` whenever a game DB (or its WAL) under games/ changes.
+class _Watches:
+    """The directories that can hold sources: the source roots, recursively, and their parents."""
 
-    ``None`` means a new directory appeared: look for new databases.
-    The node's merged output (games/synced/) is not watched: received games are never
-    pushed on as if freshly generated. Without inotify the interval alone drives syncs.
+    def __init__(self, inotify: Inotify, data_dir: Path, patterns: SourcePatterns,
+                 exclude: Path, limit: int) -> None:
+        self._inotify = inotify
+        self._data_dir = data_dir
+        self._patterns = patterns
+        self._roots = patterns.roots()
+        self._exclude = exclude
+        self._limit = limit
+        self.count = 0
+        self._full_reported = False
+
+    def wanted(self, directory: Path) -> bool:
+        """Inside a source root (or on the way to one), not excluded, not received games."""
+        if directory == self._exclude or self._exclude in directory.parents:
+            return False
+        try:
+            rel = directory.relative_to(self._data_dir).as_posix()
+        except ValueError:
+            return False
+        if rel == ".":
+            return True
+        if self._patterns.prunes(rel):
+            return False
+        return any(_within(rel, r) or _within(r, rel) for r in self._roots)
+
+    def add_tree(self, top: Path) -> None:
+        """Watch ``top`` and every wanted directory below it (created before the watch, too)."""
+        for current, dirnames, _ in os.walk(top):
+            here = Path(current)
+            if not self._add(here):
+                return
+            dirnames[:] = [d for d in dirnames if self.wanted(here / d)]
+
+    def _add(self, directory: Path) -> bool:
+        if self.count >= self._limit:
+            if not self._full_reported:
+                self._full_reported = True
+                log.warning("watching %d directories (the limit); newer ones are found by the "
+                            "RINGRIFT_SYNC_INTERVAL scan only", self.count)
+            return False
+        try:
+            self._inotify.add_watch(directory, _DIR_EVENTS)
+        except OSError as exc:  # e.g. fs.inotify.max_user_watches reached
+            log.warning("cannot watch %s (%s); it is still scanned every interval", directory, exc)
+            return True
+        self.count += 1
+        return True
+
+
+def _within(path: str, parent: str) -> bool:
+    return parent == "" or path == parent or path.startswith(parent + "/")
+
+
+async def watch_sources(settings: Settings, on_change: Callable[[Path | None], None], *,
+                        limit: int = MAX_WATCHES) -> None:
+    """Call ``on_change(path)`` whenever a game source (a DB, its WAL, a JSONL log) changes.
+
+    ``None`` means a new directory appeared: look for new sources. The node's merged
+    output (games/synced/) is not watched: received games are never pushed on as if
+    freshly generated. Without inotify the interval alone drives syncs.
     """
     try:
         inotify = Inotify()
@@ -39,38 +98,18 @@ async def watch_games_dir(settings: Settings, on_change: Callable[[Path | None],
         log.warning("inotify unavailable (%s): syncing every RINGRIFT_SYNC_INTERVAL only", exc)
         return
     with inotify:
-        for directory in _directories(settings.games_dir, settings.synced_dir):
-            _add_watch(inotify, directory)
+        watches = _Watches(inotify, settings.data_dir, settings.source_patterns,
+                           settings.received_root, limit)
+        if settings.data_dir.is_dir():
+            watches.add_tree(settings.data_dir)
         async for event in inotify:
-            name = event.name.name if event.name is not None else ""
-            if event.mask & Mask.ISDIR and event.path is not None:
-                created = event.mask & (Mask.CREATE | Mask.MOVED_TO)
-                if created and not _inside(event.path, settings.synced_dir):
-                    _add_watch(inotify, event.path)
+            if event.path is None:
+                continue
+            if event.mask & Mask.ISDIR:
+                if event.mask & (Mask.CREATE | Mask.MOVED_TO) and watches.wanted(event.path):
+                    watches.add_tree(event.path)
                     on_change(None)
                 continue
-            if name.endswith(_WATCHED_SUFFIXES) and event.path is not None:
-                on_change(database_of(event.path))
-
-
-def _inside(path: Path, parent: Path) -> bool:
-    return path == parent or parent in path.parents
-
-
-def _directories(root: Path, exclude: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, _ in os.walk(root):
-        current = Path(dirpath)
-        if _inside(current, exclude):
-            dirnames.clear()
-            continue
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.append(current)
-    return out
-
-
-def _add_watch(inotify: Inotify, directory: Path) -> None:
-    try:
-        inotify.add_watch(directory, _DIR_EVENTS)
-    except OSError as exc:  # e.g. fs.inotify.max_user_watches reached
-        log.warning("cannot watch %s (%s); it is still scanned every interval", directory, exc)
+            changed = database_of(event.path)
+            if kind_of(changed.name) is not None:
+                on_change(changed)

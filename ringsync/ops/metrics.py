@@ -119,6 +119,23 @@ class Metrics:
             "ringsync_daemon_up", "1 when the daemon is running and ready.", ["daemon"], registry=r
         )
 
+        self.unreadable_sources = Counter(
+            "ringsync_unreadable_sources_total",
+            "Local source files found unreadable (e.g. a .db that is not SQLite); logged once each.",
+            registry=r,
+        )
+        self.jsonl_malformed_lines = Counter(
+            "ringsync_jsonl_malformed_lines_total",
+            "Complete lines of local JSONL game logs that are not a valid game record; skipped.",
+            registry=r,
+        )
+        self.jsonl_games_skipped = Counter(
+            "ringsync_jsonl_games_skipped_total",
+            "JSONL game records not shipped, by reason (incomplete, too_short, duplicate).",
+            ["reason"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -1,8 +1,9 @@
 """Game DBs: extract completed games from a live selfplay DB, merge batches at the receiver."""
 
 from ringsync.store._sqlite import count_games, game_ids
+from ringsync.store.discovery import discover_sources
 from ringsync.store.gamemerge import GameMerger, MergeResult
-from ringsync.store.gamesource import GameSource, SourceGame, discover_sources
+from ringsync.store.gamesource import GameSource, SourceGame
 
 __all__ = [
     "GameMerger",

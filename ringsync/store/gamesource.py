@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +25,12 @@ from ringsync.store._sqlite import (
     _ABANDONED,
     _COMPLETED,
     _IN_IDS,
-    _SIDECAR_SUFFIXES,
-    _SQLITE_MAGIC,
     GAME_ID,
     GAMES,
     _attached_memory,
     _chunks,
     _load_ids,
     _marks,
-    _open_readonly,
     _open_source,
     _q,
     _sqlite_errors,
@@ -51,46 +48,6 @@ class SourceGame:
     game_id: str
     config_key: str
 
-
-
-# -- discovery -----------------------------------------------------------------------------
-
-
-def discover_sources(games_dir: Path, *, exclude: Path) -> list[Path]:
-    """SQLite DBs under ``games_dir`` whose ``games`` table has ``game_id`` (not under exclude)."""
-    if not games_dir.is_dir():
-        return []
-    excluded = exclude.resolve()
-    found = []
-    for path in sorted(games_dir.rglob("*.db")):
-        if _is_candidate(path, games_dir, excluded) and _has_games_table(path):
-            found.append(path)
-    return found
-
-
-def _is_candidate(path: Path, root: Path, excluded: Path) -> bool:
-    parts = path.relative_to(root).parts
-    if any(p.startswith((".", "~")) or ".tmp" in p for p in parts):
-        return False
-    if path.name.endswith(_SIDECAR_SUFFIXES) or not path.is_file():
-        return False
-    return not path.resolve().is_relative_to(excluded)
-
-
-def _has_games_table(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            header = fh.read(20)
-        if len(header) < 20 or header[:16] != _SQLITE_MAGIC:
-            return False
-        # A WAL DB with no -shm has no live connection: a read-only open would create
-        # -wal/-shm files nobody asked for, so read the (checkpointed) file as immutable.
-        idle_wal = header[18] == 2 and not path.with_name(path.name + "-shm").exists()
-        with closing(_open_readonly(path, immutable=idle_wal)) as conn:
-            return any(c.name == GAME_ID for c in _table_columns(conn, GAMES))
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("skipping %s: not a readable game DB (%s)", path, exc)
-        return False
 
 
 # -- source side ---------------------------------------------------------------------------

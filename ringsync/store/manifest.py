@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (target, game_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
+CREATE TABLE IF NOT EXISTS received (game_id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -201,6 +202,23 @@ class DataManifest:
             "SELECT target, count(*) FROM deliveries WHERE note = 'shared' GROUP BY target"
         ).fetchall())
         return {"games": games, "delivered": delivered, "pending": pending, "shared": shared}
+
+    def record_received(self, game_ids: Iterable[str]) -> None:
+        """Games that arrived from peers: never pushed on as this node's own."""
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO received VALUES (?)",
+                                 ((gid,) for gid in game_ids))
+
+    def received_filter(self, game_ids: Sequence[str]) -> set[str]:
+        """The ids among ``game_ids`` that this node received from peers."""
+        out: set[str] = set()
+        for i in range(0, len(game_ids), 500):
+            chunk = game_ids[i:i + 500]
+            rows = self._db.execute(
+                f"SELECT game_id FROM received WHERE game_id IN ({','.join('?' * len(chunk))})",
+                chunk).fetchall()
+            out.update(r[0] for r in rows)
+        return out
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -36,7 +36,6 @@ from ringsync.store.gamedb import (
     GameSource,
     SourceGame,
     count_games,
-    discover_sources,
     game_ids,
 )
 
@@ -318,35 +317,6 @@ def test_corrupt_source_raises_corrupt_data_error(tmp_path: Path) -> None:
             src.scan()
     finally:
         src.close()
-
-
-def test_discover_sources_finds_game_dbs_only(
-        writer: SelfplayWriter, db_path: Path) -> None:
-    games = db_path.parent
-    writer.write_game()
-    merger_out = GameMerger(games / "synced")
-    src = GameSource(db_path)
-    try:
-        src.scan()
-        merger_out.merge(one_batch(src, list(game_ids(db_path))))
-    finally:
-        src.close()
-        merger_out.close()
-    (games / "nested").mkdir()
-    with SelfplayWriter(games / "nested" / "other.db", seed=2):
-        pass
-    with closing(sqlite3.connect(games / "plain.db")) as conn:
-        conn.execute("CREATE TABLE games (game_id TEXT)")
-        conn.commit()
-    with closing(sqlite3.connect(games / "elo.db")) as conn:
-        conn.execute("CREATE TABLE ratings (model TEXT)")
-        conn.commit()
-    (games / "garbage.db").write_bytes(b"x" * 4096)
-    (games / ".hidden.db").write_bytes((games / "plain.db").read_bytes())
-    before = sorted(p.name for p in games.rglob("*"))
-    found = discover_sources(games, exclude=games / "synced")
-    assert found == [games / "nested" / "other.db", games / "plain.db", db_path]
-    assert sorted(p.name for p in games.rglob("*")) == before  # nothing created or removed
 
 
 # -- receiver side -------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from ringsync.store.ringrift_schema import create_schema
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import make_settings, write_games
 
-LOCAL_MOUNTS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
 
 CLASS_A = [
     "games/hex8_2p.db", "games/square8_4.db", "games/selfplay.db",

@@ -24,7 +24,6 @@ from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
 from ringsync.transport.http import HttpTransport
 from tests.conftest import TOKEN, make_inventory
 
-LOCAL_MOUNTS = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
 
 
 def gpu(idx: int, *, moves: int = 8, **extra: Any) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from ringsync.store.ringrift_schema import create_schema
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import make_settings, write_games
 
-
 CLASS_A = [
     "games/hex8_2p.db", "games/square8_4.db", "games/selfplay.db",
     "selfplay/p2p/hex8_2p/job-1/games.db", "selfplay/p2p/square8_2p_cpu/job-2/games.db",

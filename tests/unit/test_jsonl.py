@@ -25,7 +25,6 @@ from ringsync.transport.http import HttpTransport
 from tests.conftest import TOKEN, make_inventory
 
 
-
 def gpu(idx: int, *, moves: int = 8, **extra: Any) -> dict[str, Any]:
     rec = {"game_id": f"gpu_hex8_2p_{idx}_1767225600", "board_type": "hex8", "num_players": 2,
            "winner": 1, "move_count": moves, "status": "completed", "victory_type": "territory",

@@ -74,7 +74,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_COORDINATOR_NODE", "", "Name of the coordinator host, which never receives "
            "games", default_text="hosts whose role contains 'coordinator'"),
     EnvVar("RINGRIFT_SKIP_NFS_SYNC", "true", "Skip pushing games when the data dir is on a shared "
-           "network filesystem (true/false)"),
+           "network filesystem (true/false)", default_text="auto_sync.skip_nfs_sync in the "
+           "inventory, else true"),
     EnvVar("RINGRIFT_SYNC_BATCH_GAMES", "500", "Most games in one pushed batch (1-100000)"),
     EnvVar("RINGRIFT_MAX_BATCH_BYTES", str(64 * MIB), "Largest batch in bytes this node sends or "
            "accepts (at least 1048576)"),
@@ -171,7 +172,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         auth_token=token,
         sync_interval=env.number("RINGRIFT_SYNC_INTERVAL", _default_interval(inventory)),
         coordinator_node=_coordinator(env, configured),
-        skip_nfs_sync=env.flag("RINGRIFT_SKIP_NFS_SYNC", True),
+        skip_nfs_sync=env.flag("RINGRIFT_SKIP_NFS_SYNC", _default_skip_nfs(inventory)),
         batch_games=env.integer("RINGRIFT_SYNC_BATCH_GAMES", 500, minimum=1, maximum=100_000),
         max_batch_bytes=env.integer("RINGRIFT_MAX_BATCH_BYTES", 64 * MIB, minimum=MIB),
         drain_timeout=env.number("RINGRIFT_DRAIN_TIMEOUT", 10.0),
@@ -427,6 +428,11 @@ def _p2p_host(env: _Env, inventory: Inventory, node_id: str, token: str | None) 
 def _p2p_port(env: _Env, host: Host | None) -> int:
     default = host.p2p_port if host is not None else DEFAULT_P2P_PORT
     return env.integer("RINGRIFT_P2P_PORT", default, minimum=1, maximum=65535)
+
+
+def _default_skip_nfs(inventory: Inventory) -> bool:
+    from_file = inventory.auto_sync.skip_nfs_sync
+    return True if from_file is None else from_file
 
 
 def _default_interval(inventory: Inventory) -> float:

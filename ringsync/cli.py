@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from ringsync import __version__
 from ringsync.daemons.base import DaemonType
 from ringsync.errors import ConfigError, RestartBudgetExhausted
 from ringsync.profiles import load_profile, parse_daemon_types, profile_for_host, profile_names
@@ -23,12 +24,10 @@ EXIT_RESTARTS_EXHAUSTED = 3
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringsync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ringsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run this node's daemons (configured by RINGRIFT_* variables)")
-    run.add_argument("--profile", choices=profile_names(), help="node profile (default: from role)")
-    run.add_argument("--daemon", action="append", default=[], metavar="TYPE",
-                     help=f"run this daemon type (repeatable): {', '.join(t.value for t in DaemonType)}")
-    run.add_argument("--sync-only", action="store_true", help="run only the sync daemons")
+    add_run_options(run)
     demo = sub.add_parser("demo", help="a local cluster on loopback with a simulated selfplay node")
     demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: Ctrl-C)")
     demo.add_argument("--rate", type=float, default=50.0, help="games per second the generator writes")
@@ -37,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="ask every host in the inventory")
     return parser
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--profile", choices=profile_names(), help="node profile (default: from role)")
+    run.add_argument("--daemon", action="append", default=[], metavar="TYPE",
+                     help=f"run this daemon type (repeatable): {', '.join(t.value for t in DaemonType)}")
+    run.add_argument("--sync-only", action="store_true", help="run only the sync daemons")
 
 
 def configure_logging(level: str) -> None:

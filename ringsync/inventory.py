@@ -186,7 +186,8 @@ def parse_inventory(data: object, *, source: str) -> Inventory:
         sync_routing=_parse_sync_routing(top.section("sync_routing")),
         auto_sync=_parse_auto_sync(top.section("auto_sync")),
     )
-    return dataclasses.replace(inventory, notes=_unknown_references(inventory))
+    notes = _unknown_references(inventory) + _unenforced(inventory)
+    return dataclasses.replace(inventory, notes=notes)
 
 
 def _unknown_references(inventory: Inventory) -> tuple[str, ...]:
@@ -205,6 +206,26 @@ def _unknown_references(inventory: Inventory) -> tuple[str, ...]:
                 close = difflib.get_close_matches(name, list(inventory.hosts), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 notes.append(f"{where} names {name!r}, which is not under hosts:{hint}; it has no effect")
+    return tuple(notes)
+
+
+def _unenforced(inventory: Inventory) -> tuple[str, ...]:
+    """Keys set in the file that ringsync reads but does not act on, so none is silently ignored."""
+    auto, routing = inventory.auto_sync, inventory.sync_routing
+    notes = []
+    if auto.min_games_to_sync:
+        notes.append(f"auto_sync.min_games_to_sync = {auto.min_games_to_sync} is not a gate in "
+                     "ringsync: every completed game is pushed within moments of its commit "
+                     "(a threshold that holds games back can block them indefinitely)")
+    unused = {
+        "auto_sync.max_concurrent_syncs": auto.max_concurrent_syncs,
+        "auto_sync.bandwidth_limit_mbps": auto.bandwidth_limit_mbps,
+        "auto_sync.host_bandwidth_overrides": auto.host_bandwidth_overrides or None,
+        "auto_sync.gossip_interval_seconds": auto.gossip_interval_seconds,
+        "sync_routing.underserved_configs": routing.underserved_configs or None,
+        "sync_routing.s3.enabled": routing.s3_enabled or None,
+    }
+    notes += [f"{key} is set but not used by ringsync yet" for key, v in unused.items() if v]
     return tuple(notes)
 
 

@@ -114,6 +114,10 @@ class AutoSyncDaemon(Daemon):
 
     async def run(self, ready: Callable[[], None]) -> None:
         try:
+            excluded = self._ctx.router.auto_sync_excluded()
+            if excluded is not None:
+                await self._run_excluded(ready, excluded)
+                return
             shared, fstype = is_network_filesystem(self._ctx.settings.data_dir, mountinfo=self._mountinfo)
             if shared and self._ctx.settings.skip_nfs_sync:
                 await self._run_shared_storage(ready, fstype)
@@ -138,6 +142,16 @@ class AutoSyncDaemon(Daemon):
         while not self._stopping:
             self._ctx.metrics.shared_storage_skips.inc()
             self._ctx.metrics.sync_cycles.labels(trigger="shared_storage_skip").inc()
+            await self._wait_for_trigger()
+
+    async def _run_excluded(self, ready: Callable[[], None], reason: str) -> None:
+        # Upstream's auto_sync.exclude_hosts / enabled: false: this node pushes nothing (it
+        # still receives); healthy, idle and counted so that status and metrics show it.
+        log.info("auto-sync skips this node's cycles: %s", reason)
+        self._health = Health(HealthState.HEALTHY, f"skipping: {reason}")
+        ready()
+        while not self._stopping:
+            self._ctx.metrics.sync_cycles.labels(trigger="excluded_skip").inc()
             await self._wait_for_trigger()
 
     async def drain(self) -> None:

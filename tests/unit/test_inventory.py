@@ -461,6 +461,11 @@ def test_reads_every_upstream_sync_key() -> None:
     assert [h.name for h in inv.hosts.values() if h.nfs_enabled] == ["lambda-gh200-a", "nebius-h100-1"]
     # A name that is not a host is tolerated (upstream does) but said, with a suggestion.
     assert any("auto_sync.exclude_hosts names 'typo-host'" in n for n in inv.notes)
+    # Keys read but not acted on are said at start-up, never silently dropped.
+    assert any("min_games_to_sync = 10 is not a gate" in n for n in inv.notes)
+    for key in ("max_concurrent_syncs", "bandwidth_limit_mbps", "host_bandwidth_overrides",
+                "underserved_configs", "s3.enabled"):
+        assert any(key in n and "not used by ringsync yet" in n for n in inv.notes), key
 
 
 def test_upstream_defaults_when_sections_are_absent() -> None:

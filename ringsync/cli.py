@@ -14,7 +14,7 @@ from ringsync import __version__
 from ringsync.daemons.base import DaemonType
 from ringsync.errors import ConfigError, RestartBudgetExhausted
 from ringsync.profiles import load_profile, parse_daemon_types, profile_for_host, profile_names
-from ringsync.settings import Settings, load_settings
+from ringsync.settings import Settings, load_client_settings, load_settings
 
 log = logging.getLogger("ringsync")
 
@@ -32,9 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: Ctrl-C)")
     demo.add_argument("--rate", type=float, default=50.0, help="games per second the generator writes")
     demo.add_argument("--dir", default=None, help="keep the cluster's files here (default: a temp dir)")
-    status = sub.add_parser("status", help="a readable view of this node or the whole cluster")
+    status = sub.add_parser(
+        "status", help="a readable view of the cluster, from any machine with the inventory",
+        description="Ask every host of RINGRIFT_CLUSTER_CONFIG for its /v1/status (this machine "
+        "need not be one of them); without an inventory, ask the node running here.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--all", action="store_true", help="ask every host in the inventory")
+    status.add_argument("--local", action="store_true", help="ask only the node running here")
+    status.add_argument("--all", action="store_true",
+                        help="ask every host in the inventory (the default with an inventory)")
+    status.add_argument("--token-file", metavar="PATH",
+                        help="read the cluster token from PATH (default: RINGRIFT_CLUSTER_AUTH_TOKEN"
+                        "(_FILE))")
     return parser
 
 
@@ -100,9 +108,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ringsync.status_view import show_status
 
-    settings = load_settings()
     configure_logging("WARNING")
-    return asyncio.run(show_status(settings, as_json=args.json, everyone=args.all))
+    settings = load_client_settings(token_file=args.token_file)
+    everyone = args.all or (settings.inventory.source is not None and not args.local)
+    return asyncio.run(show_status(settings, as_json=args.json, everyone=everyone))
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -185,6 +185,33 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
     )
 
 
+def load_client_settings(
+    environ: Mapping[str, str] | None = None, *, cwd: Path | None = None,
+    token_file: str | None = None,
+) -> Settings:
+    """Settings for a client of the cluster (`ringsync status`) on any machine.
+
+    Only the inventory and the token matter: the machine need not be a host of the
+    inventory, and no data dir is used. ``token_file`` (--token-file) beats the env.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    env = _Env(_merge_env_file(os.environ if environ is None else environ, cwd))
+    configured = _load_configured_inventory(env, cwd)
+    node_id = env.get("RINGRIFT_NODE_ID") or socket.gethostname()
+    inventory = configured or Inventory.single_node(node_id)
+    if token_file:
+        token: str | None = _check_token(_read_token_file(token_file, cwd, "--token-file"),
+                                         f"the token in {token_file}")
+    else:
+        token = _auth_token(env, cwd)
+    host = inventory.get(node_id)
+    return Settings(
+        node_id=node_id, data_dir=cwd, inventory=inventory, auth_token=token,
+        p2p_host=env.get("RINGRIFT_P2P_HOST") or (host.address if host else "127.0.0.1"),
+        p2p_port=_p2p_port(env, host),
+    )
+
+
 def is_loopback_host(host: str) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1: addresses only this machine can reach."""
     if host.strip().lower() == "localhost":
@@ -384,13 +411,14 @@ def _auth_token(env: _Env, cwd: Path) -> str | None:
     return _check_token(direct, "RINGRIFT_CLUSTER_AUTH_TOKEN") if direct else None
 
 
-def _read_token_file(raw: str, cwd: Path) -> str:
-    path = _resolve(raw, cwd, "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE")
+def _read_token_file(raw: str, cwd: Path,
+                     name: str = "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE") -> str:
+    path = _resolve(raw, cwd, name)
     try:
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"RINGRIFT_CLUSTER_AUTH_TOKEN_FILE = {raw!r} cannot be read "
+        raise ConfigError(f"{name} = {raw!r} cannot be read "
                           f"({reason}); point it at a readable file holding the token") from None
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from ringsync.localcluster import Cluster, free_port
+from ringsync.node import NodeContext
+from tests.conftest import TOKEN as CONFTEST_TOKEN
 
 TOKEN = "cli-test-token-0123456789"
 
@@ -170,3 +174,73 @@ def test_demo_shows_games_reaching_trainers_and_not_the_coordinator(tmp_path: Pa
     assert completed > 0
     assert int(counts["train-1"]) == int(counts["train-2"]) == completed
     assert int(counts["coordinator"]) == 0
+
+
+# --- `ringsync status` from a machine that is not a node ------------------------------------
+
+
+def _inventory_for(tmp_path: Path, up: dict[str, int], down_port: int) -> Path:
+    hosts = {name: {"role": "gpu_training_primary", "p2p_host": "127.0.0.1", "p2p_port": port}
+             for name, port in up.items()}
+    hosts["gone-1"] = {"role": "gpu_selfplay", "p2p_host": "127.0.0.1", "p2p_port": down_port}
+    path = tmp_path / "distributed_hosts.yaml"
+    path.write_text(json.dumps({"hosts": hosts}))  # JSON is YAML
+    return path
+
+
+async def _status(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """`ringsync status` as a subprocess, while this loop keeps serving the nodes."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ringsync", "status", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _client_env(tmp_path: Path, inventory: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGRIFT_")}
+    # No RINGRIFT_NODE_ID and a hostname that is not in the inventory: not a node.
+    env.update({"RINGRIFT_CLUSTER_CONFIG": str(inventory), "RINGRIFT_ENV_FILE": os.devnull})
+    env.update(extra)
+    return env
+
+
+async def test_status_from_any_machine_shows_every_node_and_what_to_do(
+        tmp_path: Path, node_factory: Callable[..., NodeContext],
+        served: Callable[..., Awaitable[object]]) -> None:
+    ctx = node_factory("train-1")
+    await served(ctx)
+    down = free_port()
+    inventory = _inventory_for(tmp_path, {"train-1": ctx.settings.p2p_port}, down)
+    token_file = tmp_path / "token"
+    token_file.write_text(CONFTEST_TOKEN + "\n")
+    code, out, err = await _status("--token-file", str(token_file),
+                                   env=_client_env(tmp_path, inventory))
+    assert code == 1, err  # one node is down
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"train-1", "gone-1"}
+    assert rows["train-1"].split()[1:2] == ["gpu_training_primary"]  # its own /v1/status answered
+    assert f"unreachable: 127.0.0.1:{down}" in rows["gone-1"]
+    assert "systemctl status ringsync@<profile>" in rows["gone-1"]
+    assert f"port {down} is open" in rows["gone-1"]
+    assert CONFTEST_TOKEN not in out + err
+
+
+async def test_status_says_what_to_do_about_a_wrong_or_missing_token(
+        tmp_path: Path, node_factory: Callable[..., NodeContext],
+        served: Callable[..., Awaitable[object]]) -> None:
+    ctx = node_factory("train-1")
+    await served(ctx)
+    inventory = _inventory_for(tmp_path, {"train-1": ctx.settings.p2p_port}, free_port())
+    wrong = "wrong-token-0123456789abcdef"
+    code, out, err = await _status("--json", env=_client_env(
+        tmp_path, inventory, RINGRIFT_CLUSTER_AUTH_TOKEN=wrong))
+    assert code == 1
+    (row,) = [st for st in json.loads(out) if st["node"] == "train-1"]
+    assert row["error"].startswith("token rejected: set RINGRIFT_CLUSTER_AUTH_TOKEN(_FILE)")
+    assert wrong not in out + err
+    code, out, err = await _status(env=_client_env(tmp_path, inventory))
+    assert code == 1
+    assert "no cluster token configured" in err
+    assert "no token sent: set RINGRIFT_CLUSTER_AUTH_TOKEN(_FILE)" in out

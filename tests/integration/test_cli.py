@@ -244,3 +244,20 @@ async def test_status_says_what_to_do_about_a_wrong_or_missing_token(
     assert code == 1
     assert "no cluster token configured" in err
     assert "no token sent: set RINGRIFT_CLUSTER_AUTH_TOKEN(_FILE)" in out
+
+
+@pytest.mark.slow
+def test_demo_keeps_its_logs_where_it_says_they_are(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGRIFT_")}
+    env["TMPDIR"] = str(tmp_path)  # the demo's default directory is a temp dir
+    result = subprocess.run([sys.executable, "-m", "ringsync", "demo", "--duration", "2"], env=env,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = result.stdout.splitlines()[0]  # "ringsync demo: 4 nodes on 127.0.0.1 in DIR (logs: ...)"
+    root = Path(said.split(" in ", 1)[1].split(" (logs", 1)[0])
+    assert root.parent == tmp_path
+    assert result.stdout.strip().splitlines()[-1] == f"node logs kept in {root} (<node>.log)"
+    for name in ("selfplay-1", "train-1", "train-2", "coordinator"):
+        log = root / f"{name}.log"
+        assert f"node {name} ready" in log.read_text(), name
+        assert not (root / name).exists(), "the demo's data is removed"

@@ -517,3 +517,12 @@ def test_placeholder_address_is_an_error_naming_host_field_and_fix(field: str, v
 def test_real_addresses_are_not_placeholders(value: str) -> None:
     doc = {"hosts": {"a": {"ssh_host": value}}}
     assert parse_inventory(doc, source="x").hosts["a"].ssh_host == value
+
+
+def test_the_example_inventory_in_the_repo_loads_and_routes_to_the_trainers() -> None:
+    from ringsync.policy.router import SyncRouter
+
+    inv = load_inventory(Path(__file__).parents[2] / "examples" / "distributed_hosts.yaml")
+    assert inv.notes == ()
+    targets = SyncRouter(inv, "vast-4090-7", None).game_targets()
+    assert [h.name for h in targets] == ["gh200-a", "h100-1"]  # never the coordinator

@@ -1,5 +1,8 @@
 """ringsync: keeps the data of a self-play AI training cluster in sync."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.manager import DaemonManager
@@ -18,6 +21,11 @@ from ringsync.errors import (
 from ringsync.policy.router import SyncRouter
 from ringsync.settings import Settings, load_settings
 from ringsync.store.manifest import DataManifest
+
+try:
+    __version__ = _version("ringsync")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AuthError",
@@ -39,5 +47,6 @@ __all__ = [
     "SyncRouter",
     "TransportError",
     "UnsafePathError",
+    "__version__",
     "load_settings",
 ]

@@ -10,10 +10,11 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from ringsync import __version__
 from ringsync.daemons.base import DaemonType
 from ringsync.errors import ConfigError, RestartBudgetExhausted
 from ringsync.profiles import load_profile, parse_daemon_types, profile_for_host, profile_names
-from ringsync.settings import Settings, load_settings
+from ringsync.settings import Settings, load_client_settings, load_settings
 
 log = logging.getLogger("ringsync")
 
@@ -23,20 +24,33 @@ EXIT_RESTARTS_EXHAUSTED = 3
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringsync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ringsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run this node's daemons (configured by RINGRIFT_* variables)")
-    run.add_argument("--profile", choices=profile_names(), help="node profile (default: from role)")
-    run.add_argument("--daemon", action="append", default=[], metavar="TYPE",
-                     help=f"run this daemon type (repeatable): {', '.join(t.value for t in DaemonType)}")
-    run.add_argument("--sync-only", action="store_true", help="run only the sync daemons")
+    add_run_options(run)
     demo = sub.add_parser("demo", help="a local cluster on loopback with a simulated selfplay node")
     demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: Ctrl-C)")
     demo.add_argument("--rate", type=float, default=50.0, help="games per second the generator writes")
     demo.add_argument("--dir", default=None, help="keep the cluster's files here (default: a temp dir)")
-    status = sub.add_parser("status", help="a readable view of this node or the whole cluster")
+    status = sub.add_parser(
+        "status", help="a readable view of the cluster, from any machine with the inventory",
+        description="Ask every host of RINGRIFT_CLUSTER_CONFIG for its /v1/status (this machine "
+        "need not be one of them); without an inventory, ask the node running here.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--all", action="store_true", help="ask every host in the inventory")
+    status.add_argument("--local", action="store_true", help="ask only the node running here")
+    status.add_argument("--all", action="store_true",
+                        help="ask every host in the inventory (the default with an inventory)")
+    status.add_argument("--token-file", metavar="PATH",
+                        help="read the cluster token from PATH (default: RINGRIFT_CLUSTER_AUTH_TOKEN"
+                        "(_FILE))")
     return parser
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--profile", choices=profile_names(), help="node profile (default: from role)")
+    run.add_argument("--daemon", action="append", default=[], metavar="TYPE",
+                     help=f"run this daemon type (repeatable): {', '.join(t.value for t in DaemonType)}")
+    run.add_argument("--sync-only", action="store_true", help="run only the sync daemons")
 
 
 def configure_logging(level: str) -> None:
@@ -94,9 +108,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ringsync.status_view import show_status
 
-    settings = load_settings()
     configure_logging("WARNING")
-    return asyncio.run(show_status(settings, as_json=args.json, everyone=args.all))
+    settings = load_client_settings(token_file=args.token_file)
+    everyone = args.all or (settings.inventory.source is not None and not args.local)
+    return asyncio.run(show_status(settings, as_json=args.json, everyone=everyone))
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

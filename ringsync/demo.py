@@ -28,6 +28,7 @@ NODES = [
 
 @contextlib.contextmanager
 def demo_dir(keep: str | None) -> Iterator[Path]:
+    """The demo's directory: --dir is kept whole; a temp dir loses its data but keeps the logs."""
     if keep:
         path = Path(keep).resolve()
         path.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,9 @@ def demo_dir(keep: str | None) -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        for name, _ in NODES:  # the node's data and state; <node>.log files stay
+            shutil.rmtree(path / name, ignore_errors=True)
+        print(f"node logs kept in {path} (<node>.log)")
 
 
 def run_demo(*, duration: float | None, rate: float, keep_dir: str | None) -> int:

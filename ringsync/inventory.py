@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,29 @@ OFFLINE_STATUSES = frozenset(
 )
 _MAX_SHOWN = 80  # characters of a bad value quoted in an error message
 
+# Roles in RingRift's distributed_hosts.yaml.example and .template.yaml, the design's
+# nn_training_primary, and the plain kinds. Upstream classifies a role by substring, so any
+# role containing one of ROLE_KINDS is accepted too (e.g. gpu_training_h100).
+KNOWN_ROLES = (
+    "coordinator", "gpu_training_primary", "gpu_training_selfplay", "nn_training_primary",
+    "gpu_selfplay", "cpu_selfplay", "proxy", "selfplay", "training", "storage", "aggregator",
+)
+ROLE_KINDS = ("coordinator", "training", "selfplay", "storage", "aggregator")
+DEFAULT_ROLE = "selfplay"  # upstream's sync_router: a host without a role is a selfplay node
+ADDRESS_FIELDS = ("ssh_host", "tailscale_ip", "p2p_host")
+# Text a template leaves in an address until someone fills it in.
+_PLACEHOLDER = re.compile(
+    r"[<>{}]|\btodo\b|\bfixme\b|\bchangeme\b|\bplaceholder\b|\.\.\.",
+    re.IGNORECASE,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Host:
     """One node of the cluster as the inventory describes it."""
 
     name: str
-    role: str = "unknown"
+    role: str = DEFAULT_ROLE
     status: str = "ready"
     ssh_host: str | None = None
     ssh_port: int = 22
@@ -39,6 +57,7 @@ class Host:
     training_enabled: bool = False
     p2p_enabled: bool = True
     bandwidth_mbps: float | None = None
+    nfs_enabled: bool = False  # nfs_enabled or has_nfs in the file: the host mounts shared NFS
 
     @property
     def address(self) -> str:
@@ -68,19 +87,48 @@ class Host:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalStorage:
+    """One ``sync_routing.allowed_external_storage`` entry: a host allowed to hold copies."""
+
+    host: str
+    path: str | None = None
+    receive_games: bool = True
+    receive_npz: bool = True
+    receive_models: bool = True
+    subdirs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class SyncRouting:
-    """The top-level ``sync_routing:`` section."""
+    """The top-level ``sync_routing:`` section (defaults are upstream's)."""
 
     replication_target: int = 2
     excluded_hosts: frozenset[str] = frozenset()
+    priority_hosts: tuple[str, ...] = ()  # served first, counted as training nodes
+    max_disk_usage_percent: float = 70.0
+    target_disk_usage_percent: float = 60.0
+    min_free_disk_percent: float = 15.0
+    underserved_configs: tuple[str, ...] = ()
+    allowed_external_storage: tuple[ExternalStorage, ...] = ()
+    s3_enabled: bool = False
+
+    def external_storage(self, host: str) -> ExternalStorage | None:
+        return next((e for e in self.allowed_external_storage if e.host == host), None)
 
 
 @dataclass(frozen=True, slots=True)
 class AutoSyncSection:
-    """The top-level ``auto_sync:`` section (fields ringsync uses)."""
+    """The top-level ``auto_sync:`` section (defaults are upstream's)."""
 
     enabled: bool = True
     interval_seconds: float | None = None
+    gossip_interval_seconds: float | None = None
+    skip_nfs_sync: bool | None = None  # None: not in the file (RINGRIFT_SKIP_NFS_SYNC decides)
+    max_concurrent_syncs: int | None = None
+    min_games_to_sync: int | None = None
+    bandwidth_limit_mbps: float | None = None
+    exclude_hosts: frozenset[str] = frozenset()  # these nodes skip their own auto-sync cycles
+    host_bandwidth_overrides: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +139,7 @@ class Inventory:
     sync_routing: SyncRouting = SyncRouting()
     auto_sync: AutoSyncSection = AutoSyncSection()
     source: Path | None = None
+    notes: tuple[str, ...] = ()  # harmless oddities worth a line in the start-up log
 
     @classmethod
     def single_node(cls, name: str) -> Inventory:
@@ -132,11 +181,52 @@ def parse_inventory(data: object, *, source: str) -> Inventory:
             "(top level)", data, "is not a mapping; the file must start with hosts:"
         )
     top = _Fields(source, "", data)
-    return Inventory(
+    inventory = Inventory(
         hosts=_parse_hosts(source, data.get("hosts")),
         sync_routing=_parse_sync_routing(top.section("sync_routing")),
         auto_sync=_parse_auto_sync(top.section("auto_sync")),
     )
+    notes = _unknown_references(inventory) + _unenforced(inventory)
+    return dataclasses.replace(inventory, notes=notes)
+
+
+def _unknown_references(inventory: Inventory) -> tuple[str, ...]:
+    """Routing lists naming no host: tolerated (upstream does), but said at start-up."""
+    routing, auto = inventory.sync_routing, inventory.auto_sync
+    lists: list[tuple[str, list[str]]] = [
+        ("sync_routing.excluded_hosts", sorted(routing.excluded_hosts)),
+        ("sync_routing.priority_hosts", list(routing.priority_hosts)),
+        ("sync_routing.allowed_external_storage", [e.host for e in routing.allowed_external_storage]),
+        ("auto_sync.exclude_hosts", sorted(auto.exclude_hosts)),
+    ]
+    notes = []
+    for where, names in lists:
+        for name in names:
+            if name not in inventory.hosts:
+                close = difflib.get_close_matches(name, list(inventory.hosts), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                notes.append(f"{where} names {name!r}, which is not under hosts:{hint}; it has no effect")
+    return tuple(notes)
+
+
+def _unenforced(inventory: Inventory) -> tuple[str, ...]:
+    """Keys set in the file that ringsync reads but does not act on, so none is silently ignored."""
+    auto, routing = inventory.auto_sync, inventory.sync_routing
+    notes = []
+    if auto.min_games_to_sync:
+        notes.append(f"auto_sync.min_games_to_sync = {auto.min_games_to_sync} is not a gate in "
+                     "ringsync: every completed game is pushed within moments of its commit "
+                     "(a threshold that holds games back can block them indefinitely)")
+    unused = {
+        "auto_sync.max_concurrent_syncs": auto.max_concurrent_syncs,
+        "auto_sync.bandwidth_limit_mbps": auto.bandwidth_limit_mbps,
+        "auto_sync.host_bandwidth_overrides": auto.host_bandwidth_overrides or None,
+        "auto_sync.gossip_interval_seconds": auto.gossip_interval_seconds,
+        "sync_routing.underserved_configs": routing.underserved_configs or None,
+        "sync_routing.s3.enabled": routing.s3_enabled or None,
+    }
+    notes += [f"{key} is set but not used by ringsync yet" for key, v in unused.items() if v]
+    return tuple(notes)
 
 
 def _parse_yaml(text: str, source: str) -> object:
@@ -190,9 +280,11 @@ def _parse_host(source: str, name: str, raw: object) -> Host:
     if not isinstance(raw, Mapping):
         raise _Fields(source, "hosts.").fail(name, raw, "is not a mapping of host fields")
     f = _Fields(source, f"hosts.{name}.", raw)
+    for key in ADDRESS_FIELDS:
+        _check_address(f, key)
     return Host(
         name=name,
-        role=f.text("role") or "unknown",
+        role=_role(f),
         status=f.text("status") or "ready",
         ssh_host=f.text("ssh_host"),
         ssh_port=f.port("ssh_port", 22),
@@ -207,17 +299,82 @@ def _parse_host(source: str, name: str, raw: object) -> Host:
         training_enabled=f.flag("training_enabled", False),
         p2p_enabled=f.flag("p2p_enabled", True),
         bandwidth_mbps=f.number("bandwidth_mbps", minimum=0.0, allow_zero=True),
+        nfs_enabled=f.flag("nfs_enabled", False) or f.flag("has_nfs", False),
     )
 
 
+def _role(f: _Fields) -> str:
+    """The host's role; one that is neither known nor classifiable is a typo, not a new kind."""
+    role = f.text("role")
+    if role is None:
+        return DEFAULT_ROLE
+    lowered = role.lower()
+    if lowered in KNOWN_ROLES or any(kind in lowered for kind in ROLE_KINDS):
+        return role
+    close = difflib.get_close_matches(lowered, KNOWN_ROLES, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise f.fail("role", role, f"is not a known role; {hint}known roles: {', '.join(KNOWN_ROLES)} "
+                 "(or any role containing 'training', 'selfplay' or 'storage')")
+
+
+def _check_address(f: _Fields, key: str) -> None:
+    value = f.text(key)
+    if value is not None and (_PLACEHOLDER.search(value) or _is_masked_ip(value)):
+        raise f.fail(key, value, "is a template placeholder, not an address; put this host's real "
+                     "address there (an IP or DNS name) or remove the field")
+
+
+def _is_masked_ip(value: str) -> bool:
+    """x.x.x.x, 100.x.x.x and the like: an IPv4 address with octets left as x."""
+    parts = value.lower().split(".")
+    if len(parts) != 4 or not all(p.isdigit() or set(p) == {"x"} for p in parts if p):
+        return False
+    return any(p and set(p) == {"x"} for p in parts)
+
+
 def _parse_sync_routing(f: _Fields) -> SyncRouting:
-    target = f.integer("replication_target", 2, minimum=1)
-    return SyncRouting(replication_target=target, excluded_hosts=f.names("excluded_hosts"))
+    return SyncRouting(
+        replication_target=f.integer("replication_target", 2, minimum=1),
+        excluded_hosts=f.names("excluded_hosts"),
+        priority_hosts=tuple(dict.fromkeys(f.name_list("priority_hosts"))),
+        max_disk_usage_percent=f.percent("max_disk_usage_percent", 70.0),
+        target_disk_usage_percent=f.percent("target_disk_usage_percent", 60.0),
+        min_free_disk_percent=f.percent("min_free_disk_percent", 15.0),
+        underserved_configs=tuple(f.name_list("underserved_configs")),
+        allowed_external_storage=_parse_external_storage(f),
+        s3_enabled=f.section("s3").flag("enabled", False) if f.has("s3") else False,
+    )
+
+
+def _parse_external_storage(routing: _Fields) -> tuple[ExternalStorage, ...]:
+    out = []
+    for i, f in enumerate(routing.mappings("allowed_external_storage")):
+        host = f.text("host")
+        if host is None:
+            raise ConfigError(f"inventory {routing.source}: sync_routing.allowed_external_storage[{i}]"
+                              " has no host:; name the host that may hold the copies")
+        out.append(ExternalStorage(
+            host=host, path=f.text("path"),
+            receive_games=f.flag("receive_games", True),
+            receive_npz=f.flag("receive_npz", True),
+            receive_models=f.flag("receive_models", True),
+            subdirs=f.text_map("subdirs"),
+        ))
+    return tuple(out)
 
 
 def _parse_auto_sync(f: _Fields) -> AutoSyncSection:
-    interval = f.number("interval_seconds", minimum=0.0, allow_zero=False)
-    return AutoSyncSection(enabled=f.flag("enabled", True), interval_seconds=interval)
+    return AutoSyncSection(
+        enabled=f.flag("enabled", True),
+        interval_seconds=f.positive("interval_seconds"),
+        gossip_interval_seconds=f.positive("gossip_interval_seconds"),
+        skip_nfs_sync=f.flag("skip_nfs_sync", True) if f.has("skip_nfs_sync") else None,
+        max_concurrent_syncs=f.integer_or_none("max_concurrent_syncs", minimum=1),
+        min_games_to_sync=f.integer_or_none("min_games_to_sync", minimum=0),
+        bandwidth_limit_mbps=f.positive("bandwidth_limit_mbps"),
+        exclude_hosts=f.names("exclude_hosts"),
+        host_bandwidth_overrides=f.number_map("host_bandwidth_overrides"),
+    )
 
 
 class _Fields:
@@ -235,6 +392,13 @@ class _Fields:
         if len(shown) > _MAX_SHOWN:
             shown = shown[: _MAX_SHOWN - 3] + "..."
         return ConfigError(f"inventory {self._source}: {self._prefix}{key} = {shown} {allowed}")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def has(self, key: str) -> bool:
+        return self._raw.get(key) is not None
 
     def section(self, key: str) -> _Fields:
         value = self._raw.get(key)
@@ -297,6 +461,55 @@ class _Fields:
         if not isinstance(raw, list) or not all(_is_name(n) for n in raw):
             raise self.fail(key, raw, "is not a list of host names; use [name-1, name-2]")
         return frozenset(str(n) for n in raw)
+
+    def positive(self, key: str) -> float | None:
+        return self.number(key, minimum=0.0, allow_zero=False)
+
+    def integer_or_none(self, key: str, *, minimum: int) -> int | None:
+        return self.integer(key, minimum, minimum=minimum) if self.has(key) else None
+
+    def percent(self, key: str, default: float) -> float:
+        raw = self._raw.get(key)
+        if raw is None:
+            return default
+        value = _to_float(raw)
+        if value is None or not 0 <= value <= 100:
+            raise self.fail(key, raw, "is not a percentage; use a number 0-100")
+        return value
+
+    def name_list(self, key: str) -> list[str]:
+        """A list of names in file order (order matters for priority_hosts)."""
+        raw = self._raw.get(key)
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(_is_name(n) for n in raw):
+            raise self.fail(key, raw, "is not a list of names; use [name-1, name-2]")
+        return [str(n) for n in raw]
+
+    def mappings(self, key: str) -> list[_Fields]:
+        raw = self._raw.get(key)
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(isinstance(e, Mapping) for e in raw):
+            raise self.fail(key, raw, "is not a list of mappings; use - host: name lines")
+        return [_Fields(self._source, f"{self._prefix}{key}[{i}].", e) for i, e in enumerate(raw)]
+
+    def text_map(self, key: str) -> dict[str, str]:
+        raw = self._raw.get(key)
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+            raise self.fail(key, raw, "is not a mapping of names to paths; use games: dir lines")
+        return {str(k): v for k, v in raw.items()}
+
+    def number_map(self, key: str) -> dict[str, float]:
+        raw = self._raw.get(key)
+        if raw is None:
+            return {}
+        values = {str(k): _to_float(v) for k, v in raw.items()} if isinstance(raw, Mapping) else None
+        if values is None or any(v is None or v <= 0 for v in values.values()):
+            raise self.fail(key, raw, "is not a mapping of host patterns to numbers > 0")
+        return {k: v for k, v in values.items() if v is not None}
 
     def _int_or_none(self, key: str, allowed: str) -> int | None:
         raw = self._raw.get(key)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ringsync.daemons.base import DaemonType
 from ringsync.daemons.catalog import default_registry
+from ringsync.daemons.data_server import check_port_free
 from ringsync.daemons.manager import DaemonManager, ManagerListenerBase
 from ringsync.node import NodeContext, build_context
 from ringsync.ops.sdnotify import SystemdNotifier
@@ -52,6 +53,9 @@ class _NodeListener(ManagerListenerBase):
 
 async def run_node(settings: Settings, types: Sequence[DaemonType]) -> None:
     """Run until SIGTERM/SIGINT; raise RestartBudgetExhausted when a daemon keeps crashing."""
+    check_port_free(settings.p2p_host, settings.p2p_port)  # exit 2 now, not a restart loop
+    for note in settings.inventory.notes:
+        log.info("inventory %s: %s", settings.inventory.source, note)
     ctx = build_context(settings)
     notifier = SystemdNotifier.from_env(os.environ)
     manager = DaemonManager(

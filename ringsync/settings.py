@@ -76,7 +76,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "games", default_text="hosts whose role contains 'coordinator'"),
     EnvVar("RINGRIFT_SKIP_NFS_SYNC", "true", "Skip sending games to a peer that uses the same data "
            "dir on shared storage (equal .ringsync/data_dir_id), counted per peer; other peers are "
-           "always sent to (true/false)"),
+           "always sent to (true/false)", default_text="auto_sync.skip_nfs_sync in the inventory, "
+           "else true"),
     EnvVar("RINGRIFT_SYNC_BATCH_GAMES", "500", "Most games in one pushed batch (1-100000)"),
     EnvVar("RINGRIFT_MAX_BATCH_BYTES", str(64 * MIB), "Largest batch in bytes this node sends or "
            "accepts (at least 1048576)"),
@@ -200,7 +201,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         auth_token=token,
         sync_interval=env.number("RINGRIFT_SYNC_INTERVAL", _default_interval(inventory)),
         coordinator_node=_coordinator(env, configured),
-        skip_nfs_sync=env.flag("RINGRIFT_SKIP_NFS_SYNC", True),
+        skip_nfs_sync=env.flag("RINGRIFT_SKIP_NFS_SYNC", _default_skip_nfs(inventory)),
         batch_games=env.integer("RINGRIFT_SYNC_BATCH_GAMES", 500, minimum=1, maximum=100_000),
         max_batch_bytes=env.integer("RINGRIFT_MAX_BATCH_BYTES", 64 * MIB, minimum=MIB),
         drain_timeout=env.number("RINGRIFT_DRAIN_TIMEOUT", 10.0),
@@ -214,6 +215,33 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
                                     DEFAULT_INCLUDE),
         game_sources_exclude=parse_patterns("RINGRIFT_GAME_SOURCES_EXCLUDE",
                                             env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
+    )
+
+
+def load_client_settings(
+    environ: Mapping[str, str] | None = None, *, cwd: Path | None = None,
+    token_file: str | None = None,
+) -> Settings:
+    """Settings for a client of the cluster (`ringsync status`) on any machine.
+
+    Only the inventory and the token matter: the machine need not be a host of the
+    inventory, and no data dir is used. ``token_file`` (--token-file) beats the env.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    env = _Env(_merge_env_file(os.environ if environ is None else environ, cwd))
+    configured = _load_configured_inventory(env, cwd)
+    node_id = env.get("RINGRIFT_NODE_ID") or socket.gethostname()
+    inventory = configured or Inventory.single_node(node_id)
+    if token_file:
+        token: str | None = _check_token(_read_token_file(token_file, cwd, "--token-file"),
+                                         f"the token in {token_file}")
+    else:
+        token = _auth_token(env, cwd)
+    host = inventory.get(node_id)
+    return Settings(
+        node_id=node_id, data_dir=cwd, inventory=inventory, auth_token=token,
+        p2p_host=env.get("RINGRIFT_P2P_HOST") or (host.address if host else "127.0.0.1"),
+        p2p_port=_p2p_port(env, host),
     )
 
 
@@ -416,13 +444,14 @@ def _auth_token(env: _Env, cwd: Path) -> str | None:
     return _check_token(direct, "RINGRIFT_CLUSTER_AUTH_TOKEN") if direct else None
 
 
-def _read_token_file(raw: str, cwd: Path) -> str:
-    path = _resolve(raw, cwd, "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE")
+def _read_token_file(raw: str, cwd: Path,
+                     name: str = "RINGRIFT_CLUSTER_AUTH_TOKEN_FILE") -> str:
+    path = _resolve(raw, cwd, name)
     try:
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"RINGRIFT_CLUSTER_AUTH_TOKEN_FILE = {raw!r} cannot be read "
+        raise ConfigError(f"{name} = {raw!r} cannot be read "
                           f"({reason}); point it at a readable file holding the token") from None
 
 
@@ -460,6 +489,11 @@ def _p2p_host(env: _Env, inventory: Inventory, node_id: str, token: str | None) 
 def _p2p_port(env: _Env, host: Host | None) -> int:
     default = host.p2p_port if host is not None else DEFAULT_P2P_PORT
     return env.integer("RINGRIFT_P2P_PORT", default, minimum=1, maximum=65535)
+
+
+def _default_skip_nfs(inventory: Inventory) -> bool:
+    from_file = inventory.auto_sync.skip_nfs_sync
+    return True if from_file is None else from_file
 
 
 def _default_interval(inventory: Inventory) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import aiohttp
@@ -12,17 +13,37 @@ from ringsync.inventory import Host
 from ringsync.settings import Settings
 from ringsync.transport.http import peer_url
 
+CONNECT_TIMEOUT = 3.0
+TOTAL_TIMEOUT = 8.0
+MAX_PARALLEL = 64  # open connections at once, so a 1000-node inventory is asked in waves
+TOKEN_HELP = "set RINGRIFT_CLUSTER_AUTH_TOKEN(_FILE) (or --token-file) to the cluster token"
 
-async def fetch_status(session: aiohttp.ClientSession, host: Host) -> dict[str, Any]:
-    """One node's status, or {"node": name, "error": why} when it cannot be had."""
+
+def unreachable(host: Host, reason: str) -> str:
+    return (f"unreachable: {reason}; check that ringsync runs there (systemctl status "
+            f"ringsync@<profile>) and that port {host.p2p_port} is open")
+
+
+async def fetch_status(session: aiohttp.ClientSession, host: Host, *, has_token: bool = True
+                       ) -> dict[str, Any]:
+    """One node's status, or {"node": name, "error": why and what to do} when it cannot be had."""
     try:
         async with session.get(peer_url(host, "/v1/status")) as resp:
+            if resp.status == 401:
+                why = "token rejected" if has_token else "no token sent"
+                return {"node": host.name, "error": f"{why}: {TOKEN_HELP}"}
             if resp.status != 200:
                 return {"node": host.name, "error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
             data = await resp.json()
             return data if isinstance(data, dict) else {"node": host.name, "error": "malformed status"}
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return {"node": host.name, "error": f"unreachable: {type(exc).__name__} {exc}"}
+    except TimeoutError:
+        return {"node": host.name, "error": unreachable(host, f"no answer from "
+                                                        f"{host.address}:{host.p2p_port} in time")}
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or str(exc.os_error)
+        return {"node": host.name, "error": unreachable(host, f"{host.address}:{host.p2p_port}: {reason}")}
+    except (aiohttp.ClientError, ValueError) as exc:
+        return {"node": host.name, "error": unreachable(host, f"{type(exc).__name__}: {exc}")}
 
 
 def _hosts(settings: Settings, everyone: bool) -> list[Host]:
@@ -34,10 +55,14 @@ def _hosts(settings: Settings, everyone: bool) -> list[Host]:
 
 
 async def collect(settings: Settings, everyone: bool) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {settings.auth_token}"} if settings.auth_token else {}
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        return list(await asyncio.gather(*(fetch_status(session, h) for h in _hosts(settings, everyone))))
+    """Every asked node's status, concurrently, each bounded in time."""
+    token = settings.auth_token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT)
+    connector = aiohttp.TCPConnector(limit=MAX_PARALLEL)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        asks = (fetch_status(session, h, has_token=token is not None) for h in _hosts(settings, everyone))
+        return list(await asyncio.gather(*asks))
 
 
 def render(statuses: list[dict[str, Any]]) -> str:
@@ -48,13 +73,21 @@ def render(statuses: list[dict[str, Any]]) -> str:
             continue
         daemons = " ".join(f"{n}={d['state']}" for n, d in sorted(st.get("daemons", {}).items()))
         pending = sum(st.get("manifest", {}).get("pending", {}).values())
-        targets = ",".join(st.get("routing", {}).get("targets", [])) or "-"
+        routing = st.get("routing", {})
+        targets = ",".join(routing.get("targets", [])) or "-"
+        skipped = routing.get("auto_sync_skipped")
+        if skipped:
+            targets += f" (auto-sync skipped: {skipped})"
         lines.append(f"{st['node']:<20} {st.get('role', '?'):<22} {daemons:<34} "
                      f"{st.get('received_total', 0):>9} {pending:>7}  {targets}")
     return "\n".join(lines)
 
 
 async def show_status(settings: Settings, *, as_json: bool, everyone: bool) -> int:
+    """Print the table (or JSON); 1 when any node could not be asked."""
+    if settings.auth_token is None:
+        print(f"ringsync status: no cluster token configured; nodes that listen beyond loopback "
+              f"will refuse. {TOKEN_HELP}", file=sys.stderr)
     statuses = await collect(settings, everyone)
     print(json.dumps(statuses, indent=2, sort_keys=True) if as_json else render(statuses))
     return 1 if any("error" in s for s in statuses) else 0

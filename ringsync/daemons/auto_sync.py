@@ -126,6 +126,10 @@ class AutoSyncDaemon(Daemon):
 
     async def run(self, ready: Callable[[], None]) -> None:
         try:
+            excluded = self._ctx.router.auto_sync_excluded()
+            if excluded is not None:
+                await self._run_excluded(ready, excluded)
+                return
             targets = [h.name for h in self._ctx.router.game_targets()]
             queued = self._ctx.manifest.ensure_targets(targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
@@ -145,6 +149,16 @@ class AutoSyncDaemon(Daemon):
             log.info("data dir %s is on %s (%s), id %s: a peer that uses this same data dir is "
                      "not sent games (decided per peer); every other peer is", s.data_dir,
                      own.fstype, own.mount_source, own.data_dir_id)
+
+    async def _run_excluded(self, ready: Callable[[], None], reason: str) -> None:
+        # Upstream's auto_sync.exclude_hosts / enabled: false: this node pushes nothing (it
+        # still receives); healthy, idle and counted so that status and metrics show it.
+        log.info("auto-sync skips this node's cycles: %s", reason)
+        self._health = Health(HealthState.HEALTHY, f"skipping: {reason}")
+        ready()
+        while not self._stopping:
+            self._ctx.metrics.sync_cycles.labels(trigger="excluded_skip").inc()
+            await self._wait_for_trigger()
 
     async def drain(self) -> None:
         self._stopping = True

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,7 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
-from ringsync.errors import BadInputError, CorruptDataError, StorageFullError, UnsafePathError
+from ringsync.errors import (
+    BadInputError,
+    ConfigError,
+    CorruptDataError,
+    StorageFullError,
+    UnsafePathError,
+)
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import count_games
 from ringsync.store.receiver import ReceiveRefused
@@ -45,6 +53,45 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bind_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """Why the data server cannot listen on host:port, said as the setting to change."""
+    where = f"address {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"RINGRIFT_P2P_PORT={port}: {where} is already in use (another "
+                           "ringsync or process holds it); stop it or choose another port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"RINGRIFT_P2P_HOST={host}: {where} is not an address of this "
+                           "machine; use one of its addresses or 0.0.0.0")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"RINGRIFT_P2P_PORT={port}: binding {where} is not permitted (ports "
+                           "below 1024 need privileges); choose a port from 1024 up")
+    return ConfigError(f"RINGRIFT_P2P_HOST={host}, RINGRIFT_P2P_PORT={port}: cannot listen on "
+                       f"{where} ({exc.strerror or exc})")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError unless the data server can bind host:port now.
+
+    Checked before the daemons start so that a held port ends the process with one
+    line and exit 2 instead of crashing the data server into its restart budget.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"RINGRIFT_P2P_HOST={host}: cannot resolve it ({exc.strerror}); use "
+                          "an address of this machine") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # The options asyncio's create_server sets, so the probe fails exactly when it would.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise bind_error(host, port, exc) from None
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -247,7 +294,10 @@ class DataServerDaemon(Daemon):
         await runner.setup()
         self._runner = runner
         try:
-            await web.TCPSite(runner, s.p2p_host, s.p2p_port, reuse_address=True).start()
+            try:
+                await web.TCPSite(runner, s.p2p_host, s.p2p_port, reuse_address=True).start()
+            except OSError as exc:
+                raise bind_error(s.p2p_host, s.p2p_port, exc) from None
             self._log_binding()
             self._health = Health(HealthState.HEALTHY, f"listening on {s.p2p_host}:{s.p2p_port}")
             ready()

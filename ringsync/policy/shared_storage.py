@@ -33,8 +33,8 @@ class StorageIdentity:
 
 
 def _nfs_flag(host: Host) -> bool:
-    # nfs_enabled / has_nfs are RingRift's per-host fields (app/config/cluster_config.py).
-    return bool(getattr(host, "nfs_enabled", False) or getattr(host, "has_nfs", False))
+    # The inventory folds RingRift's per-host nfs_enabled / has_nfs into one field.
+    return host.nfs_enabled
 
 
 def nfs_hosts(inventory: Inventory) -> frozenset[str] | None:

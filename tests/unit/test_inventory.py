@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ringsync.errors import ConfigError
-from ringsync.inventory import Host, Inventory, load_inventory, parse_inventory
+from ringsync.inventory import ExternalStorage, Host, Inventory, load_inventory, parse_inventory
 
 HOSTS_YAML = """\
 # RingRift cluster inventory (trimmed)
@@ -351,6 +351,27 @@ def test_long_bad_values_are_shortened() -> None:
         ("auto_sync", {"interval_seconds": 0},
          "auto_sync.interval_seconds = 0 is not allowed; use a number > 0"),
         ("auto_sync", {"interval_seconds": -3}, "auto_sync.interval_seconds = -3"),
+        ("sync_routing", {"max_disk_usage_percent": 170},
+         "sync_routing.max_disk_usage_percent = 170 is not a percentage; use a number 0-100"),
+        ("sync_routing", {"priority_hosts": "a,b"}, "sync_routing.priority_hosts = 'a,b' is not a list"),
+        ("sync_routing", {"allowed_external_storage": {"host": "x"}},
+         "sync_routing.allowed_external_storage = {'host': 'x'} is not a list of mappings"),
+        ("sync_routing", {"allowed_external_storage": [{"path": "/Volumes/x"}]},
+         "sync_routing.allowed_external_storage[0] has no host:"),
+        ("sync_routing", {"allowed_external_storage": [{"host": "a", "receive_games": "no"}]},
+         "sync_routing.allowed_external_storage[0].receive_games = 'no' is not a boolean"),
+        ("sync_routing", {"allowed_external_storage": [{"host": "a", "subdirs": ["games"]}]},
+         "sync_routing.allowed_external_storage[0].subdirs = ['games'] is not a mapping"),
+        ("sync_routing", {"s3": {"enabled": "maybe"}}, "sync_routing.s3.enabled = 'maybe'"),
+        ("auto_sync", {"skip_nfs_sync": "sometimes"}, "auto_sync.skip_nfs_sync = 'sometimes'"),
+        ("auto_sync", {"max_concurrent_syncs": 0},
+         "auto_sync.max_concurrent_syncs = 0 is not allowed; use an integer >= 1"),
+        ("auto_sync", {"min_games_to_sync": -1}, "auto_sync.min_games_to_sync = -1"),
+        ("auto_sync", {"bandwidth_limit_mbps": 0}, "auto_sync.bandwidth_limit_mbps = 0"),
+        ("auto_sync", {"exclude_hosts": "vast-4090-7"}, "auto_sync.exclude_hosts = 'vast-4090-7'"),
+        ("auto_sync", {"host_bandwidth_overrides": {"vast-*": "fast"}},
+         "auto_sync.host_bandwidth_overrides = {'vast-*': 'fast'} is not a mapping of host "
+         "patterns to numbers > 0"),
     ],
 )
 def test_bad_section_field(section: str, value: object, expected: str) -> None:
@@ -374,3 +395,134 @@ def test_unknown_sections_and_fields_are_ignored() -> None:
     doc["something_new"] = [1, 2, 3]
     _host_fields(doc, "mac-studio")["future_field"] = {"nested": True}
     assert "mac-studio" in parse_inventory(doc, source="x")
+
+
+UPSTREAM_SECTIONS = """\
+sync_routing:
+  max_disk_usage_percent: 80
+  target_disk_usage_percent: 65
+  min_free_disk_percent: 10
+  replication_target: 3
+  excluded_hosts: [hetzner-cpu1]
+  priority_hosts: [nebius-h100-1, lambda-gh200-a, nebius-h100-1]
+  underserved_configs: [hex8_4p, square19_3p]
+  allowed_external_storage:
+    - host: mac-studio
+      path: /Volumes/RingRift-Data
+      receive_games: true
+      receive_npz: false
+      receive_models: true
+      subdirs:
+        games: selfplay_repository
+        npz: canonical_data
+    - host: vast-4090-7
+      receive_games: false
+  s3:
+    enabled: true
+    bucket: ringrift-data
+auto_sync:
+  enabled: true
+  interval_seconds: 30
+  gossip_interval_seconds: 15
+  skip_nfs_sync: false
+  max_concurrent_syncs: 2
+  min_games_to_sync: 10
+  bandwidth_limit_mbps: 100
+  exclude_hosts: [mac-studio, typo-host]
+  host_bandwidth_overrides:
+    "vast-*": 50
+    lambda-gh200-a: "400"
+"""
+
+
+def test_reads_every_upstream_sync_key() -> None:
+    doc = _doc()
+    doc.update(yaml.safe_load(UPSTREAM_SECTIONS))
+    _host_fields(doc, "lambda-gh200-a")["nfs_enabled"] = True
+    _host_fields(doc, "nebius-h100-1")["has_nfs"] = "true"
+    inv = parse_inventory(doc, source="x")
+    routing, auto = inv.sync_routing, inv.auto_sync
+    assert (routing.max_disk_usage_percent, routing.target_disk_usage_percent,
+            routing.min_free_disk_percent) == (80, 65, 10)
+    assert routing.priority_hosts == ("nebius-h100-1", "lambda-gh200-a")  # file order, once each
+    assert routing.underserved_configs == ("hex8_4p", "square19_3p")
+    assert routing.allowed_external_storage == (
+        ExternalStorage(host="mac-studio", path="/Volumes/RingRift-Data", receive_games=True,
+                        receive_npz=False, receive_models=True,
+                        subdirs={"games": "selfplay_repository", "npz": "canonical_data"}),
+        ExternalStorage(host="vast-4090-7", receive_games=False),
+    )
+    assert routing.s3_enabled is True
+    assert auto.skip_nfs_sync is False
+    assert (auto.gossip_interval_seconds, auto.max_concurrent_syncs, auto.min_games_to_sync,
+            auto.bandwidth_limit_mbps) == (15, 2, 10, 100)
+    assert auto.exclude_hosts == frozenset({"mac-studio", "typo-host"})
+    assert auto.host_bandwidth_overrides == {"vast-*": 50.0, "lambda-gh200-a": 400.0}
+    assert [h.name for h in inv.hosts.values() if h.nfs_enabled] == ["lambda-gh200-a", "nebius-h100-1"]
+    # A name that is not a host is tolerated (upstream does) but said, with a suggestion.
+    assert any("auto_sync.exclude_hosts names 'typo-host'" in n for n in inv.notes)
+    # Keys read but not acted on are said at start-up, never silently dropped.
+    assert any("min_games_to_sync = 10 is not a gate" in n for n in inv.notes)
+    for key in ("max_concurrent_syncs", "bandwidth_limit_mbps", "host_bandwidth_overrides",
+                "underserved_configs", "s3.enabled"):
+        assert any(key in n and "not used by ringsync yet" in n for n in inv.notes), key
+
+
+def test_upstream_defaults_when_sections_are_absent() -> None:
+    inv = parse_inventory({"hosts": {"a": {"ssh_host": "10.0.0.1"}}}, source="x")
+    assert inv.hosts["a"].role == "selfplay"  # upstream's default role
+    assert inv.sync_routing.max_disk_usage_percent == 70
+    assert inv.auto_sync.skip_nfs_sync is None  # not set: RINGRIFT_SKIP_NFS_SYNC decides
+    assert inv.sync_routing.s3_enabled is False
+    assert inv.notes == ()
+
+
+@pytest.mark.parametrize("role", [
+    "coordinator", "gpu_training_selfplay", "gpu_training_primary", "gpu_selfplay", "cpu_selfplay",
+    "proxy", "nn_training_primary", "storage", "aggregator", "selfplay", "training",
+    "storage_aggregator", "GPU_Training_H100",
+])
+def test_known_and_classifiable_roles_load(role: str) -> None:
+    doc = {"hosts": {"a": {"role": role}}}
+    assert parse_inventory(doc, source="x").hosts["a"].role == role
+
+
+def test_unknown_role_is_an_error_with_a_suggestion_and_the_known_roles() -> None:
+    doc = _doc()
+    _host_fields(doc, "nebius-h100-1")["role"] = "gpu_trainnig_primary"
+    message = _parse_error(doc)
+    assert "hosts.nebius-h100-1.role = 'gpu_trainnig_primary' is not a known role" in message
+    assert "did you mean gpu_training_primary?" in message
+    for role in ("coordinator", "gpu_selfplay", "cpu_selfplay", "proxy", "nn_training_primary"):
+        assert role in message
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tailscale_ip", "<tailscale-ip>"),
+    ("ssh_host", "x.x.x.x"),
+    ("p2p_host", "TODO"),
+    ("ssh_host", "{{ host }}"),
+    ("tailscale_ip", "100.x.x.x"),
+])
+def test_placeholder_address_is_an_error_naming_host_field_and_fix(field: str, value: str) -> None:
+    doc = _doc()
+    _host_fields(doc, "vast-4090-7")[field] = value
+    message = _parse_error(doc)
+    assert f"hosts.vast-4090-7.{field} = {value!r} is a template placeholder" in message
+    assert "put this host's real address there" in message
+
+
+@pytest.mark.parametrize("value", ["ssh5.vast.ai", "100.107.168.125", "fd7a:115c:a1e0::1",
+                                   "node-x.example.com", "todoist-host"])
+def test_real_addresses_are_not_placeholders(value: str) -> None:
+    doc = {"hosts": {"a": {"ssh_host": value}}}
+    assert parse_inventory(doc, source="x").hosts["a"].ssh_host == value
+
+
+def test_the_example_inventory_in_the_repo_loads_and_routes_to_the_trainers() -> None:
+    from ringsync.policy.router import SyncRouter
+
+    inv = load_inventory(Path(__file__).parents[2] / "examples" / "distributed_hosts.yaml")
+    assert inv.notes == ()
+    targets = SyncRouter(inv, "vast-4090-7", None).game_targets()
+    assert [h.name for h in targets] == ["gh200-a", "h100-1"]  # never the coordinator

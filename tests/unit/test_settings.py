@@ -435,3 +435,19 @@ def test_settings_built_by_hand_keep_working() -> None:
     assert s.synced_dir == Path("/d/games/synced/a")  # per node: RingRift's games/synced/<node>/
     assert s.state_dir == Path("/d/.ringsync/a")
     assert hosts["a"].address == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("in_file", "env", "expected"), [
+    (None, None, True),  # upstream's default
+    ("false", None, False),  # the inventory's auto_sync.skip_nfs_sync is honoured
+    ("true", None, True),
+    ("false", "true", True),  # the environment wins
+    ("true", "false", False),
+])
+def test_skip_nfs_sync_from_inventory_unless_the_env_says(
+        tmp_path: Path, in_file: str | None, env: str | None, expected: bool) -> None:
+    text = INVENTORY + (f"  skip_nfs_sync: {in_file}\n" if in_file else "")
+    (tmp_path / "hosts.yaml").write_text(text)
+    extra = {"RINGRIFT_SKIP_NFS_SYNC": env} if env else {}
+    s = load(tmp_path, RINGRIFT_CLUSTER_CONFIG="hosts.yaml", RINGRIFT_NODE_ID="selfplay-1", **extra)
+    assert s.skip_nfs_sync is expected

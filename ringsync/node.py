@@ -54,7 +54,9 @@ def build_context(settings: Settings) -> NodeContext:
     settings.synced_dir.mkdir(parents=True, exist_ok=True)
     router = SyncRouter(settings.inventory, settings.node_id, settings.coordinator_node)
     manifest = DataManifest(settings.state_dir / "manifest.db")
-    receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router))
+    metrics = Metrics()
+    receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router),
+                            manifest=manifest, metrics=metrics)
     return NodeContext(
-        settings=settings, metrics=Metrics(), manifest=manifest, router=router, receiver=receiver
+        settings=settings, metrics=metrics, manifest=manifest, router=router, receiver=receiver
     )

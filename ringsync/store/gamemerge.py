@@ -333,8 +333,8 @@ class _TargetDB:
             upto = self.commits  # commits so far are all in the WAL this checkpoint reads
             with closing(_connect(self.path)) as conn:
                 conn.execute("PRAGMA synchronous=FULL")
-                _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if copied < frames:
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy or copied < frames:  # another checkpointer, or a reader's old snapshot
                     self._sync_by_commit(conn)
             self._durable = max(self._durable, upto)
 

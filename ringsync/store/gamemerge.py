@@ -233,18 +233,20 @@ class _TargetDB:
     def _insert(self, batch: GameBatch) -> MergeResult:
         """Child rows first, games rows last: the insert trigger counts the moves already in."""
         present = self._split_present()
-        refused = self._refused(batch)
-        new = len(batch.game_ids) - present - len(refused)
         children = [t for t in batch.tables if t.name.lower() != GAMES]
         games = [t for t in batch.tables if t.name.lower() == GAMES]
-        every = new == len(batch.game_ids)
-        for table in children + games if new else ():
+        every = present == 0
+        for table in children if present < len(batch.game_ids) else ():
             self._copy(table, "" if every else f" WHERE {_IN_IDS}")
+        refused = self._refuse_short(batch, children)
+        for table in games if present + len(refused) < len(batch.game_ids) else ():
+            self._copy(table, "" if every and not refused else f" WHERE {_IN_IDS}")
         updated = 0
         for table in children if present else ():
             if self._tables[table.name.lower()].keyed:  # a rowid-only table would get copies
                 updated += self._copy(table, " WHERE game_id IN (SELECT game_id FROM temp.present_ids)",
                                       verb="INSERT OR IGNORE")
+        new = len(batch.game_ids) - present - len(refused)
         return MergeResult(new, present, refused, updated)
 
     def _split_present(self) -> int:
@@ -257,25 +259,27 @@ class _TargetDB:
                               "(SELECT game_id FROM temp.present_ids)")
         return cur.rowcount
 
-    def _refused(self, batch: GameBatch) -> tuple[str, ...]:
-        """New games the insert trigger would refuse; dropped from temp.batch_ids."""
-        target_games = self._tables[GAMES]
+    def _refuse_short(self, batch: GameBatch, children: list[TableSchema]) -> tuple[str, ...]:
+        """Drop the new games the insert trigger would refuse, child rows included.
+
+        Runs after the child rows are in: the moves are counted on the target's index,
+        exactly as the trigger counts them. Such a game is rare, so undoing its rows is.
+        """
         if not self._refuses_short or _MOVES not in self._tables:
             return ()
-        status = self._value(target_games.columns.get("game_status"), _batch_columns(batch, GAMES))
+        status = self._value(self._tables[GAMES].columns.get("game_status"),
+                             _batch_columns(batch, GAMES))
         if status is None:
             return ()
-        incoming = (f" + (SELECT count(*) FROM incoming.{_q(_MOVES)} m WHERE m.game_id = g.game_id)"
-                    if _MOVES in {t.name.lower() for t in batch.tables} else "")
-        rows = self.conn.execute(
-            f"SELECT g.game_id FROM incoming.{_q(GAMES)} g WHERE g.{_IN_IDS} AND {status} IN "
-            f"{_COMPLETED_STATUSES} AND (SELECT count(*) FROM main.{_q(_MOVES)} m "
-            f"WHERE m.game_id = g.game_id){incoming} < {ringrift_schema.MIN_MOVES_REQUIRED}"
-        ).fetchall()
-        refused = tuple(str(r[0]) for r in rows)
+        refused = tuple(str(r[0]) for r in self.conn.execute(
+            f"SELECT game_id FROM incoming.{_q(GAMES)} WHERE {_IN_IDS} AND "
+            f"{status} IN {_COMPLETED_STATUSES} AND (SELECT count(*) FROM main.{_q(_MOVES)} m "
+            f"WHERE m.game_id = incoming.{_q(GAMES)}.game_id) < {ringrift_schema.MIN_MOVES_REQUIRED}"))
         if refused:
-            self.conn.executemany("DELETE FROM temp.batch_ids WHERE game_id = ?",
-                                  [(gid,) for gid in refused])
+            ids = [(gid,) for gid in refused]
+            self.conn.executemany("DELETE FROM temp.batch_ids WHERE game_id = ?", ids)
+            for table in children:
+                self.conn.executemany(f"DELETE FROM main.{_q(table.name)} WHERE game_id = ?", ids)
         return refused
 
     def _copy(self, table: TableSchema, where: str, *, verb: str = "INSERT") -> int:
@@ -293,17 +297,18 @@ class _TargetDB:
         return cur.rowcount
 
     @staticmethod
-    def _value(col: _TargetColumn | None, batch_cols: dict[str, str]) -> str | None:
+    def _value(col: _TargetColumn | None, batch_cols: dict[str, Column]) -> str | None:
         """The SELECT expression for a target column, or None to leave it to its default."""
         if col is None:
             return None
         source = batch_cols.get(col.name.lower())
-        if not col.required:
-            return None if source is None else _q(source)
+        if source is None:
+            return _neutral(col) if col.required else None
+        if not col.required or source.notnull:  # a NULL under a source's NOT NULL: bad input
+            return _q(source.name)
         # A source with an older (or other) schema must not be refused forever for a
         # constraint it never knew: a neutral value instead of NULL.
-        neutral = _neutral(col)
-        return neutral if source is None else f"coalesce({_q(source)}, {neutral})"
+        return f"coalesce({_q(source.name)}, {_neutral(col)})"
 
     def _report_refused(self, batch: GameBatch, refused: tuple[str, ...]) -> None:
         if self._warned_refused:
@@ -352,16 +357,16 @@ class _TargetDB:
             self.conn.close()  # the last connection to a DB checkpoints it and removes the WAL
 
 
-def _batch_columns_of(table: TableSchema) -> dict[str, str]:
+def _batch_columns_of(table: TableSchema) -> dict[str, Column]:
     """The batch's columns of ``table`` by lower-case name, its own rowid alias left out.
 
     The source's rowid-alias ids would collide with other sources': SQLite assigns ours.
     """
     alias = _rowid_alias(table)
-    return {c.name.lower(): c.name for c in table.columns if c is not alias}
+    return {c.name.lower(): c for c in table.columns if c is not alias}
 
 
-def _batch_columns(batch: GameBatch, name: str) -> dict[str, str]:
+def _batch_columns(batch: GameBatch, name: str) -> dict[str, Column]:
     for table in batch.tables:
         if table.name.lower() == name:
             return _batch_columns_of(table)

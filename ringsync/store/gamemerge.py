@@ -58,7 +58,7 @@ TARGET_PAGE_SIZE = 16384
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Rows the target refuses (duplicate keys, too big, a trigger's RAISE): the batch is bad input.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
-# The trigger of a fresh RingRift DB that refuses short completed games (RINGRIFT_FACTS §2).
+# The trigger of a fresh RingRift DB that refuses short completed games (the RingRift facts, §2).
 _INSERT_TRIGGER = "enforce_moves_on_insert"
 _COMPLETED_STATUSES = "('completed', 'finished')"  # exactly the trigger's test
 _MOVES = "game_moves"

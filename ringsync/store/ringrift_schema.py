@@ -2,7 +2,7 @@
 
 RingRift's readers migrate a DB without ``schema_metadata`` in place as if it were v1 and
 refuse one above 18, so a DB ringsync creates must look exactly like one RingRift created.
-Column and table names follow ``ai-service/app/db/game_replay.py`` (shared/RINGRIFT_FACTS.md
+Column and table names follow ``ai-service/app/db/game_replay.py`` (the shared RingRift facts file,
 §2); the v10-v18 additions beyond those the facts name are modelled, not copied.
 """
 

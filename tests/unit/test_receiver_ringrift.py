@@ -1,7 +1,7 @@
 """Received DBs that RingRift accepts, and a receiver that accepts DBs RingRift made (real SQLite).
 
 Targets here are created, read and migrated the way RingRift's GameReplayDB does it
-(shared/RINGRIFT_FACTS.md §2): connection per operation, WAL, foreign keys on,
+(the shared RingRift facts, §2): connection per operation, WAL, foreign keys on,
 wal_checkpoint(TRUNCATE) on close, v18 schema with its two triggers.
 """
 

@@ -68,8 +68,10 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
     migrate_legacy_state(settings.state_root, settings.state_dir)
     router = SyncRouter(settings.inventory, settings.node_id, settings.coordinator_node)
     manifest = DataManifest(settings.state_dir / "manifest.db")
-    receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router))
+    metrics = Metrics()
+    receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router),
+                            manifest=manifest, metrics=metrics)
     shared = SharedStorage(settings.node_id, identity, enabled=settings.skip_nfs_sync,
                            marked_nfs=nfs_hosts(settings.inventory))
-    return NodeContext(settings=settings, metrics=Metrics(), manifest=manifest, router=router,
+    return NodeContext(settings=settings, metrics=metrics, manifest=manifest, router=router,
                        receiver=receiver, shared=shared)

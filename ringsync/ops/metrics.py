@@ -135,6 +135,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.games_refused_received = Counter(
+            "ringsync_games_refused_total",
+            "Received completed games with fewer than 5 moves, dropped as RingRift's "
+            "enforce_moves_on_insert trigger in the merged DB refuses them.",
+            registry=r,
+        )
+        self.late_rows_received = Counter(
+            "ringsync_late_rows_received_total",
+            "Rows added to games already held here (rows a source added after completion).",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -19,6 +18,7 @@ from ringsync.protocol.batch import (
     image_table_sql,
     validate_config_key,
 )
+from ringsync.store import ringrift_schema
 from ringsync.store._sqlite import (
     _IN_IDS,
     GAME_ID,
@@ -27,7 +27,6 @@ from ringsync.store._sqlite import (
     _load_ids,
     _q,
     _sqlite_errors,
-    _table_columns,
     _transaction,
 )
 
@@ -36,21 +35,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class MergeResult:
-    """What one merge did: games added and games already present."""
+    """What one merge did.
+
+    ``inserted`` games were new here, ``duplicates`` were already held (their new child
+    rows, e.g. feature rows added after completion, were merged by key: ``rows_updated``),
+    ``refused`` are completed games with too few moves that RingRift's insert trigger
+    refuses in this DB: they are dropped, as RingRift itself would drop them.
+    """
 
     inserted: int
     duplicates: int
+    refused: tuple[str, ...] = ()
+    rows_updated: int = 0
 
 
 
 # -- receiver side -------------------------------------------------------------------------
 
-# Rows the target refuses (NOT NULL, duplicate keys, too big): the batch is bad input.
 MAX_OPEN_TARGETS = 32
 TARGET_PAGE_SIZE = 16384
 # A checkpointed WAL is cut back to this size (SQLite otherwise keeps its largest size).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Rows the target refuses (duplicate keys, too big, a trigger's RAISE): the batch is bad input.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
+# The trigger of a fresh RingRift DB that refuses short completed games (the RingRift facts, §2).
+_INSERT_TRIGGER = "enforce_moves_on_insert"
+_COMPLETED_STATUSES = "('completed', 'finished')"  # exactly the trigger's test
+_MOVES = "game_moves"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -59,13 +70,32 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class _TargetDB:
-    """One merged config DB: its write connection and lock, and a cache of its columns.
+@dataclass(frozen=True, slots=True)
+class _TargetColumn:
+    name: str
+    decl_type: str
+    required: bool  # NOT NULL: a NULL or missing value gets a neutral one
 
-    Only the row work of a merge holds the write lock. Its two disk waits come after the
-    lock is released, while the next batch merges: ``sync_wal()`` makes the commit durable
-    (so an acknowledged batch survives a power cut, not only a crash) and ``checkpoint()``
-    copies the WAL into the DB file, on a connection of its own.
+
+@dataclass(slots=True)
+class _TargetTable:
+    columns: dict[str, _TargetColumn]  # by lower-case name, in the target's order
+    keyed: bool  # has a primary key or unique index besides the rowid
+
+
+class _TargetDB:
+    """One merged config DB: its write connection and lock, and a cache of its tables.
+
+    A new DB is created the way RingRift creates one (v18 tables, indexes, both triggers,
+    ``schema_metadata``), so RingRift's readers open it unchanged. An existing one, made by
+    RingRift or migrated by it while we were away, is written by column name whatever
+    its column order; the cache is dropped whenever SQLite's schema cookie moves.
+
+    Only the row work of a merge holds the write lock. ``make_durable()`` runs after the
+    lock is released, while the next batch merges: a checkpoint on a connection of its own
+    (SQLite fsyncs the WAL before copying it), so an acknowledged batch survives a power cut.
+    Nothing here opens the DB's files outside SQLite: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, its SQLite connections' included.
     """
 
     def __init__(self, path: Path) -> None:
@@ -76,62 +106,109 @@ class _TargetDB:
         # bytes, 16 KiB pages cut merge CPU by about a fifth (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={TARGET_PAGE_SIZE}")
         self.conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit does not fsync under the lock; sync_wal() does it after.
+        # NORMAL: a commit does not fsync under the lock; make_durable() does it after.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
         self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # Off (SQLite's default, said explicitly): child rows go in before their games row,
+        # which is what satisfies enforce_moves_on_insert; RingRift's own connections turn
+        # foreign keys on, and the games row is in place before this transaction commits.
+        self.conn.execute("PRAGMA foreign_keys=OFF")
         # Defence in depth: images are verified before they are attached here.
         self.conn.execute("PRAGMA trusted_schema=OFF")
         self.conn.execute("PRAGMA cell_size_check=ON")
         self.conn.execute("PRAGMA temp_store=MEMORY")
-        self._columns: dict[str, set[str]] = {}
+        self.conn.execute("CREATE TEMP TABLE present_ids (game_id TEXT PRIMARY KEY)")
+        self._tables: dict[str, _TargetTable] = {}
+        self._cookie = -1  # PRAGMA schema_version the cache was read at
+        self._refuses_short = False
+        self._warned_refused = False
+        self.commits = 0  # merges committed on this connection; make_durable() takes one
+        self._durable = 0  # every commit up to this one is on disk
         self._checkpoint_lock = threading.Lock()
-        self._checkpoint_due = False
         self.closed = False
 
     def merge(self, batch: GameBatch) -> MergeResult:
-        """Insert the new games of a batch whose image passed _verify_image."""
+        """Merge a batch whose image passed _verify_image; the caller holds ``lock``."""
         with _attached_memory(self.conn, "incoming"):
             self.conn.deserialize(batch.image, name="incoming")
             _load_ids(self.conn, batch.game_ids)
-            return self._insert_new(batch)
+            return self._merge_attached(batch)
 
-    def _insert_new(self, batch: GameBatch) -> MergeResult:
+    def _merge_attached(self, batch: GameBatch) -> MergeResult:
         try:
             with _transaction(self.conn, "BEGIN IMMEDIATE"):
+                self._refresh_cache()
+                if GAMES not in self._tables:
+                    self._create_ringrift_schema()
                 for table in batch.tables:
                     self._ensure_table(table)
-                new = self._keep_new_ids(len(batch.game_ids))
-                for table in batch.tables if new else ():
-                    self._insert(table, everything=new == len(batch.game_ids))
+                result = self._insert(batch)
+                self._cookie = self._schema_cookie()
         except BaseException as exc:
-            self._columns.clear()  # DDL of this batch was rolled back too
+            self._cookie = -1  # DDL of this batch was rolled back too
             if isinstance(exc, _REJECTED):
                 raise BadInputError(
                     f"batch {batch.config_key} from {batch.source_node} rejected, nothing merged: "
                     f"{type(exc).__name__}: {exc}") from exc
             raise
-        return MergeResult(new, len(batch.game_ids) - new)
+        self.commits += 1
+        if result.refused:
+            self._report_refused(batch, result.refused)
+        return result
 
-    def _existing(self, table: str) -> set[str]:
-        if table not in self._columns:
-            cols = _table_columns(self.conn, table)
-            self._columns[table] = {c.name.lower() for c in cols}
-        return self._columns[table]
+    # -- the target's schema
+
+    def _schema_cookie(self) -> int:
+        return int(self.conn.execute("PRAGMA main.schema_version").fetchone()[0])
+
+    def _refresh_cache(self) -> None:
+        """Re-read the target's tables if anyone (RingRift migrating it, say) changed them."""
+        cookie = self._schema_cookie()
+        if cookie == self._cookie:
+            return
+        self._tables.clear()
+        names = self.conn.execute(
+            "SELECT type, name FROM main.sqlite_master WHERE type IN ('table', 'trigger')").fetchall()
+        for kind, name in names:
+            if kind == "table" and not name.lower().startswith("sqlite_"):
+                self._tables[name.lower()] = self._read_table(name)
+        self._refuses_short = any(kind == "trigger" and name.lower() == _INSERT_TRIGGER
+                                  for kind, name in names)
+        self._cookie = cookie
+
+    def _read_table(self, name: str) -> _TargetTable:
+        info = self.conn.execute(f"PRAGMA main.table_info({_q(name)})").fetchall()
+        # cid, name, type, notnull, dflt_value, pk. A default fills a missing column
+        # already, and SQLite numbers an INTEGER PRIMARY KEY (a rowid alias) itself.
+        pks = [r for r in info if r[5]]
+        alias = pks[0][1] if len(pks) == 1 and str(pks[0][2]).upper() == "INTEGER" else None
+        columns = {str(r[1]).lower(): _TargetColumn(
+            str(r[1]), str(r[2] or ""), bool(r[3]) and r[4] is None and r[1] != alias)
+            for r in info}
+        indexes = self.conn.execute(f"PRAGMA main.index_list({_q(name)})").fetchall()
+        return _TargetTable(columns, keyed=any(r[2] for r in indexes))
+
+    def _create_ringrift_schema(self) -> None:
+        """A DB RingRift would accept as its own: v18 and schema_metadata, triggers included."""
+        ringrift_schema.create_schema(self.conn)
+        self._cookie = -1
+        self._refresh_cache()
 
     def _ensure_table(self, table: TableSchema) -> None:
-        existing = self._existing(table.name)
-        if not existing:
+        existing = self._tables.get(table.name.lower())
+        if existing is None:
             self._create(table)
             return
         for col in table.columns:
-            if col.name.lower() not in existing:
+            if col.name.lower() not in existing.columns:
                 # ADD COLUMN cannot carry NOT NULL without a default; older rows are NULL.
                 self.conn.execute(f"ALTER TABLE main.{_q(table.name)} ADD COLUMN "
                                   f"{_q(col.name)} {col.decl_type}")
-                existing.add(col.name.lower())
+                existing.columns[col.name.lower()] = _TargetColumn(col.name, col.decl_type, False)
 
     def _create(self, table: TableSchema) -> None:
+        """A table RingRift's schema does not have: from the batch, without its NOT NULLs."""
         is_games = table.name.lower() == GAMES
         pk = [GAME_ID] if is_games else [c.name for c in sorted(table.columns, key=lambda c: c.pk)
                                          if c.pk]
@@ -149,58 +226,164 @@ class _TargetDB:
             # A PK that starts with game_id already serves lookups by game.
             self.conn.execute(f"CREATE INDEX main.{_q('idx_' + table.name + '_game_id')} "
                               f"ON {_q(table.name)} ({_q(GAME_ID)})")
-        self._columns[table.name] = {c.name.lower() for c in table.columns}
+        self._tables[table.name.lower()] = self._read_table(table.name)
 
-    def _keep_new_ids(self, total: int) -> int:
-        """Drop the games this DB already holds from temp.batch_ids; return how many are left."""
-        cur = self.conn.execute(f"DELETE FROM temp.batch_ids WHERE game_id IN "
-                                f"(SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)})")
-        return total - cur.rowcount
+    # -- the rows
 
-    def _insert(self, table: TableSchema, *, everything: bool) -> None:
-        # The source's own rowid-alias ids would collide with other sources': SQLite assigns ours.
-        alias = _rowid_alias(table)
-        names = ", ".join(_q(c.name) for c in table.columns if c is not alias)
-        where = "" if everything else f" WHERE {_IN_IDS}"
-        self.conn.execute(f"INSERT INTO main.{_q(table.name)} ({names}) "
-                          f"SELECT {names} FROM incoming.{_q(table.name)}{where}")
+    def _insert(self, batch: GameBatch) -> MergeResult:
+        """Child rows first, games rows last: the insert trigger counts the moves already in."""
+        present = self._split_present()
+        children = [t for t in batch.tables if t.name.lower() != GAMES]
+        games = [t for t in batch.tables if t.name.lower() == GAMES]
+        every = present == 0
+        for table in children if present < len(batch.game_ids) else ():
+            self._copy(table, "" if every else f" WHERE {_IN_IDS}")
+        refused = self._refuse_short(batch, children)
+        for table in games if present + len(refused) < len(batch.game_ids) else ():
+            self._copy(table, "" if every and not refused else f" WHERE {_IN_IDS}")
+        updated = 0
+        for table in children if present else ():
+            if self._tables[table.name.lower()].keyed:  # a rowid-only table would get copies
+                updated += self._copy(table, " WHERE game_id IN (SELECT game_id FROM temp.present_ids)",
+                                      verb="INSERT OR IGNORE")
+        new = len(batch.game_ids) - present - len(refused)
+        return MergeResult(new, present, refused, updated)
 
-    def sync_wal(self) -> None:
-        """fsync the WAL: every commit so far is durable (fsync covers the file, whoever wrote it)."""
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: the last connection closed, checkpointed and synced the DB file
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _split_present(self) -> int:
+        """Move the games this DB already holds from temp.batch_ids to temp.present_ids."""
+        self.conn.execute("DELETE FROM temp.present_ids")
+        cur = self.conn.execute(f"INSERT INTO temp.present_ids SELECT game_id FROM temp.batch_ids "
+                                f"WHERE game_id IN (SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)})")
+        if cur.rowcount:
+            self.conn.execute("DELETE FROM temp.batch_ids WHERE game_id IN "
+                              "(SELECT game_id FROM temp.present_ids)")
+        return cur.rowcount
 
-    def checkpoint(self) -> None:
-        """Copy committed WAL frames into the DB file; one checkpoint at a time.
+    def _refuse_short(self, batch: GameBatch, children: list[TableSchema]) -> tuple[str, ...]:
+        """Drop the new games the insert trigger would refuse, child rows included.
 
-        A caller that finds one running leaves a mark instead of waiting; the running
-        one sees it after releasing the lock and goes again, so no commit is left behind.
+        Runs after the child rows are in: the moves are counted on the target's index,
+        exactly as the trigger counts them. Such a game is rare, so undoing its rows is.
         """
-        self._checkpoint_due = True
-        while self._checkpoint_due and self._checkpoint_lock.acquire(blocking=False):
-            try:
-                self._checkpoint_due = False
-                if not self.closed:
-                    # PASSIVE: never waits for (or blocks) the writer or a trainer reading.
-                    with closing(_connect(self.path)) as conn:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:  # the batch is committed; the WAL just stays longer
-                log.warning("checkpoint of %s failed, retried after the next merge: %s",
-                            self.path, exc)
-            finally:
-                self._checkpoint_lock.release()
+        if not self._refuses_short or _MOVES not in self._tables:
+            return ()
+        status = self._value(self._tables[GAMES].columns.get("game_status"),
+                             _batch_columns(batch, GAMES))
+        if status is None:
+            return ()
+        refused = tuple(str(r[0]) for r in self.conn.execute(
+            f"SELECT game_id FROM incoming.{_q(GAMES)} WHERE {_IN_IDS} AND "
+            f"{status} IN {_COMPLETED_STATUSES} AND (SELECT count(*) FROM main.{_q(_MOVES)} m "
+            f"WHERE m.game_id = incoming.{_q(GAMES)}.game_id) < {ringrift_schema.MIN_MOVES_REQUIRED}"))
+        if refused:
+            ids = [(gid,) for gid in refused]
+            self.conn.executemany("DELETE FROM temp.batch_ids WHERE game_id = ?", ids)
+            for table in children:
+                self.conn.executemany(f"DELETE FROM main.{_q(table.name)} WHERE game_id = ?", ids)
+        return refused
+
+    def _copy(self, table: TableSchema, where: str, *, verb: str = "INSERT") -> int:
+        """Copy the batch's rows of ``table`` by column name, NOT NULL gaps filled."""
+        target = self._tables[table.name.lower()]
+        batch_cols = _batch_columns_of(table)
+        names, values = [], []
+        for col in target.columns.values():
+            value = self._value(col, batch_cols)
+            if value is not None:
+                names.append(_q(col.name))
+                values.append(value)
+        cur = self.conn.execute(f"{verb} INTO main.{_q(table.name)} ({', '.join(names)}) "
+                                f"SELECT {', '.join(values)} FROM incoming.{_q(table.name)}{where}")
+        return cur.rowcount
+
+    @staticmethod
+    def _value(col: _TargetColumn | None, batch_cols: dict[str, Column]) -> str | None:
+        """The SELECT expression for a target column, or None to leave it to its default."""
+        if col is None:
+            return None
+        source = batch_cols.get(col.name.lower())
+        if source is None:
+            return _neutral(col) if col.required else None
+        if not col.required or source.notnull:  # a NULL under a source's NOT NULL: bad input
+            return _q(source.name)
+        # A source with an older (or other) schema must not be refused forever for a
+        # constraint it never knew: a neutral value instead of NULL.
+        return f"coalesce({_q(source.name)}, {_neutral(col)})"
+
+    def _report_refused(self, batch: GameBatch, refused: tuple[str, ...]) -> None:
+        if self._warned_refused:
+            log.debug("%s: refused %d short completed games", self.path, len(refused))
+            return
+        self._warned_refused = True
+        log.warning(
+            "%s refuses completed games with fewer than %d moves (its %s trigger); dropped %d "
+            "from %s, e.g. %s (counted in ringsync_games_refused_total; further ones at debug)",
+            self.path, ringrift_schema.MIN_MOVES_REQUIRED, _INSERT_TRIGGER, len(refused),
+            batch.source_node, refused[0])
+
+    # -- durability
+
+    def make_durable(self, commit: int) -> None:
+        """Return once commit number ``commit`` (and every earlier one) is on disk.
+
+        A PASSIVE checkpoint on a connection of its own: it never waits for the writer or
+        for a reader, and SQLite fsyncs the WAL before copying frames and the DB file
+        after. When a reader's snapshot keeps frames from being copied, a one-page commit
+        with synchronous=FULL fsyncs the WAL instead. One at a time; a caller whose commit
+        an earlier checkpoint already covered returns at once.
+        """
+        with self._checkpoint_lock:
+            if self._durable >= commit:
+                return
+            upto = self.commits  # commits so far are all in the WAL this checkpoint reads
+            with closing(_connect(self.path)) as conn:
+                conn.execute("PRAGMA synchronous=FULL")
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy or copied < frames:  # another checkpointer, or a reader's old snapshot
+                    self._sync_by_commit(conn)
+            self._durable = max(self._durable, upto)
+
+    @staticmethod
+    def _sync_by_commit(conn: sqlite3.Connection) -> None:
+        """Commit a rewrite of page 1 (user_version set to itself): FULL fsyncs the WAL."""
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version={version}")
 
     def close(self) -> None:
         """Close the connection once no checkpoint runs (the caller holds ``lock``)."""
         self.closed = True
         with self._checkpoint_lock:
             self.conn.close()  # the last connection to a DB checkpoints it and removes the WAL
+
+
+def _batch_columns_of(table: TableSchema) -> dict[str, Column]:
+    """The batch's columns of ``table`` by lower-case name, its own rowid alias left out.
+
+    The source's rowid-alias ids would collide with other sources': SQLite assigns ours.
+    """
+    alias = _rowid_alias(table)
+    return {c.name.lower(): c for c in table.columns if c is not alias}
+
+
+def _batch_columns(batch: GameBatch, name: str) -> dict[str, Column]:
+    for table in batch.tables:
+        if table.name.lower() == name:
+            return _batch_columns_of(table)
+    return {}
+
+
+def _neutral(col: _TargetColumn) -> str:
+    """A value of the column's type affinity for a NOT NULL column the batch leaves empty."""
+    decl = col.decl_type.upper()
+    if "INT" in decl:
+        return "0"
+    if any(word in decl for word in ("CHAR", "CLOB", "TEXT")):
+        # RingRift's timestamps are ISO-8601 text (created_at, completed_at, ...).
+        return "strftime('%Y-%m-%dT%H:%M:%f', 'now')" if col.name.lower().endswith("_at") else "''"
+    if "BLOB" in decl or not decl:
+        return "x''"
+    return "0"
 
 
 def _verify_image(batch: GameBatch) -> None:
@@ -284,7 +467,12 @@ class GameMerger:
         self._max_open = max_open
 
     def merge(self, batch: GameBatch) -> MergeResult:
-        """Insert the games of ``batch`` not already present, with their child rows."""
+        """Insert the games of ``batch`` not already present, with their child rows.
+
+        For games already present, child rows the DB lacks are added by key (rows a
+        source adds to a finished game later); the games row itself is left alone.
+        Returns once the merge is durable.
+        """
         key = validate_config_key(batch.config_key)
         _verify_image(batch)  # first: a bad batch creates nothing, not even the target DB
         path = self._safe_path(key)
@@ -295,8 +483,8 @@ class GameMerger:
                     if target.closed:  # evicted between lookup and lock: reopen
                         continue
                     result = target.merge(batch)
-                target.sync_wal()  # before the peer is told: an ack means on disk
-                target.checkpoint()
+                    commit = target.commits
+                target.make_durable(commit)  # before the peer is told: an ack means on disk
                 return result
 
     def _target(self, key: str, path: Path) -> _TargetDB:

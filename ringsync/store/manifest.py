@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (target, game_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
-CREATE TABLE IF NOT EXISTS received (game_id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -71,6 +71,10 @@ class DataManifest:
             self._db = self._open(path)
         except sqlite3.DatabaseError as exc:
             self._db = self._quarantine_and_reopen(path, exc)
+        # Games merged from peers, written by the receiver's worker threads: a connection
+        # of its own, opened on first use.
+        self._received_lock = threading.Lock()
+        self._received_db: sqlite3.Connection | None = None
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -108,6 +112,10 @@ class DataManifest:
             raise CorruptDataError(f"cannot create manifest {path}: {again}") from again
 
     def close(self) -> None:
+        with self._received_lock:
+            if self._received_db is not None:
+                self._received_db.close()
+                self._received_db = None
         self._db.close()
 
     def record_discovered(self, games: Sequence[DiscoveredGame], targets: Iterable[str]) -> int:
@@ -203,25 +211,58 @@ class DataManifest:
         ).fetchall())
         return {"games": games, "delivered": delivered, "pending": pending, "shared": shared}
 
-    def record_received(self, game_ids: Iterable[str]) -> None:
-        """Games that arrived from peers: never pushed on as this node's own."""
-        with self._transaction():
-            self._db.executemany("INSERT OR IGNORE INTO received VALUES (?)",
-                                 ((gid,) for gid in game_ids))
-
-    def received_filter(self, game_ids: Sequence[str]) -> set[str]:
-        """The ids among ``game_ids`` that this node received from peers."""
-        out: set[str] = set()
-        for i in range(0, len(game_ids), 500):
-            chunk = game_ids[i:i + 500]
-            rows = self._db.execute(
-                f"SELECT game_id FROM received WHERE game_id IN ({','.join('?' * len(chunk))})",
-                chunk).fetchall()
-            out.update(r[0] for r in rows)
-        return out
-
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+    # -- games received from peers (never pushed on as this node's own)
+
+    def record_received(self, game_ids: Iterable[str]) -> None:
+        """Remember games merged from a peer, durably; call after the merge commits.
+
+        Thread-safe: the receiver calls it from worker threads, before it acknowledges.
+        """
+        rows = [(gid, time.time()) for gid in game_ids]
+        with self._received_lock:
+            db = self._received()
+            with _Transaction(db):
+                db.executemany("INSERT OR IGNORE INTO received VALUES (?, ?)", rows)
+
+    def received_filter(self, game_ids: Iterable[str]) -> set[str]:
+        """Which of ``game_ids`` this node received from a peer (thread-safe)."""
+        ids = list(dict.fromkeys(game_ids))
+        found: set[str] = set()
+        with self._received_lock:
+            db = self._received()
+            for i in range(0, len(ids), _RECEIVED_CHUNK):
+                chunk = ids[i:i + _RECEIVED_CHUNK]
+                found.update(r[0] for r in db.execute(
+                    f"SELECT game_id FROM received WHERE game_id IN ({','.join('?' * len(chunk))})",
+                    chunk))
+        return found
+
+    def _received(self) -> sqlite3.Connection:
+        if self._received_db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                 check_same_thread=False)
+            try:
+                # FULL: the peer is told "merged" right after, and never sends the ids again.
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(_RECEIVED_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._received_db = db
+        return self._received_db
+
+
+_RECEIVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    game_id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL
+) WITHOUT ROWID
+"""
+_RECEIVED_CHUNK = 500
 
 
 class _Transaction:

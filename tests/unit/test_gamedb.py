@@ -391,47 +391,66 @@ def file_game_ids(db: Path) -> set[str]:
         return {r[0] for r in conn.execute("SELECT game_id FROM games")}
 
 
-def test_merged_batch_is_fsynced_and_then_checkpointed(
-        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merged_batch_is_checkpointed_before_merge_returns(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path) -> None:
     ids = [writer.write_game() for _ in range(3)]
     source.scan()
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(gamemerge.os, "fsync", fsync)
     merger.merge(one_batch(source, ids))
     target = tmp_path / "synced" / "hex8_2p.db"
-    assert f"{target.resolve()}-wal" in synced  # the commit is on disk before merge() returns
-    assert file_game_ids(target) == set(ids)  # the merge's checkpoint ran (no autocheckpoint)
+    # In the DB file itself: the checkpoint (which fsyncs the WAL first) ran before the ack.
+    assert file_game_ids(target) == set(ids)
     with closing(sqlite3.connect(target)) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == gamemerge.TARGET_PAGE_SIZE
 
 
-def test_merge_committed_during_a_checkpoint_is_checkpointed_too(
+def test_merge_behind_a_reader_snapshot_is_synced_by_a_commit(
         writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint() that finds one running leaves a mark; the running one goes again."""
+    """A reader's old snapshot stops the checkpoint; a FULL-synced commit makes it durable."""
+    first, second = writer.write_game(), writer.write_game()
+    source.scan()
+    merger.merge(one_batch(source, [first]))
+    target = tmp_path / "synced" / "hex8_2p.db"
+    synced: list[int] = []
+    real = gamemerge._TargetDB._sync_by_commit
+    monkeypatch.setattr(gamemerge._TargetDB, "_sync_by_commit",
+                        staticmethod(lambda conn: (synced.append(1), real(conn))))
+    with closing(sqlite3.connect(target, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM games").fetchone()[0] == 1
+        merger.merge(one_batch(source, [second]))
+        assert synced == [1]
+        assert file_game_ids(target) == {first}  # not copied yet: the reader still reads it
+        reader.execute("COMMIT")
+    assert game_ids(target) == {first, second}
+    with closing(sqlite3.connect(target)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def test_merge_committed_during_a_checkpoint_waits_for_its_own(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge that commits while a checkpoint runs is not acknowledged on that one."""
     ids = [writer.write_game() for _ in range(2)]
     source.scan()
     merger.merge(one_batch(source, ids[:1]))
     (db,) = merger._dbs.values()
     checkpointed, release = threading.Event(), threading.Event()
     real_connect = gamemerge._connect
+    order: list[str] = []
 
     class _PausesAfterCheckpoint:
         def __init__(self, conn: sqlite3.Connection) -> None:
             self.conn = conn
 
         def execute(self, sql: str) -> sqlite3.Cursor:
-            rows = self.conn.execute(sql).fetchall()
-            checkpointed.set()
-            release.wait(10)
-            return self.conn.execute("SELECT ?, ?, ?", rows[0])
+            cur = self.conn.execute(sql)
+            if "wal_checkpoint" in sql:
+                rows = cur.fetchall()
+                checkpointed.set()
+                release.wait(10)
+                return self.conn.execute("SELECT ?, ?, ?", rows[0])
+            return cur
 
         def close(self) -> None:
             self.conn.close()
@@ -442,13 +461,26 @@ def test_merge_committed_during_a_checkpoint_is_checkpointed_too(
         return _PausesAfterCheckpoint(conn) if paused else conn
 
     monkeypatch.setattr(gamemerge, "_connect", connect)
-    first = threading.Thread(target=db.checkpoint, name="first")
+    db.commits += 1  # as if a merge had committed before this checkpoint
+    first = threading.Thread(target=db.make_durable, args=(db.commits,), name="first")
     first.start()
     assert checkpointed.wait(10)
-    merger.merge(one_batch(source, ids[1:]))  # commits after that checkpoint; its own finds it busy
-    assert file_game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids[:1])
+
+    def second_merge() -> None:
+        merger.merge(one_batch(source, ids[1:]))
+        order.append("merged")
+
+    second = threading.Thread(target=second_merge)
+    second.start()
+    deadline = time.monotonic() + 10
+    while db.commits < 3 and time.monotonic() < deadline:  # the second merge has committed
+        time.sleep(0.01)
+    time.sleep(0.2)  # it would have returned by now if it did not wait
+    order.append("released")
     release.set()
     first.join(10)
+    second.join(10)
+    assert order == ["released", "merged"]
     assert file_game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
 
 
@@ -629,8 +661,11 @@ def test_sources_with_diverging_constraints_all_merge(
     first, second = writer.write_game(), writer.write_game()
     source.scan()
     merger.merge(one_batch(source, [first]))
-    older_schema = tampered(one_batch(source, [second]), "UPDATE game_moves SET phase=NULL")
-    assert merger.merge(older_schema).inserted == 1
+    nulls = tampered(one_batch(source, [second]), "UPDATE game_moves SET phase=NULL")
+    older_schema = dataclasses.replace(nulls, tables=tuple(
+        dataclasses.replace(t, columns=tuple(dataclasses.replace(c, notnull=False)
+                                             for c in t.columns)) for t in nulls.tables))
+    assert merger.merge(older_schema).inserted == 1  # a neutral '' where the target says NOT NULL
     assert game_ids(tmp_path / "synced" / "hex8_2p.db") == {first, second}
 
 

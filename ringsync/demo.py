@@ -77,7 +77,7 @@ def _stop_generator(generator: subprocess.Popen[bytes]) -> None:
 
 
 def _start_generator(cluster: Cluster, rate: float) -> subprocess.Popen[bytes]:
-    db = cluster.nodes["selfplay-1"].data_dir / "games" / "selfplay_hex8_2p.db"
+    db = cluster.nodes["selfplay-1"].data_dir / "games" / "hex8_2p.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "ringsync.selfplay_sim", str(db), "--games", "1000000000",

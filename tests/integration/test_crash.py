@@ -63,7 +63,7 @@ def test_random_kill_9_of_sender_and_receivers(tmp_path: Path) -> None:
     rng = random.Random(seed)
     print(f"crash test seed {seed} (RINGSYNC_TEST_SEED={seed} reproduces the schedule)")
     cluster = Cluster(tmp_path, NODES, sync_interval=2.0)
-    source = cluster.nodes["selfplay-1"].data_dir / "games" / "selfplay_hex8_2p.db"
+    source = cluster.nodes["selfplay-1"].data_dir / "games" / "hex8_2p.db"
     source.parent.mkdir(parents=True)
     writer = start_writer(source, rate=150)
     try:
@@ -93,7 +93,7 @@ def test_random_kill_9_of_sender_and_receivers(tmp_path: Path) -> None:
 
 def test_sigterm_drains_within_the_bound_and_restart_resumes(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, NODES, sync_interval=2.0)
-    source = cluster.nodes["selfplay-1"].data_dir / "games" / "selfplay_hex8_2p.db"
+    source = cluster.nodes["selfplay-1"].data_dir / "games" / "hex8_2p.db"
     source.parent.mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "ringsync.selfplay_sim", str(source), "--games", "3000",
                     "--moves", "40", "--seed", "5"], check=True, capture_output=True, timeout=300)

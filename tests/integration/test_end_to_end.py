@@ -60,7 +60,7 @@ def merged_rows(node_games: Path) -> dict[str, Counter[str]]:
 
 
 def test_games_flow_exactly_once_to_both_trainers_and_never_to_the_coordinator(cluster: Cluster) -> None:
-    source = cluster.nodes["selfplay-1"].data_dir / "games" / "selfplay_hex8_2p.db"
+    source = cluster.nodes["selfplay-1"].data_dir / "games" / "hex8_2p.db"
     late = SelfplayWriter(source, seed=99, moves_per_game=30)
     late_games = [late.start_game() for _ in range(5)]
     writer = subprocess.run(

@@ -118,7 +118,7 @@ def test_a_trainer_sharing_the_data_dir_is_skipped_and_a_local_one_gets_every_ga
     _on(nfs, shared)
     try:
         cluster.start_all()
-        completed = _write_games(shared / "games" / "selfplay_hex8_2p.db")
+        completed = _write_games(shared / "games" / "hex8_2p.db")
         local_dir = local.data_dir
         wait_until(lambda: len(_games_in(local_dir)) >= GAMES, 60, "every game at train-local")
         skips = 'ringsync_shared_storage_skips_total{peer="train-nfs"}'
@@ -159,7 +159,7 @@ def test_a_selfplay_node_on_a_network_mount_feeds_both_local_trainers(
     _on(sp, shared)
     try:
         cluster.start_all()
-        completed = _write_games(shared / "games" / "selfplay_hex8_2p.db")
+        completed = _write_games(shared / "games" / "hex8_2p.db")
         trainers = [cluster.nodes["train-1"], cluster.nodes["train-2"]]
         wait_until(lambda: all(len(_games_in(t.data_dir)) >= GAMES for t in trainers), 60,
                    "every game at both trainers")

@@ -27,6 +27,7 @@ from ringsync.transport.http import HttpTransport
 log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
+DELETED_CHECK_SLICE = 500  # shipped games checked for deletion at the source per forced scan
 _BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 
@@ -109,6 +110,9 @@ class AutoSyncDaemon(Daemon):
         self._inodes: dict[str, int] = {}
         self._acked_in_cycle = 0
         self._rejected_in_cycle: set[str] = set()
+        self._source_errors: dict[str, str] = {}  # source key -> why its last read failed
+        self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
+        self._deleted_seen: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -235,7 +239,7 @@ class AutoSyncDaemon(Daemon):
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
-                await self._scan(key, source, names)
+                await self._scan(key, source, names, force=force)
 
     async def _forget_replaced_sources(self) -> None:
         """Close sources whose file was removed, renamed away or replaced by a new file."""
@@ -244,22 +248,64 @@ class AutoSyncDaemon(Daemon):
             if _inode(games_dir / key) != self._inodes.get(key):
                 source = self._sources.pop(key)
                 self._inodes.pop(key, None)
+                if self._source_errors.pop(key, None) is not None:
+                    self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+                    self._update_health()
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: GameSource, targets: list[str]) -> None:
+    async def _scan(self, key: str, source: GameSource, targets: list[str], *,
+                    force: bool = False) -> None:
         try:
-            found = await asyncio.to_thread(source.scan)
-        except CorruptDataError as exc:
-            log.error("cannot read source %s, skipping it until it changes: %s", key, exc)
+            scan = await asyncio.to_thread(source.scan_all)
+            if force:
+                await self._check_deleted(key, source)
+        except (CorruptDataError, sqlite3.OperationalError) as exc:
+            await self._source_failed(key, source, exc)
             return
-        except sqlite3.OperationalError as exc:  # e.g. locked past busy_timeout: retry next cycle
-            log.warning("source %s is busy (%s); retrying on the next cycle", key, exc)
-            return
-        if found:
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found]
+        self._source_recovered(key)
+        m = self._ctx.metrics
+        if scan.completed:
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in scan.completed]
             new = self._ctx.manifest.record_discovered(games, targets)
-            self._ctx.metrics.games_discovered.inc(new)
+            m.games_discovered.inc(new)
+        if scan.changed:  # rows added to shipped games: their holders get them merged by key
+            self._ctx.manifest.requeue([g.game_id for g in scan.changed])
+            m.source_games_changed.inc(len(scan.changed))
+        m.source_games_given_up.inc(scan.given_up)
+
+    async def _check_deleted(self, key: str, source: GameSource) -> None:
+        """Look for a slice of this source's shipped games that were deleted there since."""
+        after = self._deleted_after.get(key, "")
+        ids = self._ctx.manifest.delivered_from(key, DELETED_CHECK_SLICE, after=after)
+        self._deleted_after[key] = ids[-1] if len(ids) == DELETED_CHECK_SLICE else ""
+        gone = [g for g in await asyncio.to_thread(source.missing, ids)
+                if g not in self._deleted_seen]
+        if gone:
+            self._deleted_seen.update(gone)
+            self._ctx.metrics.source_games_deleted.inc(len(gone))
+            log.warning("%d games shipped from %s were deleted there since (first %s); their "
+                        "copies at the targets stay", len(gone), key, gone[0])
+
+    async def _source_failed(self, key: str, source: GameSource, exc: Exception) -> None:
+        """An unreadable source is loud: one log line when it starts failing, metrics, health."""
+        kind = "corrupt" if isinstance(exc, CorruptDataError) else "busy"
+        self._ctx.metrics.source_read_errors.labels(kind=kind).inc()
+        # A view gone stale (e.g. its WAL deleted under it) heals with a fresh connection;
+        # the cursor stays, so nothing already found is reported again.
+        await asyncio.to_thread(source.close)
+        if key not in self._source_errors:
+            log.error("cannot read source %s (%s); its games are not shipped until it reads "
+                      "again, retried every cycle: %s", key, kind, exc)
+        self._source_errors[key] = f"source {key} unreadable ({kind}): {exc}"
+        self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+        self._update_health()
+
+    def _source_recovered(self, key: str) -> None:
+        if self._source_errors.pop(key, None) is not None:
+            log.info("source %s is readable again", key)
+            self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+            self._update_health()
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -406,8 +452,9 @@ class AutoSyncDaemon(Daemon):
         self._update_health()
 
     def _update_health(self) -> None:
-        if self._failing:
-            detail = "; ".join(f"{p}: {r}" for p, r in sorted(self._failing.items()))
+        if self._failing or self._source_errors:
+            detail = "; ".join([*(f"{p}: {r}" for p, r in sorted(self._failing.items())),
+                                *(r for _, r in sorted(self._source_errors.items()))])
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:
             self._health = Health(HealthState.HEALTHY)

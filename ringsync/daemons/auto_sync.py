@@ -256,6 +256,7 @@ class AutoSyncDaemon(Daemon):
 
     async def _scan(self, key: str, source: GameSource, targets: list[str], *,
                     force: bool = False) -> None:
+        reconnects = source.reconnects
         try:
             scan = await asyncio.to_thread(source.scan_all)
             if force:
@@ -265,6 +266,7 @@ class AutoSyncDaemon(Daemon):
             return
         self._source_recovered(key)
         m = self._ctx.metrics
+        m.source_lost_locks.inc(source.reconnects - reconnects)
         if scan.completed:
             games = [DiscoveredGame(g.game_id, key, g.config_key) for g in scan.completed]
             new = self._ctx.manifest.record_discovered(games, targets)

@@ -136,6 +136,12 @@ class Metrics:
             "Games left unfinished past the active-game timeout; no longer re-checked.",
             registry=r,
         )
+        self.source_lost_locks = Counter(
+            "ringsync_source_lost_locks_total",
+            "Source views found stale because the WAL was deleted under them (locks lost "
+            "to an open()/close() of the file in this process); reopened.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -167,6 +167,8 @@ class GameSource:
         self._cursor = _Cursor()
         self._stamp: tuple[object, ...] | None = None
         self._layout: tuple[int, _Layout] | None = None
+        self._wal_ino: int | None = None
+        self.reconnects = 0  # stale views healed by reopening (see _lost_locks)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -186,12 +188,33 @@ class GameSource:
     def _connection(self) -> Iterator[sqlite3.Connection]:
         """The connection, used by one caller at a time; SQLite errors name the source DB."""
         with self._lock, _sqlite_errors(self.path):
+            if self._conn is not None and self._wal_inode() != self._wal_ino:
+                self._lost_locks()
             if self._conn is None:
                 self._conn = _open_source(self.path)
                 # The first read creates -wal/-shm next to a DB whose writer's last close
                 # removed them; do it now, so that the scan's stamp does not see our own files.
                 self._conn.execute("SELECT count(*) FROM src.sqlite_master").fetchone()
+                self._wal_ino = self._wal_inode()
             yield self._conn
+
+    def _wal_inode(self) -> int | None:
+        key = _stat_key(self.path.with_name(self.path.name + "-wal"))
+        return None if key is None else key[2]
+
+    def _lost_locks(self) -> None:
+        """The WAL was deleted while we held it open: only possible when our locks were lost.
+
+        Something in this process opened and closed the DB file outside SQLite (POSIX locks
+        belong to the process), and a writer's last close then checkpointed and deleted the
+        WAL. Our view is stale; a fresh connection reads the file as it is.
+        """
+        assert self._conn is not None
+        self.reconnects += 1
+        log.error("%s: its WAL was deleted while ringsync held it open (our SQLite locks were "
+                  "dropped by an open()/close() of the file in this process); reopening", self.path)
+        self._conn.close()
+        self._conn = None
 
     def _schema(self, conn: sqlite3.Connection) -> _Layout:
         version = int(conn.execute("PRAGMA src.schema_version").fetchone()[0])

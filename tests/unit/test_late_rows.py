@@ -4,7 +4,9 @@ games deleted after shipping, and sources that cannot be read."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -133,29 +135,51 @@ async def test_game_deleted_after_shipping_is_counted_once(
     await daemon.close()
 
 
-async def test_unreadable_source_is_loud_and_heals_with_a_fresh_connection(
+def rename_game_id(db: Path, old: str, new: str) -> None:
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"ALTER TABLE games RENAME COLUMN {old} TO {new}")
+        conn.commit()
+
+
+async def test_unreadable_source_is_loud_once_and_recovers(
         node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    first, _ = write_games(db, 3)
+    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
+    caplog.set_level(logging.INFO, "ringsync.daemons.auto_sync")
+    await daemon.sync_once()
+    rename_game_id(db, "game_id", "gid")  # a source ringsync cannot read any more
+    for _ in range(3):
+        await daemon.sync_once()
+    health = daemon.health()
+    assert health.state is HealthState.DEGRADED
+    assert "source sp.db unreadable" in health.detail
+    assert sample(ctx, "ringsync_sources_unreadable") == 1
+    assert sample(ctx, "ringsync_source_read_errors_total", kind="corrupt") == 3
+    assert sum("cannot read source sp.db" in r.message for r in caplog.records) == 1
+    rename_game_id(db, "gid", "game_id")
+    more, _ = write_games(db, 2, seed=5)
+    await daemon.sync_once()
+    assert daemon.health().state is HealthState.HEALTHY
+    assert sample(ctx, "ringsync_sources_unreadable") == 0
+    assert sum("readable again" in r.message for r in caplog.records) == 1
+    assert sorted(held(tmp_path, "train-1")) == sorted(first + more)
+    await daemon.close()
+
+
+async def test_a_view_made_stale_by_lost_locks_heals_and_loses_nothing(
+        node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path) -> None:
     """The issue's failure: our locks dropped, a per-op writer deletes the WAL under us."""
     ctx = node_factory("selfplay-1")
     db = ctx.settings.games_dir / "sp.db"
     write_in_other_process(db, 3, seed=1)
     daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
-    caplog.set_level(logging.INFO, "ringsync.daemons.auto_sync")
     await daemon.sync_once()
-    assert len(held(tmp_path, "train-1")) == 3
     touch_file_like_a_header_check(db)  # what the old discovery did
     write_in_other_process(db, 3, seed=2)  # its last close checkpoints and deletes the WAL
     await daemon.sync_once("event")
-    health = daemon.health()
-    assert health.state is HealthState.DEGRADED
-    assert "sp.db" in health.detail
-    assert sample(ctx, "ringsync_sources_unreadable") == 1
-    assert sample(ctx, "ringsync_source_read_errors_total", kind="corrupt") == 1
-    assert sum("cannot read source sp.db" in r.message for r in caplog.records) == 1
-    await daemon.sync_once()
-    assert daemon.health().state is HealthState.HEALTHY
-    assert sample(ctx, "ringsync_sources_unreadable") == 0
-    assert sum("readable again" in r.message for r in caplog.records) == 1
     assert len(set(held(tmp_path, "train-1"))) == len(held(tmp_path, "train-1")) == 6
+    assert sample(ctx, "ringsync_source_lost_locks_total") == 1
     await daemon.close()

@@ -1,6 +1,6 @@
 """A simulated selfplay writer that fills SQLite game DBs the way RingRift's selfplay does.
 
-It reproduces RingRift's writer (``ai-service/app/db/game_replay.py``, shared/RINGRIFT_FACTS.md
+It reproduces RingRift's writer (``ai-service/app/db/game_replay.py``, the shared RingRift facts
 §2), because a kinder fixture hides real bugs:
 
 - ``pattern="per-op"`` (default): every operation opens a connection, sets WAL, busy_timeout
@@ -74,7 +74,7 @@ def create_schema(conn: sqlite3.Connection, *, fresh: bool = True,
                   extra_tables: bool = False) -> None:
     """RingRift's v18 schema in WAL mode; ``fresh=False`` models a DB migrated from v1.
 
-    A migrated DB has only the ``enforce_moves_on_complete`` trigger (RINGRIFT_FACTS §2).
+    A migrated DB has only the ``enforce_moves_on_complete`` trigger (the RingRift facts, §2).
     """
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("BEGIN IMMEDIATE")

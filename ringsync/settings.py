@@ -89,6 +89,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "counted (> 0)"),
     EnvVar("RINGRIFT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     EnvVar("RINGRIFT_USE_UVLOOP", "true", "Run the event loop on uvloop (true/false)"),
+    EnvVar("RINGRIFT_ACTIVE_GAME_TIMEOUT", "21600", "Seconds a game may stay unfinished in a "
+           "local selfplay DB before it is no longer re-checked (a killed writer's placeholder; "
+           "> 0); a game finishing later is not shipped"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -116,6 +119,7 @@ class Settings:
     restart_window: float = 300.0
     log_level: str = "INFO"
     use_uvloop: bool = True
+    active_game_timeout: float = 21600.0
 
     @property
     def state_dir(self) -> Path:
@@ -181,6 +185,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         restart_window=env.number("RINGRIFT_DAEMON_RESTART_WINDOW", 300.0),
         log_level=env.choice("RINGRIFT_LOG_LEVEL", "INFO", LOG_LEVELS),
         use_uvloop=env.flag("RINGRIFT_USE_UVLOOP", True),
+        active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
     )
 
 

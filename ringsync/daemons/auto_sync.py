@@ -234,7 +234,8 @@ class AutoSyncDaemon(Daemon):
             for path in await asyncio.to_thread(discover_sources, s.games_dir, exclude=s.synced_dir):
                 key = path.relative_to(s.games_dir).as_posix()  # stable across restarts
                 if key not in self._sources:
-                    self._sources[key] = await asyncio.to_thread(GameSource, path)
+                    self._sources[key] = await asyncio.to_thread(
+                        GameSource, path, active_timeout=s.active_game_timeout)
                     self._inodes[key] = _inode(path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):

@@ -183,3 +183,13 @@ async def test_a_view_made_stale_by_lost_locks_heals_and_loses_nothing(
     assert len(set(held(tmp_path, "train-1"))) == len(held(tmp_path, "train-1")) == 6
     assert sample(ctx, "ringsync_source_lost_locks_total") == 1
     await daemon.close()
+
+
+def test_active_game_timeout_comes_from_the_environment(tmp_path: Path) -> None:
+    from ringsync.errors import ConfigError
+    from ringsync.settings import load_settings
+    env = {"RINGRIFT_NODE_ID": "n1", "RINGRIFT_DATA_DIR": str(tmp_path / "d"),
+           "RINGRIFT_ACTIVE_GAME_TIMEOUT": "90"}
+    assert load_settings(env, cwd=tmp_path).active_game_timeout == 90.0
+    with pytest.raises(ConfigError, match="RINGRIFT_ACTIVE_GAME_TIMEOUT = '-1'"):
+        load_settings({**env, "RINGRIFT_ACTIVE_GAME_TIMEOUT": "-1"}, cwd=tmp_path)

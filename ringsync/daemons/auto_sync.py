@@ -358,7 +358,13 @@ class AutoSyncDaemon(Daemon):
     async def _prepared(self, source: str, ids: tuple[str, ...], target: str,
                         cache: _PreparedCache) -> Prepared:
         """Extract and encode once, whichever target asks first."""
-        prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        try:
+            prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        except (CorruptDataError, sqlite3.OperationalError) as exc:
+            src = self._sources.get(source)
+            if src is not None:
+                await self._source_failed(source, src, exc)  # loud once; the games stay queued
+            prepared = []
         self._note_missing(source, ids, prepared, target)
         return prepared
 
@@ -366,11 +372,7 @@ class AutoSyncDaemon(Daemon):
         src = self._sources.get(source)
         if src is None:
             return []
-        try:
-            batches = src.extract(ids, source_node=self._ctx.settings.node_id)
-        except (CorruptDataError, sqlite3.OperationalError) as exc:
-            log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
-            return []
+        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
         out: Prepared = []
         for batch in batches:
             payload = encode_batch(batch)

@@ -13,6 +13,7 @@ import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import HealthState
+from ringsync.errors import CorruptDataError
 from ringsync.node import NodeContext
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamesource import GameSource
@@ -193,3 +194,27 @@ def test_active_game_timeout_comes_from_the_environment(tmp_path: Path) -> None:
     assert load_settings(env, cwd=tmp_path).active_game_timeout == 90.0
     with pytest.raises(ConfigError, match="RINGRIFT_ACTIVE_GAME_TIMEOUT = '-1'"):
         load_settings({**env, "RINGRIFT_ACTIVE_GAME_TIMEOUT": "-1"}, cwd=tmp_path)
+
+
+async def test_a_source_failing_at_extract_time_is_loud_and_its_games_stay_queued(
+        node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = node_factory("selfplay-1")
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 3)
+
+    def unreadable(self: GameSource, *args: object, **kwargs: object) -> None:
+        raise CorruptDataError(f"{self.path}: cannot read game DB: disk I/O error")
+
+    monkeypatch.setattr(GameSource, "extract", unreadable)
+    daemon = AutoSyncDaemon(ctx, transport, mountinfo=LOCAL_MOUNTS, retry_initial=0.0)
+    for _ in range(2):
+        await daemon.sync_once("event")
+    assert daemon.health().state is HealthState.DEGRADED
+    assert sample(ctx, "ringsync_sources_unreadable") == 1
+    assert sum("cannot read source sp.db" in r.message for r in caplog.records) == 1
+    assert ctx.manifest.outbox_size("train-1") == 3
+    monkeypatch.undo()
+    await daemon.sync_once()
+    assert daemon.health().state is HealthState.HEALTHY
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    await daemon.close()

@@ -37,8 +37,8 @@ CHUNK = 10_000
 _GAME_SQL = (
     "INSERT INTO games (game_id, board_type, num_players, rng_seed, created_at, completed_at, "
     "game_status, winner, termination_reason, total_moves, total_turns, duration_ms, source, "
-    "schema_version, metadata_json, quality_score, quality_category, engine_mode, model_version, "
-    "host, worker_id, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "schema_version, metadata_json, quality_score, quality_category, engine_mode, model_version) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _PLAYER_SQL = (
     "INSERT INTO game_players (game_id, player_number, player_type, ai_type, ai_difficulty, "
@@ -51,8 +51,6 @@ _MOVE_SQL = (
     "timestamp, think_time_ms, time_remaining_ms, engine_eval, engine_eval_type, engine_depth, "
     "engine_nodes, engine_pv, engine_time_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-_EVENT_SQL = ("INSERT INTO game_events (game_id, move_number, event_type, payload_json, created_at) "
-              "VALUES (?,?,?,?,?)")
 
 
 def game_ids(n: int) -> list[str]:
@@ -65,7 +63,7 @@ def write_source(db: Path, ids: list[str], moves: int) -> None:
     meta = json.dumps({"engine": "gumbel_mcts", "sims": 800, "temperature": 1.0})
     state = zlib.compress(json.dumps({"boardType": BOARD, "players": PLAYERS}).encode())
     with closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        create_schema(conn)
+        create_schema(conn, fresh=False)  # a migrated DB: no on-insert trigger
         conn.execute("PRAGMA synchronous=OFF")
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
@@ -73,7 +71,7 @@ def write_source(db: Path, ids: list[str], moves: int) -> None:
             conn.executemany(_GAME_SQL, [
                 (g, BOARD, PLAYERS, i, now, now, "completed", i % 2 + 1, "ring_elimination", moves,
                  (moves + 1) // 2, 1000 + i % 5000, "selfplay", SCHEMA_VERSION, meta, 0.5, "good",
-                 "gumbel_mcts", "v1", "sim-host", i % 64, now) for i, g in enumerate(chunk, start)])
+                 "gumbel_mcts", "v1") for i, g in enumerate(chunk, start)])
             conn.executemany(_PLAYER_SQL, [(g, p, "ai", "mcts", 5, f"profile-{p}", 0, 0, 0)
                                            for g in chunk for p in range(1, PLAYERS + 1)])
             conn.executemany(_STATE_SQL, [(g, state) for g in chunk])
@@ -81,11 +79,7 @@ def write_source(db: Path, ids: list[str], moves: int) -> None:
                 (g, m, m // 2, m % 2 + 1, "movement", "move_stack",
                  json.dumps({"type": "move_stack", "moveNumber": m}), now, 10, 1000, 0.0, "value_head",
                  3, 100, "a1", 5) for g in chunk for m in range(moves)])
-            conn.executemany(_EVENT_SQL, [(g, None, "game_started", meta, now) for g in chunk]
-                             + [(g, moves, "game_over", "{}", now) for g in chunk])
             conn.execute("COMMIT")
-        conn.execute("INSERT INTO selfplay_stats VALUES (?, ?, ?, ?)",
-                     (f"{BOARD}_{PLAYERS}p", len(ids), len(ids) * moves, now))
 
 
 def settings_for(data_dir: Path) -> Settings:

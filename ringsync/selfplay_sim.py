@@ -1,4 +1,21 @@
-"""A simulated selfplay writer that fills SQLite game DBs the way RingRift's selfplay does."""
+"""A simulated selfplay writer that fills SQLite game DBs the way RingRift's selfplay does.
+
+It reproduces RingRift's writer (``ai-service/app/db/game_replay.py``, the shared RingRift facts
+§2), because a kinder fixture hides real bugs:
+
+- ``pattern="per-op"`` (default): every operation opens a connection, sets WAL, busy_timeout
+  30000 and foreign_keys, does its work, commits and closes. When no other process holds the
+  DB, that close checkpoints the WAL into the DB file and deletes ``-wal``/``-shm``.
+  ``pattern="long-lived"`` keeps one connection for the writer's life.
+- ``mode="bulk"`` (``store_game``): a whole game in ONE transaction ('in_progress' row, moves,
+  UPDATE to the final status, players); readers never see it unfinished.
+  ``mode="incremental"`` (``GameWriter``): an 'active' placeholder, one commit per move, then
+  the final snapshot and one finalising transaction; partial games are visible.
+- outcomes: completed; aborted (``DELETE FROM games``, cascading); truncated (finalised but
+  left 'active' with total_moves > 0); killed (an 'active' placeholder left forever); late
+  (completed, then rows added to ``game_nnue_features`` and ``parity_*`` set later).
+- several writers (threads) on one DB, and ``<db>.writing`` during each save.
+"""
 
 from __future__ import annotations
 
@@ -11,137 +28,108 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "SelfplayWriter", "create_schema", "main", "run_writer"]
+from ringsync.store import ringrift_schema
+from ringsync.store.ringrift_schema import SCHEMA_VERSION, TRIGGER_ON_COMPLETE
 
-# Mirrors RingRift's GameReplayDB schema (ai-service/app/db/game_replay.py, v9) plus
-# a few columns and one table (game_events) that exercise what a receiver must handle:
-# an AUTOINCREMENT id, a BLOB column, compressed BLOBs in TEXT columns and triggers.
-SCHEMA_VERSION = 9
+__all__ = [
+    "MODES", "OUTCOMES", "PATTERNS", "SCHEMA_VERSION", "Outcomes", "SelfplayWriter",
+    "create_schema", "main", "run_writer", "simulate",
+]
+
+PATTERNS = ("per-op", "long-lived")
+MODES = ("bulk", "incremental")
+OUTCOMES = ("completed", "aborted", "truncated", "killed", "late")
 SNAPSHOT_INTERVAL = 20
-SAMPLE_INTERVAL = 10  # history entries / NNUE features / choices: every Nth move
+SAMPLE_INTERVAL = 10  # history entries / choices: every Nth move
+BUSY_TIMEOUT_MS = 30000  # RingRift's app/config/thresholds.py
 
-_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS schema_metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS games (
-    game_id TEXT PRIMARY KEY, board_type TEXT NOT NULL, num_players INTEGER NOT NULL,
-    rng_seed INTEGER, created_at TEXT NOT NULL, completed_at TEXT, game_status TEXT NOT NULL,
-    winner INTEGER, termination_reason TEXT, total_moves INTEGER NOT NULL,
-    total_turns INTEGER NOT NULL, duration_ms INTEGER, source TEXT,
-    schema_version INTEGER NOT NULL, time_control_type TEXT DEFAULT 'none',
-    initial_time_ms INTEGER, time_increment_ms INTEGER, metadata_json TEXT,
-    quality_score REAL, quality_category TEXT, engine_mode TEXT, model_version TEXT,
-    host TEXT, worker_id INTEGER, updated_at TEXT
-);
-CREATE INDEX IF NOT EXISTS idx_games_board_players ON games(board_type, num_players);
-CREATE INDEX IF NOT EXISTS idx_games_created ON games(created_at);
-CREATE INDEX IF NOT EXISTS idx_games_status ON games(game_status);
-CREATE TABLE IF NOT EXISTS game_players (
-    game_id TEXT NOT NULL, player_number INTEGER NOT NULL, player_type TEXT NOT NULL,
-    ai_type TEXT, ai_difficulty INTEGER, ai_profile_id TEXT, final_eliminated_rings INTEGER,
-    final_territory_spaces INTEGER, final_rings_in_hand INTEGER,
-    PRIMARY KEY (game_id, player_number),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS game_initial_state (
-    game_id TEXT PRIMARY KEY, initial_state_json TEXT NOT NULL, compressed INTEGER DEFAULT 0,
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS game_moves (
-    game_id TEXT NOT NULL, move_number INTEGER NOT NULL, turn_number INTEGER NOT NULL,
-    player INTEGER NOT NULL, phase TEXT NOT NULL, move_type TEXT NOT NULL,
-    move_json TEXT NOT NULL, timestamp TEXT, think_time_ms INTEGER, time_remaining_ms INTEGER,
-    engine_eval REAL, engine_eval_type TEXT, engine_depth INTEGER, engine_nodes INTEGER,
-    engine_pv TEXT, engine_time_ms INTEGER,
-    PRIMARY KEY (game_id, move_number),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS idx_moves_game_turn ON game_moves(game_id, turn_number);
-CREATE TABLE IF NOT EXISTS game_state_snapshots (
-    game_id TEXT NOT NULL, move_number INTEGER NOT NULL, state_json TEXT NOT NULL,
-    compressed INTEGER DEFAULT 0, state_hash TEXT,
-    PRIMARY KEY (game_id, move_number),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS game_choices (
-    game_id TEXT NOT NULL, move_number INTEGER NOT NULL, choice_type TEXT NOT NULL,
-    player INTEGER NOT NULL, options_json TEXT NOT NULL, selected_option_json TEXT NOT NULL,
-    ai_reasoning TEXT,
-    PRIMARY KEY (game_id, move_number, choice_type),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS game_history_entries (
-    game_id TEXT NOT NULL, move_number INTEGER NOT NULL, player INTEGER NOT NULL,
-    phase_before TEXT NOT NULL, phase_after TEXT NOT NULL, status_before TEXT NOT NULL,
-    status_after TEXT NOT NULL, progress_before_json TEXT NOT NULL,
-    progress_after_json TEXT NOT NULL, state_hash_before TEXT, state_hash_after TEXT,
-    available_moves_count INTEGER, engine_eval REAL, engine_depth INTEGER, fsm_valid INTEGER,
-    fsm_error_code TEXT,
-    PRIMARY KEY (game_id, move_number),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS idx_history_game ON game_history_entries(game_id);
-CREATE TABLE IF NOT EXISTS game_nnue_features (
-    game_id TEXT NOT NULL, move_number INTEGER NOT NULL, player_perspective INTEGER NOT NULL,
-    features BLOB NOT NULL, value REAL NOT NULL, board_type TEXT NOT NULL,
-    feature_dim INTEGER NOT NULL,
-    PRIMARY KEY (game_id, move_number, player_perspective),
-    FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS idx_nnue_game ON game_nnue_features(game_id);
+# Not RingRift's: a table with an AUTOINCREMENT id that exercises what a receiver must handle
+# beyond the v18 tables. Only with extra_tables=True, which also fills game_nnue_features
+# during the game so that every table has rows (RingRift's tools add them later).
+_EXTRA_SQL = """
 CREATE TABLE IF NOT EXISTS game_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, game_id TEXT NOT NULL, move_number INTEGER,
     event_type TEXT NOT NULL, payload_json TEXT, created_at TEXT NOT NULL,
     FOREIGN KEY (game_id) REFERENCES games(game_id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS idx_events_game ON game_events(game_id);
-CREATE TABLE IF NOT EXISTS selfplay_stats (
-    config_key TEXT PRIMARY KEY, games_completed INTEGER NOT NULL DEFAULT 0,
-    total_moves INTEGER NOT NULL DEFAULT 0, updated_at TEXT
-);
-CREATE TRIGGER IF NOT EXISTS trg_games_touch AFTER UPDATE ON games
-BEGIN
-    UPDATE games SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-    WHERE game_id = NEW.game_id;
-END;
-CREATE TRIGGER IF NOT EXISTS trg_games_completed AFTER UPDATE OF game_status ON games
-WHEN NEW.game_status = 'completed' AND OLD.game_status <> 'completed'
-BEGIN
-    INSERT INTO selfplay_stats (config_key, games_completed, total_moves, updated_at)
-    VALUES (NEW.board_type || '_' || NEW.num_players || 'p', 1, NEW.total_moves,
-            NEW.completed_at)
-    ON CONFLICT(config_key) DO UPDATE SET games_completed = games_completed + 1,
-        total_moves = total_moves + excluded.total_moves, updated_at = excluded.updated_at;
-END;
 """
 
 _PHASES = ("ring_placement", "movement", "capture", "line_processing", "territory_processing")
 _MOVE_TYPES = ("place_ring", "move_stack", "overtaking_capture", "process_line", "skip_placement")
 _AI_TYPES = ("mcts", "descent", "gumbel_mcts", "heuristic", "minimax")
 _FEATURE_DIM = 256
+_HEURISTIC_BYTES = 196
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    """Create RingRift's game tables, indexes and triggers, and switch the DB to WAL."""
+def create_schema(conn: sqlite3.Connection, *, fresh: bool = True,
+                  extra_tables: bool = False) -> None:
+    """RingRift's v18 schema in WAL mode; ``fresh=False`` models a DB migrated from v1.
+
+    A migrated DB has only the ``enforce_moves_on_complete`` trigger (the RingRift facts, §2).
+    """
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(_SCHEMA_SQL)
-    conn.execute(
-        "INSERT OR REPLACE INTO schema_metadata (key, value) VALUES ('schema_version', ?)",
-        (str(SCHEMA_VERSION),),
-    )
-    conn.commit()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ringrift_schema.create_schema(conn, triggers=fresh)
+        if not fresh:
+            conn.execute(TRIGGER_ON_COMPLETE)
+        if extra_tables:
+            for statement in _EXTRA_SQL.strip().split(";\n"):
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    """A connection set up the way RingRift's ``_get_conn`` sets one up."""
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _journal_mode_wal(conn)
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _journal_mode_wal(conn: sqlite3.Connection, attempts: int = 5) -> None:
+    """PRAGMA journal_mode=WAL, retried like RingRift retries "locked" (5 tries).
+
+    While another connection's close checkpoints and deletes the WAL, this pragma can
+    answer SQLITE_BUSY at once, without waiting on the busy handler.
+    """
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+Statements = Sequence[tuple[str, Sequence[tuple[object, ...]]]]
+
+
 class SelfplayWriter:
-    """Writes games incrementally: an in_progress row, moves in transactions, then completion."""
+    """One RingRift game writer on ``db_path``; see the module docstring for the options."""
 
     def __init__(
         self,
@@ -151,20 +139,30 @@ class SelfplayWriter:
         num_players: int = 2,
         moves_per_game: int = 80,
         seed: int | None = None,
+        pattern: str = "per-op",
+        mode: str = "bulk",
+        fresh_schema: bool = True,
+        extra_tables: bool = False,
     ) -> None:
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern={pattern!r}: use one of {', '.join(PATTERNS)}")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         self.db_path = Path(db_path)
         self.board_type = board_type
         self.num_players = num_players
         self.moves_per_game = moves_per_game
+        self.pattern = pattern
+        self.mode = mode
+        self.extra_tables = extra_tables
         self._rng = random.Random(seed)
         # Without a seed, ids come from the OS so that generators on different nodes never clash.
         self._id_rng = random.Random(seed) if seed is not None else None
         self._moves: dict[str, int] = {}
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        create_schema(self._conn)
+        self._conn = _connect(self.db_path) if pattern == "long-lived" else None
+        with self._op() as conn:
+            create_schema(conn, fresh=fresh_schema, extra_tables=extra_tables)
 
     def __enter__(self) -> SelfplayWriter:
         return self
@@ -176,95 +174,183 @@ class SelfplayWriter:
         self.close()
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        self._conn.close()
+        """Close the long-lived connection, if any (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- connections ---------------------------------------------------------------------
+
+    @contextmanager
+    def _op(self) -> Iterator[sqlite3.Connection]:
+        """The connection for one operation: a new one per operation unless long-lived."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        conn = _connect(self.db_path)
+        try:
+            yield conn
+        finally:
+            conn.close()  # the last close checkpoints and deletes -wal/-shm
+
+    def _transaction(self, statements: Statements) -> None:
+        with self._op() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in statements:
+                    if rows:
+                        conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """``<db>.writing`` exists while a save runs, as SelfplayRunner's write lock does."""
+        marker = self.db_path.with_name(self.db_path.name + ".writing")
+        marker.touch()
+        try:
+            yield
+        finally:
+            with suppress(FileNotFoundError):  # another writer's save ended first
+                marker.unlink()
 
     def _new_id(self) -> str:
         if self._id_rng is None:
             return uuid.uuid4().hex
         return uuid.UUID(int=self._id_rng.getrandbits(128), version=4).hex
 
-    def _transaction(self, statements: Sequence[tuple[str, Sequence[tuple[object, ...]]]]) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in statements:
-                if rows:
-                    conn.executemany(sql, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # -- incremental (GameWriter) --------------------------------------------------------
 
     def start_game(self) -> str:
-        """Insert the placeholder games row ('in_progress') and the initial state; return the id."""
+        """Insert the 'active' placeholder (total_moves 0) and the initial state; return the id."""
         game_id = self._new_id()
-        now = _now()
-        meta = json.dumps({"engine": "gumbel_mcts", "sims": 800, "temperature": 1.0})
-        game = (game_id, self.board_type, self.num_players, self._rng.getrandbits(31), now,
-                "in_progress", 0, 0, "selfplay", SCHEMA_VERSION, meta, "gumbel_mcts",
-                f"v{self._rng.randint(1, 40)}", "sim-host", self._rng.randint(0, 63), now)
-        state = json.dumps({"boardType": self.board_type, "players": self.num_players,
-                            "currentPlayer": 1, "rings": [18] * self.num_players})
-        self._transaction([
-            ("INSERT INTO games (game_id, board_type, num_players, rng_seed, created_at, "
-             "game_status, total_moves, total_turns, source, schema_version, metadata_json, "
-             "engine_mode, model_version, host, worker_id, updated_at) "
-             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [game]),
-            ("INSERT INTO game_initial_state (game_id, initial_state_json, compressed) "
-             "VALUES (?,?,1)", [(game_id, zlib.compress(state.encode()))]),
-            ("INSERT INTO game_events (game_id, move_number, event_type, payload_json, "
-             "created_at) VALUES (?,?,?,?,?)", [(game_id, None, "game_started", meta, now)]),
-        ])
+        self._transaction(self._start_rows(game_id, "active", "unknown"))
         self._moves[game_id] = 0
         return game_id
 
     def add_moves(self, game_id: str, n: int) -> None:
-        """Append ``n`` moves (with snapshots, choices, history, NNUE rows) in one transaction."""
-        first = self._moves[game_id]
-        numbers = range(first, first + n)
-        self._transaction([
-            (_INSERT_MOVE, [self._move_row(game_id, m) for m in numbers]),
-            (_INSERT_SNAPSHOT, [self._snapshot_row(game_id, m) for m in numbers
-                                if m > 0 and m % SNAPSHOT_INTERVAL == 0]),
-            (_INSERT_CHOICE, [self._choice_row(game_id, m) for m in numbers
-                              if m % SAMPLE_INTERVAL == 5]),
-            (_INSERT_HISTORY, [self._history_row(game_id, m) for m in numbers
-                               if m % SAMPLE_INTERVAL == 0]),
-            (_INSERT_NNUE, [self._nnue_row(game_id, m) for m in numbers
-                            if m % SAMPLE_INTERVAL == 0]),
-        ])
-        self._moves[game_id] = first + n
+        """Append ``n`` moves, one commit each, with the heuristic_features UPDATE."""
+        for _ in range(n):
+            m = self._moves[game_id]
+            self._transaction([
+                (_INSERT_MOVE, [self._move_row(game_id, m)]),
+                ("UPDATE game_moves SET heuristic_features=? WHERE game_id=? AND move_number=?",
+                 [(self._rng.randbytes(_HEURISTIC_BYTES), game_id, m)]),
+                *self._per_move_extras(game_id, m),
+            ])
+            self._moves[game_id] = m + 1
 
-    def complete_game(self, game_id: str) -> None:
-        """Finalise: players' results, a final snapshot, and the UPDATE to 'completed'."""
+    def complete_game(self, game_id: str, *, status: str = "completed") -> None:
+        """Finalise: the final snapshot, then the games UPDATE and the players in one commit."""
         total = self._moves.pop(game_id)
-        winner = self._rng.randint(1, self.num_players)
-        now = _now()
+        self._transaction([(_INSERT_SNAPSHOT, [self._snapshot_row(game_id, total)])])
+        self._transaction(self._final_rows(game_id, total, status))
+
+    def abort_game(self, game_id: str) -> None:
+        """Abort (an exception, or < 5 moves): the games row goes, its rows cascade."""
+        self._moves.pop(game_id, None)
+        self._transaction([("DELETE FROM games WHERE game_id=?", [(game_id,)])])
+
+    def change_later(self, game_id: str) -> None:
+        """What separate tools do to a finished game: NNUE feature rows and a parity check."""
+        total = self.moves_per_game
         self._transaction([
-            (_INSERT_PLAYER, [self._player_row(game_id, p) for p in
-                              range(1, self.num_players + 1)]),
-            (_INSERT_SNAPSHOT, [self._snapshot_row(game_id, total)]),
-            ("INSERT INTO game_events (game_id, move_number, event_type, payload_json, "
-             "created_at) VALUES (?,?,?,?,?)",
-             [(game_id, total, "game_over", json.dumps({"winner": winner}), now)]),
-            ("UPDATE games SET game_status='completed', winner=?, termination_reason=?, "
-             "total_moves=?, total_turns=?, completed_at=?, duration_ms=?, quality_score=?, "
-             "quality_category=? WHERE game_id=?",
-             [(winner, "ring_elimination", total, (total + 1) // 2, now,
-               self._rng.randint(1000, 90000), round(self._rng.random(), 4), "good", game_id)]),
+            (_INSERT_NNUE, [self._nnue_row(game_id, m, perspective=0)
+                            for m in range(0, total, SAMPLE_INTERVAL)]),
+            ("UPDATE games SET parity_status='passed', parity_checked_at=? WHERE game_id=?",
+             [(_now(), game_id)]),
         ])
 
-    def write_game(self) -> str:
-        """A whole game: start, moves in a few transactions, completion."""
-        game_id = self.start_game()
-        left = self.moves_per_game
-        while left > 0:
-            step = min(left, SNAPSHOT_INTERVAL * 2)
-            self.add_moves(game_id, step)
-            left -= step
-        self.complete_game(game_id)
+    # -- whole games ---------------------------------------------------------------------
+
+    def write_game(self, outcome: str = "completed") -> str:
+        """One game with ``outcome`` (see OUTCOMES; "late" is written as completed)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome={outcome!r}: use one of {', '.join(OUTCOMES)}")
+        status = "active" if outcome == "truncated" else "completed"
+        with self._writing():
+            if outcome in ("aborted", "killed"):
+                game_id = self.start_game()
+                self.add_moves(game_id, max(1, self.moves_per_game // 2))
+                if outcome == "aborted":
+                    self.abort_game(game_id)
+                else:
+                    self._moves.pop(game_id)  # the process died: nobody finalises it
+                return game_id
+            if self.mode == "bulk":
+                return self._store_game(status)
+            game_id = self.start_game()
+            self.add_moves(game_id, self.moves_per_game)
+            self.complete_game(game_id, status=status)
+            return game_id
+
+    def _store_game(self, status: str) -> str:
+        """RingRift's store_game: the whole game in one transaction."""
+        game_id = self._new_id()
+        total = self.moves_per_game
+        moves = range(total)
+        self._transaction([
+            *self._start_rows(game_id, "in_progress", "selfplay"),
+            (_INSERT_MOVE, [self._move_row(game_id, m) for m in moves]),
+            *(s for m in moves for s in self._per_move_extras(game_id, m)),
+            (_INSERT_SNAPSHOT, [self._snapshot_row(game_id, total)]),
+            *self._final_rows(game_id, total, status),
+        ])
         return game_id
+
+    def _start_rows(self, game_id: str, status: str, source: str) -> list[
+            tuple[str, Sequence[tuple[object, ...]]]]:
+        now = _now()
+        game = (game_id, self.board_type, self.num_players, self._rng.getrandbits(31), now,
+                status, 0, 0, source, SCHEMA_VERSION, "gumbel_mcts",
+                f"v{self._rng.randint(1, 40)}")
+        state = json.dumps({"boardType": self.board_type, "players": self.num_players,
+                            "currentPlayer": 1, "rings": [18] * self.num_players})
+        rows: list[tuple[str, Sequence[tuple[object, ...]]]] = [
+            ("INSERT INTO games (game_id, board_type, num_players, rng_seed, created_at, "
+             "game_status, total_moves, total_turns, source, schema_version, engine_mode, "
+             "model_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [game]),
+            ("INSERT INTO game_initial_state (game_id, initial_state_json, compressed) "
+             "VALUES (?,?,1)", [(game_id, zlib.compress(state.encode()))]),
+        ]
+        if self.extra_tables:
+            rows.append((_INSERT_EVENT, [(game_id, None, "game_started", "{}", now)]))
+        return rows
+
+    def _per_move_extras(self, game_id: str, m: int) -> list[tuple[str, Sequence[tuple[object, ...]]]]:
+        extras: list[tuple[str, Sequence[tuple[object, ...]]]] = []
+        if m > 0 and m % SNAPSHOT_INTERVAL == 0:
+            extras.append((_INSERT_SNAPSHOT, [self._snapshot_row(game_id, m)]))
+        if m % SAMPLE_INTERVAL == 5:
+            extras.append((_INSERT_CHOICE, [self._choice_row(game_id, m)]))
+        if m % SAMPLE_INTERVAL == 0:
+            extras.append((_INSERT_HISTORY, [self._history_row(game_id, m)]))
+            if self.extra_tables:
+                extras.append((_INSERT_NNUE, [self._nnue_row(game_id, m)]))
+        return extras
+
+    def _final_rows(self, game_id: str, total: int, status: str) -> list[
+            tuple[str, Sequence[tuple[object, ...]]]]:
+        winner = self._rng.randint(1, self.num_players) if status == "completed" else None
+        reason = "status:completed:elimination" if status == "completed" else "max_moves"
+        meta = json.dumps({"engine": "gumbel_mcts", "sims": 800, "temperature": 1.0})
+        rows: list[tuple[str, Sequence[tuple[object, ...]]]] = [
+            ("UPDATE games SET game_status=?, winner=?, termination_reason=?, total_moves=?, "
+             "total_turns=?, completed_at=?, duration_ms=?, metadata_json=?, quality_score=?, "
+             "quality_category=? WHERE game_id=?",
+             [(status, winner, reason, total, (total + 1) // 2, _now(),
+               self._rng.randint(1000, 90000), meta, round(self._rng.random(), 4), "good",
+               game_id)]),
+            (_INSERT_PLAYER, [self._player_row(game_id, p) for p in range(1, self.num_players + 1)]),
+        ]
+        if self.extra_tables:
+            rows.append((_INSERT_EVENT, [(game_id, total, "game_over", json.dumps(
+                {"winner": winner}), _now())]))
+        return rows
+
+    # -- rows ----------------------------------------------------------------------------
 
     def _move_row(self, game_id: str, m: int) -> tuple[object, ...]:
         rng = self._rng
@@ -293,10 +379,11 @@ class SelfplayWriter:
                 f"{self._rng.getrandbits(64):016x}", self._rng.randint(1, 60),
                 round(self._rng.uniform(-1, 1), 4), 8, 1, None)
 
-    def _nnue_row(self, game_id: str, m: int) -> tuple[object, ...]:
+    def _nnue_row(self, game_id: str, m: int, perspective: int | None = None) -> tuple[object, ...]:
+        """Later rows use perspective 0 (no in-game row does), so they are new keys."""
         features = zlib.compress(self._rng.randbytes(_FEATURE_DIM // 4) * 4)
-        return (game_id, m, m % self.num_players + 1, features, 0.0, self.board_type,
-                _FEATURE_DIM)
+        who = m % self.num_players + 1 if perspective is None else perspective
+        return (game_id, m, who, features, 0.0, self.board_type, _FEATURE_DIM)
 
     def _player_row(self, game_id: str, p: int) -> tuple[object, ...]:
         rng = self._rng
@@ -325,14 +412,137 @@ _INSERT_HISTORY = (
     "fsm_error_code) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_NNUE = (
-    "INSERT INTO game_nnue_features (game_id, move_number, player_perspective, features, value, "
-    "board_type, feature_dim) VALUES (?,?,?,?,?,?,?)"
+    "INSERT OR IGNORE INTO game_nnue_features (game_id, move_number, player_perspective, "
+    "features, value, board_type, feature_dim) VALUES (?,?,?,?,?,?,?)"
 )
 _INSERT_PLAYER = (
     "INSERT INTO game_players (game_id, player_number, player_type, ai_type, ai_difficulty, "
     "ai_profile_id, final_eliminated_rings, final_territory_spaces, final_rings_in_hand) "
     "VALUES (?,?,?,?,?,?,?,?,?)"
 )
+_INSERT_EVENT = ("INSERT INTO game_events (game_id, move_number, event_type, payload_json, "
+                 "created_at) VALUES (?,?,?,?,?)")
+
+
+# -- running writers ---------------------------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    """Which game ids ended in which outcome (``late`` ids are also in ``completed``)."""
+
+    completed: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)
+    in_progress: list[str] = field(default_factory=list)
+
+    def add(self, other: Outcomes) -> None:
+        for name, ids in asdict(other).items():
+            getattr(self, name).extend(ids)
+
+    def write(self, path: Path) -> None:
+        """The summary as JSON, written atomically (end-to-end tests read it)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Probabilities of the outcomes other than completed, drawn per game."""
+
+    aborted: float = 0.0
+    truncated: float = 0.0
+    killed: float = 0.0
+    late: float = 0.0
+
+    def draw(self, rng: random.Random) -> str:
+        r = rng.random()
+        for name in ("aborted", "truncated", "killed", "late"):
+            p = getattr(self, name)
+            if r < p:
+                return name
+            r -= p
+        return "completed"
+
+
+def simulate(
+    db_path: Path,
+    n_games: int,
+    *,
+    leave_in_progress: int = 0,
+    rate: float | None = None,
+    mix: Mix = Mix(),
+    writers: int = 1,
+    stop: threading.Event | None = None,
+    **writer_options: object,
+) -> Outcomes:
+    """``writers`` concurrent writers complete ``n_games`` games between them.
+
+    Other outcomes are drawn from ``mix`` on top; ``rate`` paces completions in total.
+    """
+    stop = stop or threading.Event()
+    seed = writer_options.pop("seed", None)
+    results = [Outcomes() for _ in range(writers)]
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        share = n_games // writers + (i < n_games % writers)
+        s = None if seed is None else int(str(seed)) + i * 7919
+        try:
+            with SelfplayWriter(db_path, seed=s, **writer_options) as w:  # type: ignore[arg-type]
+                if i == 0:
+                    results[i].in_progress = _placeholders(w, leave_in_progress)
+                _write_paced(w, share, rate / writers if rate else None, mix, stop, results[i])
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    if writers == 1:
+        one(0)
+    else:
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    total = Outcomes()
+    for r in results:
+        total.add(r)
+    return total
+
+
+def _placeholders(writer: SelfplayWriter, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        gid = writer.start_game()
+        writer.add_moves(gid, max(1, writer.moves_per_game // 2))
+        writer._moves.pop(gid)
+        ids.append(gid)
+    return ids
+
+
+def _write_paced(writer: SelfplayWriter, n_games: int, rate: float | None, mix: Mix,
+                 stop: threading.Event, out: Outcomes) -> None:
+    started = time.monotonic()
+    pending_late: list[str] = []
+    while len(out.completed) < n_games and not stop.is_set():
+        outcome = mix.draw(writer._rng)
+        gid = writer.write_game(outcome)
+        getattr(out, "completed" if outcome == "late" else outcome).append(gid)
+        for late in pending_late:  # a game changes after a later one completed
+            writer.change_later(late)
+            out.late.append(late)
+        pending_late = [gid] if outcome == "late" else []
+        if rate and outcome in ("late", "completed"):  # paced against the start: no drift
+            stop.wait(max(0.0, started + len(out.completed) / rate - time.monotonic()))
+    for late in pending_late:
+        writer.change_later(late)
+        out.late.append(late)
 
 
 def run_writer(
@@ -346,44 +556,48 @@ def run_writer(
     moves_per_game: int = 80,
     seed: int | None = None,
     stop: threading.Event | None = None,
+    **options: Any,
 ) -> int:
     """Leave ``leave_in_progress`` games half-written, then write ``n_games`` completed ones.
 
-    ``rate`` paces completions (games/s); ``stop`` ends early. Returns games completed.
+    ``rate`` paces completions (games/s); ``stop`` ends early; ``options`` go to simulate()
+    and SelfplayWriter. Returns the games completed.
     """
-    stop = stop or threading.Event()
-    with SelfplayWriter(db_path, board_type=board_type, num_players=num_players,
-                        moves_per_game=moves_per_game, seed=seed) as writer:
-        for _ in range(leave_in_progress):
-            writer.add_moves(writer.start_game(), max(1, moves_per_game // 2))
-        return _write_paced(writer, n_games, rate, stop)
-
-
-def _write_paced(writer: SelfplayWriter, n_games: int, rate: float | None,
-                 stop: threading.Event) -> int:
-    started = time.monotonic()
-    done = 0
-    while done < n_games and not stop.is_set():
-        writer.write_game()
-        done += 1
-        if rate:
-            # Schedule against the start so that pacing does not drift.
-            stop.wait(max(0.0, started + done / rate - time.monotonic()))
-    return done
+    out = simulate(db_path, n_games, leave_in_progress=leave_in_progress, rate=rate, stop=stop,
+                   board_type=board_type, num_players=num_players,
+                   moves_per_game=moves_per_game, seed=seed, **options)
+    return len(out.completed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write N completed games and leave K in progress; prints the completed count."""
-    parser = argparse.ArgumentParser(prog="python -m ringsync.selfplay_sim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ringsync.selfplay_sim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("db_path", type=Path)
-    parser.add_argument("--games", type=int, default=100)
-    parser.add_argument("--in-progress", type=int, default=0)
-    parser.add_argument("--rate", type=float, default=None, help="games per second")
+    parser.add_argument("--games", type=int, default=100, help="completed games to write")
+    parser.add_argument("--in-progress", type=int, default=0,
+                        help="'active' placeholders left unfinished (killed writers)")
+    parser.add_argument("--rate", type=float, default=None, help="completed games per second")
     parser.add_argument("--board-type", default="hex8")
     parser.add_argument("--num-players", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--moves", type=int, default=80, help="moves per game")
+    parser.add_argument("--moves", type=int, default=80, help="moves per game (>= 5)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--pattern", choices=PATTERNS, default="per-op",
+                        help="connection per operation (RingRift's) or one long-lived")
+    parser.add_argument("--mode", choices=MODES, default="bulk",
+                        help="store_game in one transaction, or GameWriter's commit per move")
+    parser.add_argument("--writers", type=int, default=1, help="concurrent writers on the DB")
+    parser.add_argument("--migrated", action="store_true",
+                        help="schema of a DB migrated from v1 (only the on-complete trigger)")
+    for name in ("aborted", "truncated", "killed", "late"):
+        parser.add_argument(f"--p-{name}", type=float, default=0.0,
+                            help=f"probability that a game ends {name}")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="write the game ids of each outcome to this JSON file")
     args = parser.parse_args(argv)
+    if args.moves < ringrift_schema.MIN_MOVES_REQUIRED:
+        parser.error(f"--moves {args.moves}: RingRift's triggers need at least "
+                     f"{ringrift_schema.MIN_MOVES_REQUIRED} moves per completed game")
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -391,11 +605,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    done = run_writer(args.db_path, args.games, leave_in_progress=args.in_progress,
-                      rate=args.rate, board_type=args.board_type,
-                      num_players=args.num_players, moves_per_game=args.moves,
-                      seed=args.seed, stop=stop)
-    print(f"completed {done}", flush=True)
+    mix = Mix(args.p_aborted, args.p_truncated, args.p_killed, args.p_late)
+    out = simulate(args.db_path, args.games, leave_in_progress=args.in_progress, rate=args.rate,
+                   mix=mix, writers=args.writers, stop=stop, board_type=args.board_type,
+                   num_players=args.num_players, moves_per_game=args.moves, seed=args.seed,
+                   pattern=args.pattern, mode=args.mode, fresh_schema=not args.migrated)
+    if args.summary is not None:
+        out.write(args.summary)
+    print(f"completed {len(out.completed)}", flush=True)
     return 0
 
 

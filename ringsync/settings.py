@@ -100,6 +100,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "read as sources, added to the built-in exclusions of received, fetched, imported, "
            "consolidated and evaluation games (" + ", ".join(DEFAULT_EXCLUDE) + ")",
            default_text="none beyond the built-in ones"),
+    EnvVar("RINGRIFT_ACTIVE_GAME_TIMEOUT", "21600", "Seconds a game may stay unfinished in a "
+           "local selfplay DB before it is no longer re-checked (a killed writer's placeholder; "
+           "> 0); a game finishing later is not shipped"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -129,6 +132,7 @@ class Settings:
     use_uvloop: bool = True
     game_sources: tuple[str, ...] = DEFAULT_INCLUDE
     game_sources_exclude: tuple[str, ...] = ()
+    active_game_timeout: float = 21600.0
 
     @property
     def state_root(self) -> Path:
@@ -215,6 +219,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
                                     DEFAULT_INCLUDE),
         game_sources_exclude=parse_patterns("RINGRIFT_GAME_SOURCES_EXCLUDE",
                                             env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
+        active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
     )
 
 

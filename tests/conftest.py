@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,10 +42,15 @@ def make_settings(tmp_path: Path, node_id: str = "train-1", **overrides: object)
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def write_games(db: Path, n: int, *, in_progress: int = 0, seed: int = 1) -> tuple[list[str], list[str]]:
-    """Completed and in-progress game ids, written the way RingRift's selfplay writes them."""
+def write_games(db: Path, n: int, *, in_progress: int = 0, seed: int = 1,
+                **writer_options: Any) -> tuple[list[str], list[str]]:
+    """Completed and in-progress game ids, written the way RingRift's selfplay writes them.
+
+    Connection per operation by default; ``writer_options`` go to SelfplayWriter
+    (``pattern="long-lived"``, ``mode="incremental"``, ``fresh_schema=False``...).
+    """
     db.parent.mkdir(parents=True, exist_ok=True)
-    with SelfplayWriter(db, seed=seed, moves_per_game=20) as writer:
+    with SelfplayWriter(db, seed=seed, moves_per_game=20, **writer_options) as writer:
         done = [writer.write_game() for _ in range(n)]
         open_ = [writer.start_game() for _ in range(in_progress)]
     return done, open_

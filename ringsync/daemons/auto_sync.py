@@ -22,6 +22,7 @@ from ringsync.policy.sources import SourceKind
 from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.discovery import SourceFile, discover_sources
 from ringsync.store.gamedb import GameSource
+from ringsync.store.gamesource import Scan
 from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
 from ringsync.store.manifest import DiscoveredGame
 from ringsync.store.sharedir import read_heartbeats, write_heartbeat
@@ -31,6 +32,7 @@ from ringsync.transport.http import HttpTransport
 log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
+DELETED_CHECK_SLICE = 500  # shipped games checked for deletion at the source per forced scan
 _BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
 _SHARED = "shared"  # the manifest's note on games held by a target through shared storage
 _ACK_PAGE = 10_000
@@ -118,9 +120,11 @@ class AutoSyncDaemon(Daemon):
         self._failing: dict[str, str] = {}
         self._missing_reported: set[str] = set()
         self._inodes: dict[str, int] = {}
-        self._unreadable: set[str] = set()
         self._acked_in_cycle = 0
         self._rejected_in_cycle: set[str] = set()
+        self._source_errors: dict[str, str] = {}  # source key -> why its last read failed
+        self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
+        self._deleted_seen: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -264,11 +268,11 @@ class AutoSyncDaemon(Daemon):
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
-                await self._scan(key, source, names)
+                await self._scan(key, source, names, force=force)
 
     def _open_source(self, file: SourceFile) -> GameSource | JsonlSource:
         if file.kind is SourceKind.DB:
-            return GameSource(file.path)
+            return GameSource(file.path, active_timeout=self._ctx.settings.active_game_timeout)
         if self._jsonl is None:
             self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
         return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
@@ -280,31 +284,40 @@ class AutoSyncDaemon(Daemon):
             if _inode(data_dir / key) != self._inodes.get(key):
                 source = self._sources.pop(key)
                 self._inodes.pop(key, None)
+                if self._source_errors.pop(key, None) is not None:
+                    self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+                    self._update_health()
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: GameSource | JsonlSource, targets: list[str]) -> None:
+    async def _scan(self, key: str, source: GameSource | JsonlSource, targets: list[str], *,
+                    force: bool = False) -> None:
+        reconnects = source.reconnects if isinstance(source, GameSource) else 0
         try:
-            found = await asyncio.to_thread(source.scan)
-        except (CorruptDataError, OSError) as exc:
-            if key not in self._unreadable:  # e.g. a .db that is not SQLite: say so once
-                self._unreadable.add(key)
-                self._ctx.metrics.unreadable_sources.inc()
-                log.error("cannot read source %s, skipping it until it is readable: %s", key, exc)
+            if isinstance(source, GameSource):
+                scan = await asyncio.to_thread(source.scan_all)
+                if force:
+                    await self._check_deleted(key, source)
+            else:
+                scan = Scan(await asyncio.to_thread(source.scan), [], 0)
+        except (CorruptDataError, sqlite3.OperationalError, OSError) as exc:
+            await self._source_failed(key, source, exc)
             return
-        except sqlite3.OperationalError as exc:  # e.g. locked past busy_timeout: retry next cycle
-            log.warning("source %s is busy (%s); retrying on the next cycle", key, exc)
-            return
-        if key in self._unreadable:
-            self._unreadable.discard(key)
-            log.info("source %s is readable again", key)
-        if found:
+        self._source_recovered(key)
+        m = self._ctx.metrics
+        if isinstance(source, GameSource):
+            m.source_lost_locks.inc(source.reconnects - reconnects)
+        if scan.completed:
             # A game received from a peer, wherever it was copied to here, is not ours to push.
-            received = self._ctx.manifest.received_filter([g.game_id for g in found])
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
+            received = self._ctx.manifest.received_filter([g.game_id for g in scan.completed])
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in scan.completed
                      if g.game_id not in received]
             new = self._ctx.manifest.record_discovered(games, targets)
-            self._ctx.metrics.games_discovered.inc(new)
+            m.games_discovered.inc(new)
+        if scan.changed:  # rows added to shipped games: their holders get them merged by key
+            self._ctx.manifest.requeue([g.game_id for g in scan.changed])
+            m.source_games_changed.inc(len(scan.changed))
+        m.source_games_given_up.inc(scan.given_up)
         if isinstance(source, JsonlSource):
             self._jsonl_scanned(source)
 
@@ -317,6 +330,40 @@ class AutoSyncDaemon(Daemon):
             else:
                 m.jsonl_games_skipped.labels(reason=reason).inc(n)
         source.commit()
+
+    async def _check_deleted(self, key: str, source: GameSource) -> None:
+        """Look for a slice of this source's shipped games that were deleted there since."""
+        after = self._deleted_after.get(key, "")
+        ids = self._ctx.manifest.delivered_from(key, DELETED_CHECK_SLICE, after=after)
+        self._deleted_after[key] = ids[-1] if len(ids) == DELETED_CHECK_SLICE else ""
+        gone = [g for g in await asyncio.to_thread(source.missing, ids)
+                if g not in self._deleted_seen]
+        if gone:
+            self._deleted_seen.update(gone)
+            self._ctx.metrics.source_games_deleted.inc(len(gone))
+            log.warning("%d games shipped from %s were deleted there since (first %s); their "
+                        "copies at the targets stay", len(gone), key, gone[0])
+
+    async def _source_failed(self, key: str, source: GameSource | JsonlSource,
+                             exc: Exception) -> None:
+        """An unreadable source is loud: one log line when it starts failing, metrics, health."""
+        kind = "busy" if isinstance(exc, sqlite3.OperationalError) else "corrupt"
+        self._ctx.metrics.source_read_errors.labels(kind=kind).inc()
+        # A view gone stale (e.g. its WAL deleted under it) heals with a fresh connection;
+        # the cursor stays, so nothing already found is reported again.
+        await asyncio.to_thread(source.close)
+        if key not in self._source_errors:
+            log.error("cannot read source %s (%s); its games are not shipped until it reads "
+                      "again, retried every cycle: %s", key, kind, exc)
+        self._source_errors[key] = f"source {key} unreadable ({kind}): {exc}"
+        self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+        self._update_health()
+
+    def _source_recovered(self, key: str) -> None:
+        if self._source_errors.pop(key, None) is not None:
+            log.info("source %s is readable again", key)
+            self._ctx.metrics.sources_unreadable.set(len(self._source_errors))
+            self._update_health()
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -370,7 +417,13 @@ class AutoSyncDaemon(Daemon):
     async def _prepared(self, source: str, ids: tuple[str, ...], target: str,
                         cache: _PreparedCache) -> Prepared:
         """Extract and encode once, whichever target asks first."""
-        prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        try:
+            prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        except (CorruptDataError, sqlite3.OperationalError, OSError) as exc:
+            src = self._sources.get(source)
+            if src is not None:
+                await self._source_failed(source, src, exc)  # loud once; the games stay queued
+            prepared = []
         self._note_missing(source, ids, prepared, target)
         return prepared
 
@@ -378,11 +431,7 @@ class AutoSyncDaemon(Daemon):
         src = self._sources.get(source)
         if src is None:
             return []
-        try:
-            batches = src.extract(ids, source_node=self._ctx.settings.node_id)
-        except (CorruptDataError, sqlite3.OperationalError, OSError) as exc:
-            log.warning("cannot read source %s now (%s); its games stay queued", source, exc)
-            return []
+        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
         out: Prepared = []
         for batch in batches:
             payload = encode_batch(batch)
@@ -545,8 +594,9 @@ class AutoSyncDaemon(Daemon):
         self._update_health()
 
     def _update_health(self) -> None:
-        if self._failing:
-            detail = "; ".join(f"{p}: {r}" for p, r in sorted(self._failing.items()))
+        if self._failing or self._source_errors:
+            detail = "; ".join([*(f"{p}: {r}" for p, r in sorted(self._failing.items())),
+                                *(r for _, r in sorted(self._source_errors.items()))])
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:
             self._health = Health(HealthState.HEALTHY)

@@ -118,12 +118,37 @@ class Metrics:
         self.daemon_up = Gauge(
             "ringsync_daemon_up", "1 when the daemon is running and ready.", ["daemon"], registry=r
         )
-
-        self.unreadable_sources = Counter(
-            "ringsync_unreadable_sources_total",
-            "Local source files found unreadable (e.g. a .db that is not SQLite); logged once each.",
+        self.source_read_errors = Counter(
+            "ringsync_source_read_errors_total",
+            "Failed reads of a local selfplay DB, by kind (corrupt, busy); names in the health.",
+            ["kind"],
             registry=r,
         )
+        self.sources_unreadable = Gauge(
+            "ringsync_sources_unreadable", "Local selfplay DBs whose last read failed.", registry=r
+        )
+        self.source_games_changed = Counter(
+            "ringsync_source_games_changed_total",
+            "Shipped games that gained rows at the source later; re-sent to their holders.",
+            registry=r,
+        )
+        self.source_games_deleted = Counter(
+            "ringsync_source_games_deleted_total",
+            "Shipped games found deleted at the source (checked in slices on forced scans).",
+            registry=r,
+        )
+        self.source_games_given_up = Counter(
+            "ringsync_source_active_games_given_up_total",
+            "Games left unfinished past the active-game timeout; no longer re-checked.",
+            registry=r,
+        )
+        self.source_lost_locks = Counter(
+            "ringsync_source_lost_locks_total",
+            "Source views found stale because the WAL was deleted under them (locks lost "
+            "to an open()/close() of the file in this process); reopened.",
+            registry=r,
+        )
+
         self.jsonl_malformed_lines = Counter(
             "ringsync_jsonl_malformed_lines_total",
             "Complete lines of local JSONL game logs that are not a valid game record; skipped.",

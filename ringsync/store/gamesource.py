@@ -6,7 +6,8 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +54,40 @@ class SourceGame:
 # -- source side ---------------------------------------------------------------------------
 
 
+# A game still 'active' this long after it was first seen is a killed writer's placeholder.
+ACTIVE_GAME_TIMEOUT = 6 * 3600.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A games row not finished yet, and when this source first saw it (monotonic seconds)."""
+
+    game_id: str
+    since: float
+
+
 @dataclass(slots=True)
 class _Cursor:
-    """Where the last scan stopped: highest rowid seen, and the rowids still in progress."""
+    """Where the last scan stopped: highest rowid seen per table, and the games in progress."""
 
     max_rowid: int = 0
-    pending: dict[int, str] = field(default_factory=dict)
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    children: dict[str, int] | None = None  # per child table; None until the first scan
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What one scan found.
+
+    ``completed``: games that became completed. ``changed``: games reported completed by an
+    earlier scan that gained rows in a per-game table since (feature caches, backfills).
+    ``given_up``: rows no longer watched because they stayed unfinished past the active-game
+    timeout (killed writers' placeholders). Truncated games are dropped without counting.
+    """
+
+    completed: list[SourceGame]
+    changed: list[SourceGame]
+    given_up: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +108,24 @@ class GameSource:
     """One live selfplay DB, attached read-only to one persistent in-memory connection.
 
     Thread-safe: calls are serialised, so scan() and extract() may come from worker threads.
+    The file is only ever opened by SQLite: a Python open()/close() of it in this process
+    would drop the POSIX locks our connection holds (they belong to the process), and a
+    connection-per-operation writer would then checkpoint and delete the WAL under us.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, active_timeout: float = ACTIVE_GAME_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.last_scan_rows = 0  # rows examined by the last scan (cost accounting)
+        self.active_timeout = active_timeout
+        self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._cursor = _Cursor()
         self._stamp: tuple[object, ...] | None = None
         self._layout: tuple[int, _Layout] | None = None
+        self._wal_ino: int | None = None
+        self.reconnects = 0  # stale views healed by reopening (see _lost_locks)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -108,15 +145,33 @@ class GameSource:
     def _connection(self) -> Iterator[sqlite3.Connection]:
         """The connection, used by one caller at a time; SQLite errors name the source DB."""
         with self._lock, _sqlite_errors(self.path):
+            if self._conn is not None and self._wal_inode() != self._wal_ino:
+                self._lost_locks()
             if self._conn is None:
                 self._conn = _open_source(self.path)
+                # The first read creates -wal/-shm next to a DB whose writer's last close
+                # removed them; do it now, so that the scan's stamp does not see our own files.
+                self._conn.execute("SELECT count(*) FROM src.sqlite_master").fetchone()
+                self._wal_ino = self._wal_inode()
             yield self._conn
 
-    @contextmanager
-    def _read(self) -> Iterator[tuple[sqlite3.Connection, _Layout]]:
-        """One read transaction, so every query sees the same snapshot."""
-        with self._connection() as conn, _transaction(conn):
-            yield conn, self._schema(conn)
+    def _wal_inode(self) -> int | None:
+        key = _stat_key(self.path.with_name(self.path.name + "-wal"))
+        return None if key is None else key[2]
+
+    def _lost_locks(self) -> None:
+        """The WAL was deleted while we held it open: only possible when our locks were lost.
+
+        Something in this process opened and closed the DB file outside SQLite (POSIX locks
+        belong to the process), and a writer's last close then checkpointed and deleted the
+        WAL. Our view is stale; a fresh connection reads the file as it is.
+        """
+        assert self._conn is not None
+        self.reconnects += 1
+        log.error("%s: its WAL was deleted while ringsync held it open (our SQLite locks were "
+                  "dropped by an open()/close() of the file in this process); reopening", self.path)
+        self._conn.close()
+        self._conn = None
 
     def _schema(self, conn: sqlite3.Connection) -> _Layout:
         version = int(conn.execute("PRAGMA src.schema_version").fetchone()[0])
@@ -126,25 +181,33 @@ class GameSource:
 
     def scan(self) -> list[SourceGame]:
         """Games completed since the previous scan, each reported once per GameSource."""
-        stamp = self._stat()  # taken first: a commit during the scan triggers another
-        with self._read() as (conn, layout):
-            self.last_scan_rows = 0
-            found: list[SourceGame] = []
-            if layout.games:
+        return self.scan_all().completed
+
+    def scan_all(self) -> Scan:
+        """Completed games, and finished games that gained rows, since the previous scan."""
+        with self._connection() as conn:
+            stamp = self._stat()  # before reading: a commit during the scan triggers another
+            with _transaction(conn):
+                layout = self._schema(conn)
+                self.last_scan_rows = 0
+                if not layout.games:
+                    return Scan([], [])
                 select = _scan_select(layout)
                 # Re-check first: rows added by this scan need no second look.
                 found = self._recheck(conn, select) + self._scan_new(conn, select)
+                given_up = self._give_up()
+                changed = self._changed_games(conn, layout, select, {g.game_id for g in found})
         self._stamp = stamp
-        return found
+        return Scan(found, changed, given_up)
 
     def _scan_new(self, conn: sqlite3.Connection, select: str) -> list[SourceGame]:
         cur = self._cursor
         rows = conn.execute(f"{select} WHERE rowid > ? ORDER BY rowid", (cur.max_rowid,))
         found, examined = [], 0
-        for rowid, gid, status, board, players in rows:
+        for rowid, gid, status, board, players, moves in rows:
             examined += 1
             cur.max_rowid = rowid
-            game = self._classify(rowid, gid, status, board, players)
+            game = self._classify(rowid, gid, status, board, players, moves)
             if game is not None:
                 found.append(game)
         self.last_scan_rows += examined
@@ -157,10 +220,10 @@ class GameSource:
         found = []
         for chunk in _chunks(waiting):
             seen = set()
-            for rowid, gid, status, board, players in conn.execute(
+            for rowid, gid, status, board, players, moves in conn.execute(
                     f"{select} WHERE rowid IN ({_marks(len(chunk))})", chunk):
                 seen.add(rowid)
-                game = self._classify(rowid, gid, status, board, players)
+                game = self._classify(rowid, gid, status, board, players, moves)
                 if game is not None:
                     found.append(game)
             for gone in set(chunk) - seen:  # deleted (aborted) games
@@ -169,16 +232,72 @@ class GameSource:
         return found
 
     def _classify(self, rowid: int, gid: object, status: object, board: object,
-                  players: object) -> SourceGame | None:
+                  players: object, moves: object) -> SourceGame | None:
         state = str(status).lower()
+        pending = self._cursor.pending
         if state in _COMPLETED and isinstance(gid, str):
-            self._cursor.pending.pop(rowid, None)
+            pending.pop(rowid, None)
             return SourceGame(gid, config_key_for(board, players))
-        if state in _ABANDONED or not isinstance(gid, str):
-            self._cursor.pending.pop(rowid, None)
-        else:
-            self._cursor.pending[rowid] = gid
+        # RingRift finalises a game cut off at max_moves as 'active' with its moves counted
+        # (a placeholder has 0): it never completes, so it is not watched any more.
+        truncated = state == "active" and isinstance(moves, int) and moves > 0
+        if state in _ABANDONED or truncated or not isinstance(gid, str):
+            pending.pop(rowid, None)
+        elif rowid not in pending:
+            pending[rowid] = _Pending(gid, self._clock())
         return None
+
+    def _give_up(self) -> int:
+        """Stop watching rows unfinished for longer than the active-game timeout."""
+        deadline = self._clock() - self.active_timeout
+        stale = [r for r, p in self._cursor.pending.items() if p.since < deadline]
+        for rowid in stale:
+            del self._cursor.pending[rowid]
+        return len(stale)
+
+    def _changed_games(self, conn: sqlite3.Connection, layout: _Layout, select: str,
+                       new: set[str]) -> list[SourceGame]:
+        """Games completed before this scan that gained child rows since the last one.
+
+        One rowid cursor per child table: the first scan starts at the end (rows present
+        then ship with their games), so the cost is proportional to the rows added.
+        """
+        cur = self._cursor
+        first = cur.children is None
+        cursors = cur.children if cur.children is not None else {}
+        touched: set[str] = set()
+        for name, _ in layout.children:
+            top = _max_rowid(conn, name)
+            if top is None:
+                continue  # WITHOUT ROWID: no cursor possible
+            since = cursors.get(name, 0 if not first else top)
+            if top > since:
+                touched.update(str(r[0]) for r in conn.execute(
+                    f"SELECT DISTINCT {_q(GAME_ID)} FROM src.{_q(name)} WHERE rowid > ?", (since,))
+                    if isinstance(r[0], str))
+            cursors[name] = top
+        cur.children = cursors
+        touched -= new
+        if not touched:
+            return []
+        _load_ids(conn, touched)
+        return [SourceGame(gid, config_key_for(board, players))
+                for _, gid, status, board, players, _ in conn.execute(
+                    f"{select} WHERE {_IN_IDS} AND rowid <= ?", (cur.max_rowid,))
+                if str(status).lower() in _COMPLETED and isinstance(gid, str)]
+
+    def missing(self, game_ids: Sequence[str]) -> list[str]:
+        """Those of ``game_ids`` that are no longer in the games table (deleted at the source)."""
+        wanted = list(dict.fromkeys(game_ids))
+        if not wanted:
+            return []
+        with self._connection() as conn, _transaction(conn):
+            if not self._schema(conn).games:
+                return wanted
+            _load_ids(conn, wanted)
+            present = {str(r[0]) for r in conn.execute(
+                f"SELECT {_q(GAME_ID)} FROM src.{_q(GAMES)} WHERE {_IN_IDS}")}
+        return [g for g in wanted if g not in present]
 
     def extract(self, game_ids: Sequence[str], *, source_node: str) -> list[GameBatch]:
         """All rows of the completed games among ``game_ids``, one GameBatch per config key.
@@ -212,10 +331,18 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _max_rowid(conn: sqlite3.Connection, table: str) -> int | None:
+    try:
+        row = conn.execute(f"SELECT max(rowid) FROM src.{_q(table)}").fetchone()
+    except sqlite3.OperationalError:  # WITHOUT ROWID
+        return None
+    return int(row[0] or 0)
+
+
 def _scan_select(layout: _Layout) -> str:
     # Without a game_status column every row is a finished game.
     status = _q("game_status") if layout.has("game_status") else "'completed'"
-    cols = [_q(c) if layout.has(c) else "NULL" for c in ("board_type", "num_players")]
+    cols = [_q(c) if layout.has(c) else "NULL" for c in ("board_type", "num_players", "total_moves")]
     return f"SELECT rowid, {_q(GAME_ID)}, {status}, {', '.join(cols)} FROM src.{_q(GAMES)}"
 
 
@@ -262,7 +389,7 @@ def _completed_games(conn: sqlite3.Connection, layout: _Layout,
     """The completed games among ``ids``, grouped by config key."""
     _load_ids(conn, ids)
     groups: dict[str, list[str]] = {}
-    for _, gid, status, board, players in conn.execute(f"{_scan_select(layout)} WHERE {_IN_IDS}"):
+    for _, gid, status, board, players, _ in conn.execute(f"{_scan_select(layout)} WHERE {_IN_IDS}"):
         if str(status).lower() in _COMPLETED and isinstance(gid, str):
             groups.setdefault(config_key_for(board, players), []).append(gid)
     return groups

@@ -183,6 +183,29 @@ class DataManifest:
                 [(target, gid) for gid in game_ids],
             )
 
+    def requeue(self, game_ids: Sequence[str]) -> int:
+        """Queue delivered games again for every target that holds them; returns rows queued.
+
+        For games that gained rows at the source after they were shipped: the receiver
+        merges the game's rows by key, so the new rows arrive exactly once.
+        """
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO outbox SELECT target, game_id FROM deliveries WHERE game_id = ?",
+                [(gid,) for gid in game_ids],
+            )
+            return self._db.total_changes - before
+
+    def delivered_from(self, source: str, limit: int, *, after: str = "") -> list[str]:
+        """Up to ``limit`` games of ``source`` delivered somewhere, in game-id order after ``after``."""
+        rows = self._db.execute(
+            "SELECT g.game_id FROM games g WHERE g.source = ? AND g.game_id > ? AND EXISTS "
+            "(SELECT 1 FROM deliveries d WHERE d.game_id = g.game_id) ORDER BY g.game_id LIMIT ?",
+            (source, after, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def outbox_size(self, target: str) -> int:
         row = self._db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)).fetchone()
         return int(row[0])

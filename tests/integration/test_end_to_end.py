@@ -70,7 +70,7 @@ def test_games_flow_exactly_once_to_both_trainers_and_never_to_the_coordinator(c
     )
     assert "completed 1000" in writer.stdout
     completed = read_game_ids(source, "WHERE game_status = 'completed'")
-    in_progress = read_game_ids(source, "WHERE game_status = 'in_progress'")
+    in_progress = read_game_ids(source, "WHERE game_status = 'active'")
     assert len(completed) == 1000
     assert len(in_progress) == 25
 

@@ -221,7 +221,7 @@ async def test_a_db_that_is_not_sqlite_is_logged_once_and_counted(
         await daemon.sync_once()
     errors = [r for r in caplog.records if "games/hex8_2p.db" in r.getMessage()]
     assert len(errors) == 1
-    assert ctx.metrics.unreadable_sources._value.get() == 1
+    assert ctx.metrics.sources_unreadable._value.get() == 1
     assert ctx.manifest.summary()["games"] == len(good)
     await daemon.close()
 

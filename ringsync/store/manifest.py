@@ -127,11 +127,17 @@ class DataManifest:
             before = self._db.total_changes
             self._db.executemany("INSERT OR IGNORE INTO games VALUES (?, ?, ?, ?)", rows)
             new = self._db.total_changes - before
-            # A game found again elsewhere (a rotated or renamed file) is read from there now.
+            upgraded = self._from_log_to_db(games)
+            # A game found again elsewhere (a rotated or renamed file) is read from there now,
+            # but never from a JSONL line once a DB row has it: the row is the richer copy.
             self._db.executemany(
-                "UPDATE games SET source = ?2, config_key = ?3 WHERE game_id = ?1 AND source <> ?2",
+                f"UPDATE games SET source = ?2, config_key = ?3 WHERE game_id = ?1 AND source <> ?2 "
+                f"AND NOT ({_is_log('?2')} AND NOT {_is_log('source')})",
                 [(g.game_id, g.source, g.config_key) for g in games],
             )
+            # Targets that got only the line get the game again; they merge its other rows by key.
+            self._db.executemany("INSERT OR IGNORE INTO outbox SELECT target, game_id FROM deliveries "
+                                 "WHERE game_id = ?", [(gid,) for gid in upgraded])
             for target in targets:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO outbox SELECT ?1, ?2 WHERE NOT EXISTS "
@@ -139,6 +145,17 @@ class DataManifest:
                     [(target, gid) for (gid,) in ids],
                 )
         return new
+
+    def _from_log_to_db(self, games: Sequence[DiscoveredGame]) -> list[str]:
+        """Games known from a JSONL log that a DB source has now (a Gumbel game has both)."""
+        in_db = [g.game_id for g in games if not is_log_source(g.source)]
+        found: list[str] = []
+        for i in range(0, len(in_db), 500):
+            chunk = in_db[i:i + 500]
+            found += [r[0] for r in self._db.execute(
+                f"SELECT game_id FROM games WHERE game_id IN ({','.join('?' * len(chunk))}) "
+                f"AND {_is_log('source')}", chunk)]
+        return found
 
     def ensure_targets(self, targets: Iterable[str]) -> int:
         """Queue every known game not yet delivered to each target (new targets, lost outbox)."""
@@ -286,6 +303,15 @@ CREATE TABLE IF NOT EXISTS received (
 ) WITHOUT ROWID
 """
 _RECEIVED_CHUNK = 500
+
+
+def is_log_source(source: str) -> bool:
+    """True for a JSONL game log source (its games carry fewer rows than a DB's)."""
+    return source.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _is_log(expr: str) -> str:
+    return f"({expr} LIKE '%.jsonl' OR {expr} LIKE '%.jsonl.gz')"
 
 
 class _Transaction:

@@ -132,3 +132,26 @@ def test_a_game_found_in_a_new_file_is_read_from_there(manifest: DataManifest) -
     moved = [DiscoveredGame("a", "archive/selfplay-1.db", "hex8_2p")]
     assert manifest.record_discovered(moved, ["t1"]) == 0
     assert [p.source for p in manifest.pending("t1", 10)] == ["archive/selfplay-1.db"]
+
+
+def test_a_game_known_from_a_jsonl_line_is_read_from_its_db_row_once_one_appears(
+        manifest: DataManifest) -> None:
+    line = [DiscoveredGame("g", "selfplay/gumbel_hex8_2p.jsonl", "hex8_2p")]
+    row = [DiscoveredGame("g", "selfplay/p2p/hex8_2p/j1/games.db", "hex8_2p")]
+    manifest.record_discovered(line, ["t1"])
+    manifest.ack("t1", ["g"])  # t1 holds the line's rows only
+    manifest.record_discovered(row, ["t1"])
+    pending = manifest.pending("t1", 10)
+    assert [(p.game_id, p.source) for p in pending] == [("g", row[0].source)]
+    manifest.ack("t1", ["g"])
+    # Found in the log again (e.g. a rescan): the DB stays the source and nothing is re-sent.
+    manifest.record_discovered(line, ["t1"])
+    manifest.record_discovered(row, ["t1"])
+    assert manifest.pending("t1", 10) == []
+
+
+def test_a_game_found_in_a_db_first_is_never_moved_to_its_jsonl_line(manifest: DataManifest) -> None:
+    row = [DiscoveredGame("g", "games/hex8_2p.db", "hex8_2p")]
+    manifest.record_discovered(row, ["t1"])
+    manifest.record_discovered([DiscoveredGame("g", "selfplay/x.jsonl.gz", "hex8_2p")], ["t1"])
+    assert [p.source for p in manifest.pending("t1", 10)] == ["games/hex8_2p.db"]

@@ -112,6 +112,7 @@ class AutoSyncDaemon(Daemon):
         self._all_shared_warned = False
         self._sources: dict[str, GameSource | JsonlSource] = {}
         self._jsonl: JsonlIndex | None = None
+        self._saved_cursors: dict[str, dict[str, int]] = {}
         self._rescan_sources = True
         self._stopping = False
         self._cycle_lock = asyncio.Lock()
@@ -263,16 +264,19 @@ class AutoSyncDaemon(Daemon):
                                             exclude=(s.received_root,))
             for file in found:  # keys: paths under the data dir, stable across restarts
                 if file.key not in self._sources:
-                    self._sources[file.key] = await asyncio.to_thread(self._open_source, file)
+                    cursors = self._ctx.manifest.child_cursors(file.key)  # the manifest is ours
+                    self._sources[file.key] = await asyncio.to_thread(self._open_source, file, cursors)
                     self._inodes[file.key] = _inode(file.path)
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._sources.items()):
             if force or source.changed():
                 await self._scan(key, source, names, force=force)
 
-    def _open_source(self, file: SourceFile) -> GameSource | JsonlSource:
+    def _open_source(self, file: SourceFile,
+                     cursors: dict[str, int] | None) -> GameSource | JsonlSource:
         if file.kind is SourceKind.DB:
-            return GameSource(file.path, active_timeout=self._ctx.settings.active_game_timeout)
+            return GameSource(file.path, active_timeout=self._ctx.settings.active_game_timeout,
+                              child_cursors=cursors)
         if self._jsonl is None:
             self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
         return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
@@ -318,6 +322,8 @@ class AutoSyncDaemon(Daemon):
             self._ctx.manifest.requeue([g.game_id for g in scan.changed])
             m.source_games_changed.inc(len(scan.changed))
         m.source_games_given_up.inc(scan.given_up)
+        if isinstance(source, GameSource):
+            self._save_cursors(key, source)
         if isinstance(source, JsonlSource):
             self._jsonl_scanned(source)
 
@@ -330,6 +336,13 @@ class AutoSyncDaemon(Daemon):
             else:
                 m.jsonl_games_skipped.labels(reason=reason).inc(n)
         source.commit()
+
+    def _save_cursors(self, key: str, source: GameSource) -> None:
+        """Durable after the changed games were queued: a restart re-finds later late rows."""
+        cursors = source.child_cursors
+        if cursors is not None and cursors != self._saved_cursors.get(key):
+            self._ctx.manifest.save_child_cursors(key, cursors)
+            self._saved_cursors[key] = cursors
 
     async def _check_deleted(self, key: str, source: GameSource) -> None:
         """Look for a slice of this source's shipped games that were deleted there since."""

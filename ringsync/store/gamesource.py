@@ -114,14 +114,20 @@ class GameSource:
     """
 
     def __init__(self, path: Path, *, active_timeout: float = ACTIVE_GAME_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 child_cursors: dict[str, int] | None = None) -> None:
+        """``child_cursors``: the per-table cursors a previous process saved (see
+        ``child_cursors``), so rows added to finished games while it was down are found."""
         self.path = Path(path)
         self.last_scan_rows = 0  # rows examined by the last scan (cost accounting)
         self.active_timeout = active_timeout
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._cursor = _Cursor()
+        self._cursor = _Cursor(children=dict(child_cursors) if child_cursors is not None else None)
+        # Resumed from saved cursors, the first scan finds every game again as "new": games
+        # among them that gained rows since the save must still be reported as changed.
+        self._resumed = child_cursors is not None
         self._stamp: tuple[object, ...] | None = None
         self._layout: tuple[int, _Layout] | None = None
         self._wal_ino: int | None = None
@@ -277,7 +283,9 @@ class GameSource:
                     if isinstance(r[0], str))
             cursors[name] = top
         cur.children = cursors
-        touched -= new
+        if not self._resumed:
+            touched -= new
+        self._resumed = False
         if not touched:
             return []
         _load_ids(conn, touched)
@@ -285,6 +293,16 @@ class GameSource:
                 for _, gid, status, board, players, _ in conn.execute(
                     f"{select} WHERE {_IN_IDS} AND rowid <= ?", (cur.max_rowid,))
                 if str(status).lower() in _COMPLETED and isinstance(gid, str)]
+
+    @property
+    def child_cursors(self) -> dict[str, int] | None:
+        """Per child table, the highest rowid the scans have looked at (None before a scan).
+
+        Save it after the changed games are queued again; pass it to the next GameSource of
+        this file (e.g. after a restart) so late rows added in between are not missed.
+        """
+        children = self._cursor.children
+        return None if children is None else dict(children)
 
     def missing(self, game_ids: Sequence[str]) -> list[str]:
         """Those of ``game_ids`` that are no longer in the games table (deleted at the source)."""

@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (target, game_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
+CREATE TABLE IF NOT EXISTS source_cursors (
+    source TEXT NOT NULL,
+    tbl TEXT NOT NULL,
+    max_rowid INTEGER NOT NULL,
+    PRIMARY KEY (source, tbl)
+) WITHOUT ROWID;
 """
 
 
@@ -213,6 +219,19 @@ class DataManifest:
                 [(gid,) for gid in game_ids],
             )
             return self._db.total_changes - before
+
+    def child_cursors(self, source: str) -> dict[str, int] | None:
+        """The per-table cursors saved for ``source`` (None if none were saved)."""
+        rows = self._db.execute("SELECT tbl, max_rowid FROM source_cursors WHERE source = ?",
+                                (source,)).fetchall()
+        return {str(t): int(r) for t, r in rows} if rows else None
+
+    def save_child_cursors(self, source: str, cursors: dict[str, int]) -> None:
+        """Remember how far ``source``'s child tables were scanned (after queueing what changed)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM source_cursors WHERE source = ?", (source,))
+            self._db.executemany("INSERT INTO source_cursors VALUES (?, ?, ?)",
+                                 [(source, t, r) for t, r in cursors.items()])
 
     def delivered_from(self, source: str, limit: int, *, after: str = "") -> list[str]:
         """Up to ``limit`` games of ``source`` delivered somewhere, in game-id order after ``after``."""

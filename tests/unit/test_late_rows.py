@@ -66,6 +66,35 @@ def test_rows_added_after_completion_report_the_game_once(tmp_path: Path) -> Non
             source.close()
 
 
+def test_rows_added_while_no_source_was_open_are_found_from_saved_cursors(tmp_path: Path) -> None:
+    """A restart between a game's shipping and its late rows must not lose those rows."""
+    db = tmp_path / "sp.db"
+    with SelfplayWriter(db, moves_per_game=20, seed=1) as w:
+        first = [w.write_game() for _ in range(3)]
+        source = GameSource(db)
+        try:
+            source.scan_all()
+            saved = source.child_cursors
+        finally:
+            source.close()
+        assert saved
+        w.change_later(first[0])  # while ringsync is down
+        fresh = w.write_game()
+        resumed = GameSource(db, child_cursors=saved)
+        forgetful = GameSource(db)
+        try:
+            scan = resumed.scan_all()
+            # fresh is reported too (its rows are past the cursors): re-queueing a game that
+            # no target holds yet does nothing, so only the changed one goes out again.
+            assert set(ids(scan.changed)) == {first[0], fresh}
+            assert ids(scan.completed) == [*first, fresh]
+            assert resumed.scan_all().changed == []
+            assert forgetful.scan_all().changed == []  # without them, the late rows are lost
+        finally:
+            resumed.close()
+            forgetful.close()
+
+
 def test_truncated_games_are_not_rechecked_and_placeholders_are_given_up(tmp_path: Path) -> None:
     db = tmp_path / "sp.db"
     clock = Clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -30,6 +31,15 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 def _q(name: str) -> str:
     """Quote an identifier that already passed is_safe_identifier."""
     return f'"{name}"'
+
+
+def stat_key(path: Path) -> tuple[int, int, int] | None:
+    """(mtime, size, inode) of ``path`` without opening it (None if absent): a change stamp."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -37,6 +36,7 @@ from ringsync.store._sqlite import (
     _sqlite_errors,
     _table_columns,
     _transaction,
+    stat_key,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class GameSource:
         return self._stat() != self._stamp
 
     def _stat(self) -> tuple[object, ...]:
-        return tuple(_stat_key(self.path.with_name(self.path.name + s)) for s in ("", "-wal"))
+        return tuple(stat_key(self.path.with_name(self.path.name + s)) for s in ("", "-wal"))
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -162,7 +162,7 @@ class GameSource:
             yield self._conn
 
     def _wal_inode(self) -> int | None:
-        key = _stat_key(self.path.with_name(self.path.name + "-wal"))
+        key = stat_key(self.path.with_name(self.path.name + "-wal"))
         return None if key is None else key[2]
 
     def _lost_locks(self) -> None:
@@ -339,14 +339,6 @@ class GameSource:
                     for key, ids in groups.items()]
 
 
-
-
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _max_rowid(conn: sqlite3.Connection, table: str) -> int | None:

@@ -36,6 +36,7 @@ from ringsync.protocol.jsonl import (
     parse_game,
     resume_offset,
 )
+from ringsync.store._sqlite import stat_key
 from ringsync.store.gamesource import SourceGame
 from ringsync.store.ringrift_schema import SCHEMA_VERSION, create_schema
 
@@ -159,12 +160,12 @@ class JsonlSource:
         """Nothing is held open between calls."""
 
     def changed(self) -> bool:
-        return _stamp(self.path) != self._stamp
+        return stat_key(self.path) != self._stamp
 
     def scan(self) -> list[SourceGame]:
         """Games on whole lines not seen before (or seen before elsewhere: they moved)."""
         with self._lock:
-            stamp = _stamp(self.path)
+            stamp = stat_key(self.path)
             self.skipped = Counter()
             try:
                 found, state, lines = self._read()
@@ -276,14 +277,6 @@ class JsonlSource:
                 rows[table].append(tuple(values.get(c.name) for c in cols[table]))
         tables = [(TableSchema(t, cols[t]), rows[t]) for t in _TABLES if t == "games" or rows[t]]
         return build_batch(source_node, config_key, [g.game_id for g, _ in games], tables)
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _v18_columns() -> dict[str, tuple[Column, ...]]:

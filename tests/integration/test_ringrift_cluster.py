@@ -27,19 +27,11 @@ import pytest
 
 from ringsync.jsonl_sim import append_gumbel_line, gumbel_record
 from ringsync.localcluster import Cluster, held_game_ids, wait_until
-from tests.integration.test_crash import assert_databases_intact
-from tests.integration.test_end_to_end import merged_rows, per_game_rows
+from tests.integration.test_crash import TRIALS, kill_9_trials
+from tests.integration.test_end_to_end import NODES, TRAINERS, merged_rows, per_game_rows
 
 pytestmark = pytest.mark.slow
 
-NODES = [
-    ("selfplay-1", "gpu_selfplay"),
-    ("train-1", "gpu_training_primary"),
-    ("train-2", "nn_training_primary"),
-    ("coordinator", "coordinator"),
-]
-TRAINERS = ("train-1", "train-2")
-TRIALS = int(os.environ.get("RINGSYNC_TEST_CRASH_TRIALS", "20"))
 JOB_DB = "selfplay/p2p/square8_2p/job-1/games.db"
 RUNNER_DB = "games/hex8_2p.db"
 GPU_DIR = "selfplay/p2p_gpu/hex8_2p/job-2"
@@ -219,16 +211,7 @@ def test_the_same_across_kill_9_of_the_sender_and_the_receivers(
     try:
         cluster.start_all()
         workload.start(paced=True)
-        victims = [name for name, _ in NODES if name != "coordinator"]
-        for trial in range(TRIALS):
-            victim = rng.choice(victims)
-            time.sleep(rng.uniform(0.05, 0.6))
-            cluster.kill(victim)
-            if victim in TRAINERS:
-                assert_databases_intact(cluster, victim)
-            time.sleep(rng.uniform(0.0, 0.3))
-            cluster.start(victim)
-            print(f"trial {trial}: killed and restarted {victim}")
+        kill_9_trials(cluster, rng, [name for name, _ in NODES if name != "coordinator"], TRIALS)
         still_writing = [n for n, p in workload.procs.items() if p.poll() is None]
         print(f"writers still running after the trials: {still_writing}")
         workload.wait()

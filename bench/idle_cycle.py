@@ -123,7 +123,7 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
         warmup_ms = (time.perf_counter() - started) * 1000
 
         async def rediscover() -> None:
-            daemon._rescan_sources = True  # what a timer wake-up does (no public hook for it)
+            daemon._sources.request_rescan()  # what a timer wake-up does (no public hook for it)
             await daemon.sync_once("interval")
 
         event = await time_calls(events, lambda: daemon.sync_once("event"))

@@ -1,0 +1,297 @@
+"""The local generators' source files: found, scanned into the manifest, extracted as batches.
+
+Blocking SQLite and file work runs in worker threads; the manifest's connection is
+used on the event loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ringsync.errors import CorruptDataError
+from ringsync.node import NodeContext
+from ringsync.policy.sources import SourceKind
+from ringsync.protocol.batch import content_digest, encode_batch
+from ringsync.store.discovery import SourceFile, discover_sources
+from ringsync.store.gamedb import GameSource
+from ringsync.store.gamesource import Scan
+from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
+from ringsync.store.manifest import DiscoveredGame
+
+log = logging.getLogger(__name__)
+
+DELETED_CHECK_SLICE = 500  # shipped games checked for deletion at the source per forced scan
+Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
+CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
+Source = GameSource | JsonlSource
+_READ_ERRORS = (CorruptDataError, sqlite3.OperationalError, OSError)
+
+
+@dataclass
+class PreparedCache:
+    """The last few batches extracted in a cycle, shared by the targets that owe them.
+
+    Targets walk their outboxes in the same order, so they usually ask for the same
+    batch moments apart; a window of ``capacity`` keeps memory bounded when they drift
+    apart (a late target then extracts again, which costs time, not correctness).
+    """
+
+    capacity: int = 2
+    done: OrderedDict[CacheKey, Prepared] = field(default_factory=OrderedDict)
+    locks: dict[CacheKey, asyncio.Lock] = field(default_factory=dict)
+
+    async def get(self, key: CacheKey, make: Callable[[], Awaitable[Prepared]]) -> Prepared:
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            if key not in self.done:
+                self.done[key] = await make()
+                while len(self.done) > self.capacity:
+                    evicted, _ = self.done.popitem(last=False)
+                    self.locks.pop(evicted, None)
+            return self.done[key]
+
+
+class LocalSources:
+    """The source DBs and JSONL logs under the data dir, keyed by their path relative to it.
+
+    An unreadable source is loud once (log, ``sources_unreadable``, ``errors``) and
+    ``on_change`` is called whenever ``errors`` changes, so the owner can update its health.
+    """
+
+    def __init__(self, ctx: NodeContext, on_change: Callable[[], None]) -> None:
+        self._ctx = ctx
+        self._on_change = on_change
+        self._open: dict[str, Source] = {}
+        self._inodes: dict[str, int] = {}
+        self._jsonl: JsonlIndex | None = None
+        self._rescan = True
+        self._errors: dict[str, str] = {}  # source key -> why its last read failed
+        self._saved_cursors: dict[str, dict[str, int]] = {}
+        self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
+        self._deleted_seen: set[str] = set()
+        self._missing_reported: set[str] = set()
+
+    @property
+    def errors(self) -> Mapping[str, str]:
+        """Why each unreadable source's last read failed, by source key."""
+        return self._errors
+
+    def request_rescan(self) -> None:
+        """Look for new, moved and replaced source files before the next scan."""
+        self._rescan = True
+
+    def on_file_event(self, database: Path | None) -> None:
+        # A new job dir or file: look for new sources (only paths the patterns select).
+        s = self._ctx.settings
+        if database is None:
+            self._rescan = True
+        elif database.is_relative_to(s.data_dir):
+            key = database.relative_to(s.data_dir).as_posix()
+            if key not in self._open and s.source_patterns.classify(key) is not None:
+                self._rescan = True
+
+    async def close(self) -> None:
+        for source in self._open.values():
+            await asyncio.to_thread(source.close)
+        self._open.clear()
+        if self._jsonl is not None:
+            await asyncio.to_thread(self._jsonl.close)
+            self._jsonl = None
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    async def discover(self, *, force: bool) -> None:
+        """Scan sources that changed; on the interval (``force``) scan them all.
+
+        The stat-based change check can miss a commit that leaves the WAL the same
+        size within one timestamp tick; the periodic forced scan bounds that delay.
+        """
+        s = self._ctx.settings
+        if self._rescan:
+            self._rescan = False
+            await self._forget_replaced()
+            found = await asyncio.to_thread(discover_sources, s.data_dir, s.source_patterns,
+                                            exclude=(s.received_root,))
+            for file in found:  # keys: paths under the data dir, stable across restarts
+                if file.key not in self._open:
+                    cursors = self._ctx.manifest.child_cursors(file.key)  # the manifest is ours
+                    self._open[file.key] = await asyncio.to_thread(self._open_source, file, cursors)
+                    self._inodes[file.key] = _inode(file.path)
+        names = [h.name for h in self._ctx.router.game_targets()]
+        for key, source in list(self._open.items()):
+            if force or source.changed():
+                await self._scan(key, source, names, force=force)
+
+    def _open_source(self, file: SourceFile, cursors: dict[str, int] | None) -> Source:
+        if file.kind is SourceKind.DB:
+            return GameSource(file.path, active_timeout=self._ctx.settings.active_game_timeout,
+                              child_cursors=cursors)
+        if self._jsonl is None:
+            self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
+        return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
+
+    async def _forget_replaced(self) -> None:
+        """Close sources whose file was removed, renamed away or replaced by a new file."""
+        data_dir = self._ctx.settings.data_dir
+        for key in list(self._open):
+            if _inode(data_dir / key) != self._inodes.get(key):
+                source = self._open.pop(key)
+                self._inodes.pop(key, None)
+                if self._errors.pop(key, None) is not None:
+                    self._errors_changed()
+                await asyncio.to_thread(source.close)
+                log.info("source %s was moved or replaced; rescanning", key)
+
+    async def _scan(self, key: str, source: Source, targets: list[str], *, force: bool) -> None:
+        reconnects = source.reconnects if isinstance(source, GameSource) else 0
+        try:
+            if isinstance(source, GameSource):
+                scan = await asyncio.to_thread(source.scan_all)
+                if force:
+                    await self._check_deleted(key, source)
+            else:
+                scan = Scan(await asyncio.to_thread(source.scan), [], 0)
+        except _READ_ERRORS as exc:
+            await self._failed(key, source, exc)
+            return
+        self._recovered(key)
+        m = self._ctx.metrics
+        if isinstance(source, GameSource):
+            m.source_lost_locks.inc(source.reconnects - reconnects)
+        self._record(key, scan, targets)
+        if isinstance(source, GameSource):
+            self._save_cursors(key, source)
+        else:
+            self._jsonl_scanned(source)
+
+    def _record(self, key: str, scan: Scan, targets: list[str]) -> None:
+        """Queue the scan's new games for every target, and its changed games again."""
+        m, manifest = self._ctx.metrics, self._ctx.manifest
+        if scan.completed:
+            # A game received from a peer, wherever it was copied to here, is not ours to push.
+            received = manifest.received_filter([g.game_id for g in scan.completed])
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in scan.completed
+                     if g.game_id not in received]
+            m.games_discovered.inc(manifest.record_discovered(games, targets))
+        if scan.changed:  # rows added to shipped games: their holders get them merged by key
+            manifest.requeue([g.game_id for g in scan.changed])
+            m.source_games_changed.inc(len(scan.changed))
+        m.source_games_given_up.inc(scan.given_up)
+
+    def _jsonl_scanned(self, source: JsonlSource) -> None:
+        """Count what the scan skipped; its read position is durable only now, after the manifest."""
+        m = self._ctx.metrics
+        for reason, n in source.skipped.items():
+            if reason == "malformed":
+                m.jsonl_malformed_lines.inc(n)
+            else:
+                m.jsonl_games_skipped.labels(reason=reason).inc(n)
+        source.commit()
+
+    def _save_cursors(self, key: str, source: GameSource) -> None:
+        """Durable after the changed games were queued: a restart re-finds later late rows."""
+        cursors = source.child_cursors
+        if cursors is not None and cursors != self._saved_cursors.get(key):
+            self._ctx.manifest.save_child_cursors(key, cursors)
+            self._saved_cursors[key] = cursors
+
+    async def _check_deleted(self, key: str, source: GameSource) -> None:
+        """Look for a slice of this source's shipped games that were deleted there since."""
+        after = self._deleted_after.get(key, "")
+        ids = self._ctx.manifest.delivered_from(key, DELETED_CHECK_SLICE, after=after)
+        self._deleted_after[key] = ids[-1] if len(ids) == DELETED_CHECK_SLICE else ""
+        gone = [g for g in await asyncio.to_thread(source.missing, ids)
+                if g not in self._deleted_seen]
+        if gone:
+            self._deleted_seen.update(gone)
+            self._ctx.metrics.source_games_deleted.inc(len(gone))
+            log.warning("%d games shipped from %s were deleted there since (first %s); their "
+                        "copies at the targets stay", len(gone), key, gone[0])
+
+    # -- failing and recovered ---------------------------------------------------------------
+
+    async def _failed(self, key: str, source: Source, exc: Exception) -> None:
+        """An unreadable source is loud: one log line when it starts failing, metrics, health."""
+        kind = "busy" if isinstance(exc, sqlite3.OperationalError) else "corrupt"
+        self._ctx.metrics.source_read_errors.labels(kind=kind).inc()
+        # A view gone stale (e.g. its WAL deleted under it) heals with a fresh connection;
+        # the cursor stays, so nothing already found is reported again.
+        await asyncio.to_thread(source.close)
+        if key not in self._errors:
+            log.error("cannot read source %s (%s); its games are not shipped until it reads "
+                      "again, retried every cycle: %s", key, kind, exc)
+        self._errors[key] = f"source {key} unreadable ({kind}): {exc}"
+        self._errors_changed()
+
+    def _recovered(self, key: str) -> None:
+        if self._errors.pop(key, None) is not None:
+            log.info("source %s is readable again", key)
+            self._errors_changed()
+
+    def _errors_changed(self) -> None:
+        self._ctx.metrics.sources_unreadable.set(len(self._errors))
+        self._on_change()
+
+    # -- extraction --------------------------------------------------------------------------
+
+    async def prepared(self, source: str, ids: tuple[str, ...], target: str,
+                       cache: PreparedCache) -> Prepared:
+        """Extract and encode once, whichever target asks first."""
+        try:
+            prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
+        except _READ_ERRORS as exc:
+            src = self._open.get(source)
+            if src is not None:
+                await self._failed(source, src, exc)  # loud once; the games stay queued
+            prepared = []
+        self._note_missing(source, ids, prepared, target)
+        return prepared
+
+    def _extract(self, source: str, ids: Sequence[str]) -> Prepared:
+        src = self._open.get(source)
+        if src is None:
+            return []
+        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
+        limit = self._ctx.settings.max_batch_bytes
+        out: Prepared = []
+        for batch in batches:
+            payload = encode_batch(batch)
+            if len(payload) <= limit:
+                out.append((payload, content_digest(payload), batch.game_ids))
+            elif len(batch.game_ids) > 1:  # receivers would answer 413 forever: halve it
+                half = len(batch.game_ids) // 2
+                out += self._extract(source, batch.game_ids[:half])
+                out += self._extract(source, batch.game_ids[half:])
+            else:
+                log.error("game %s from %s is %d bytes as a batch, over RINGRIFT_MAX_BATCH_BYTES=%d; "
+                          "it stays queued until the limit is raised on this node and its targets",
+                          batch.game_ids[0], source, len(payload), limit)
+        return out
+
+    def _note_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
+                      target: str) -> None:
+        """Games not found where the manifest says they are stay queued, never dropped.
+
+        A rotated or renamed DB is found again by the next rescan, which points the
+        manifest at the new path; a busy or broken source is retried next cycle.
+        """
+        found = {gid for _, _, gids in prepared for gid in gids}
+        missing = len(ids) - len(found)
+        if missing and source not in self._missing_reported:
+            self._missing_reported.add(source)
+            log.error("%d games owed to %s are not readable in source %s now; they stay queued "
+                      "and ship when the file is found again", missing, target, source)
+        elif not missing:
+            self._missing_reported.discard(source)
+
+
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return -1

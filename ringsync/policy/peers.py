@@ -1,0 +1,64 @@
+"""Per-peer delivery state: retry pacing and why a peer is failing, decided without I/O."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+__all__ = ["PeerDelivery"]
+
+
+class PeerDelivery:
+    """Which peers may be tried now, and which are failing and why.
+
+    One dead peer never stalls the others' cycles: each backs off on its own,
+    doubling from ``initial`` up to ``maximum`` seconds. The methods that change
+    the failing set say whether it was a transition, so the caller logs only those.
+    """
+
+    def __init__(self, initial: float, maximum: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._initial, self._max, self._clock = initial, maximum, clock
+        self._retry_at: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+        self._failing: dict[str, str] = {}  # peer -> why
+        self._rejected_in_cycle: set[str] = set()
+
+    @property
+    def failing(self) -> Mapping[str, str]:
+        return self._failing
+
+    def new_cycle(self) -> None:
+        self._rejected_in_cycle = set()
+
+    def ready(self, peer: str) -> bool:
+        """Not backing off."""
+        return self._clock() >= self._retry_at.get(peer, 0.0)
+
+    def failed(self, peer: str, reason: str) -> tuple[float, bool]:
+        """The peer could not be delivered to: (seconds until its retry, whether it just began failing)."""
+        delay = min(self._max, self._delay.get(peer, self._initial / 2) * 2)
+        self._delay[peer] = delay
+        self._retry_at[peer] = self._clock() + delay
+        return delay, self._fail(peer, reason)
+
+    def rejected(self, peer: str, reason: str) -> bool:
+        """One batch refused (the rest went on); whether the peer just began failing."""
+        self._rejected_in_cycle.add(peer)
+        return self._fail(peer, reason)
+
+    def delivered(self, peer: str) -> bool:
+        """Its outbox was walked without a transport failure; whether it just recovered.
+
+        A peer that refused a batch in this cycle stays failing.
+        """
+        self._retry_at.pop(peer, None)
+        self._delay.pop(peer, None)
+        if peer in self._rejected_in_cycle:
+            return False
+        return self._failing.pop(peer, None) is not None
+
+    def _fail(self, peer: str, reason: str) -> bool:
+        began = peer not in self._failing
+        self._failing[peer] = reason
+        return began

@@ -150,6 +150,50 @@ async def test_changed_game_is_sent_again_to_its_holders(
     await daemon.close()
 
 
+def nnue_rows(tmp_path: Path, node: str) -> int:
+    total = 0
+    for db in (tmp_path / node / "synced").glob("*.db"):
+        with closing(sqlite3.connect(db)) as conn:
+            total += conn.execute("SELECT count(*) FROM game_nnue_features").fetchone()[0]
+    return total
+
+
+async def test_late_rows_added_while_the_daemon_is_down_reach_the_holders(
+        node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path) -> None:
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    done, _ = write_games(db, 4)
+    first = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    await first.sync_once()
+    await first.close()  # ringsync stops (or is killed) ...
+    before = nnue_rows(tmp_path, "train-1")
+    with SelfplayWriter(db, moves_per_game=20, seed=8) as w:
+        w.change_later(done[1])  # ... and a feature cache is filled meanwhile
+    second = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    await second.sync_once()
+    assert nnue_rows(tmp_path, "train-1") > before
+    assert nnue_rows(tmp_path, "train-2") == nnue_rows(tmp_path, "train-1")
+    await second.close()
+
+
+async def test_a_db_replaced_under_the_same_name_does_not_inherit_the_old_cursors(
+        node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path) -> None:
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    write_games(db, 2)
+    first = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    await first.sync_once()
+    await first.close()
+    db.rename(db.with_name("sp.old.db"))  # rotated away; a bigger new DB takes the name
+    fresh, _ = write_games(db, 6, seed=9)
+    second = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    await second.sync_once()
+    # Saved rowids of the old file would mark the new file's first rows as late changes.
+    assert sample(ctx, "ringsync_source_games_changed_total") == 0
+    assert set(fresh) <= set(held(tmp_path, "train-1"))
+    await second.close()
+
+
 async def test_game_deleted_after_shipping_is_counted_once(
         node_factory: Callable[..., NodeContext], transport: MemoryTransport) -> None:
     ctx = node_factory("selfplay-1")

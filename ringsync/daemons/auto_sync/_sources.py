@@ -119,13 +119,21 @@ class LocalSources:
                                             exclude=(s.received_root,))
             for file in found:  # keys: paths under the data dir, stable across restarts
                 if file.key not in self._open:
-                    cursors = self._ctx.manifest.child_cursors(file.key)  # the manifest is ours
+                    inode = _inode(file.path)
+                    cursors = self._saved_for(file.key, inode)
                     self._open[file.key] = await asyncio.to_thread(self._open_source, file, cursors)
-                    self._inodes[file.key] = _inode(file.path)
+                    self._inodes[file.key] = inode
         names = [h.name for h in self._ctx.router.game_targets()]
         for key, source in list(self._open.items()):
             if force or source.changed():
                 await self._scan(key, source, names, force=force)
+
+    def _saved_for(self, key: str, inode: int) -> dict[str, int] | None:
+        """The child cursors saved for this very file (not for one it replaced) or None."""
+        saved = self._ctx.manifest.child_cursors(key)  # the manifest is used on the loop only
+        if saved is None or saved.pop(_INODE, None) != inode:
+            return None
+        return saved
 
     def _open_source(self, file: SourceFile, cursors: dict[str, int] | None) -> Source:
         if file.kind is SourceKind.DB:
@@ -144,6 +152,9 @@ class LocalSources:
                 self._inodes.pop(key, None)
                 if self._errors.pop(key, None) is not None:
                     self._errors_changed()
+                self._saved_cursors.pop(key, None)
+                self._deleted_after.pop(key, None)
+                self._missing_reported.discard(key)
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
@@ -197,7 +208,8 @@ class LocalSources:
         """Durable after the changed games were queued: a restart re-finds later late rows."""
         cursors = source.child_cursors
         if cursors is not None and cursors != self._saved_cursors.get(key):
-            self._ctx.manifest.save_child_cursors(key, cursors)
+            # With the file's inode: a file that replaces it starts afresh, not from its rowids.
+            self._ctx.manifest.save_child_cursors(key, {**cursors, _INODE: self._inodes[key]})
             self._saved_cursors[key] = cursors
 
     async def _check_deleted(self, key: str, source: GameSource) -> None:
@@ -288,6 +300,9 @@ class LocalSources:
                       "and ship when the file is found again", missing, target, source)
         elif not missing:
             self._missing_reported.discard(source)
+
+
+_INODE = ""  # saved beside the child cursors; no table has an empty name
 
 
 def _inode(path: Path) -> int:

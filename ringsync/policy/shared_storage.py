@@ -8,7 +8,7 @@ filesystem, a network mount or an inventory flag alone never means "skip".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ringsync.inventory import Host, Inventory
@@ -92,6 +92,13 @@ class SharedStorage:
         return (self.may_skip(target) and known is not None
                 and now - known.learned_at <= self.ttl and known.marker == self.own.data_dir_id)
 
+    def marker_of(self, target: str, now: float) -> str | None:
+        """``target``'s fresh data dir id on a pair the settings allow to skip, else None."""
+        known = self._known.get(target)
+        if not self.may_skip(target) or known is None or now - known.learned_at > self.ttl:
+            return None
+        return known.marker
+
     def skipped(self, target: str, games: int) -> None:
         self.skipped_games[target] = self.skipped_games.get(target, 0) + games
 
@@ -141,6 +148,29 @@ class SharerElection:
 
     def is_shipper(self, now: float) -> bool:
         return self.shipper(now) == self.node_id
+
+
+@dataclass(frozen=True, slots=True)
+class Siblings:
+    """Other targets that use one data dir with a target (e.g. two trainers on one NFS export).
+
+    Games sent to one of them are in every one's data dir: only ``pusher`` is sent them, and
+    each member records what the others acknowledged as held, so the dir holds each game once.
+    """
+
+    others: tuple[str, ...]
+    pusher: str
+
+
+def storage_groups(targets: Sequence[str], markers: Mapping[str, str | None]) -> dict[str, Siblings]:
+    """Targets with equal data dir markers, grouped; the first in ``targets`` order pushes."""
+    by_marker: dict[str, list[str]] = {}
+    for name in targets:
+        marker = markers.get(name)
+        if marker is not None:
+            by_marker.setdefault(marker, []).append(name)
+    return {name: Siblings(tuple(m for m in members if m != name), members[0])
+            for members in by_marker.values() if len(members) > 1 for name in members}
 
 
 def all_skipped(targets: Iterable[str], shared: Iterable[str]) -> bool:

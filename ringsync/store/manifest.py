@@ -206,6 +206,15 @@ class DataManifest:
                 [(target, gid) for gid in game_ids],
             )
 
+    def held_by(self, target: str, holders: Sequence[str], limit: int) -> list[str]:
+        """Up to ``limit`` games owed to ``target`` that one of ``holders`` acknowledged."""
+        marks = ",".join("?" * len(holders))
+        rows = self._db.execute(
+            f"SELECT DISTINCT o.game_id FROM outbox o JOIN deliveries d ON d.game_id = o.game_id "
+            f"AND d.target IN ({marks}) WHERE o.target = ? ORDER BY o.game_id LIMIT ?",
+            (*holders, target, limit)).fetchall()
+        return [str(r[0]) for r in rows]
+
     def requeue(self, game_ids: Sequence[str]) -> int:
         """Queue delivered games again for every target that holds them; returns rows queued.
 

@@ -174,3 +174,32 @@ def test_a_selfplay_node_on_a_network_mount_feeds_both_local_trainers(
         assert "still owed {}" in log
     finally:
         cluster.stop_all()
+
+
+def test_two_trainers_sharing_one_data_dir_hold_each_game_once_there(
+    tmp_path: Path, sshfs_mount: Path
+) -> None:
+    """Trainers on one NFS export (as on Lambda) and a selfplay node elsewhere."""
+    shared = sshfs_mount / "trainers"
+    cluster = Cluster(_nodes_root(tmp_path), [("selfplay-1", "gpu_selfplay"),
+                                           ("train-a", "gpu_training_primary"),
+                                           ("train-b", "nn_training_primary")], sync_interval=1.0)
+    sp, a, b = (cluster.nodes[n] for n in ("selfplay-1", "train-a", "train-b"))
+    _on(a, shared)
+    _on(b, shared)
+    try:
+        cluster.start_all()
+        completed = _write_games(sp.data_dir / "games" / "hex8_2p.db")
+        wait_until(lambda: len(_games_in(shared)) >= GAMES, 60, "every game in the trainers' dir")
+        skips = 'ringsync_shared_storage_skips_total{peer="train-b"}'
+        wait_until(lambda: _metric(sp, cluster.token, skips) >= GAMES, 30, "train-b counted as holder")
+        assert sorted(_games_in(shared)) == sorted(completed)  # once, not once per trainer
+        assert not list((shared / "games" / "synced" / "train-b").rglob("*.db"))
+        status = json.loads(_get(sp, "/v1/status", cluster.token))
+        assert status["manifest"]["pending"] == {}
+        assert status["manifest"]["delivered"] == {"train-a": GAMES, "train-b": GAMES}
+        log = sp.log_path.read_text()
+        assert "train-b uses the same data dir as train-a" in log
+        _stop_without_errors(cluster)
+    finally:
+        cluster.stop_all()

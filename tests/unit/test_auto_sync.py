@@ -374,3 +374,32 @@ async def test_a_refused_batch_stays_queued_and_does_not_block_the_rest(
     assert sorted(held(tmp_path, "train-2")) == sorted(done)
     assert daemon.health().state is HealthState.DEGRADED
     assert sum("rejected a batch" in r.message for r in caplog.records) == 1  # a transition, not spam
+
+
+async def test_two_targets_on_one_data_dir_get_each_game_once_between_them(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    """train-1 and train-2 use one data dir (not ours): one copy there, held by both."""
+    ctx = node_factory("selfplay-1")
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 5)
+    transport.data_dir_ids.update({"train-1": "c" * 32, "train-2": "c" * 32})
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    await daemon.sync_once()  # train-2 counts what train-1 acknowledged during the first
+    assert sorted(held(tmp_path, "train-1")) == sorted(done)
+    assert held(tmp_path, "train-2") == []
+    assert ctx.manifest.outbox_size("train-2") == 0
+    assert ctx.manifest.holders(done[0]) == ["train-1", "train-2"]
+    assert ctx.metrics.shared_storage_skips.labels(peer="train-2")._value.get() == 5
+    # train-1 goes away: train-2 is sent the new games; back, train-1 counts them as held.
+    transport.down.add("train-1")
+    more, _ = write_games(ctx.settings.games_dir / "sp2.db", 3, seed=7)
+    await daemon.sync_once()
+    await daemon.sync_once()
+    assert set(more) <= set(held(tmp_path, "train-2"))
+    transport.down.discard("train-1")
+    await daemon.sync_once()
+    await daemon.sync_once()
+    assert not set(more) & set(held(tmp_path, "train-1"))
+    assert ctx.manifest.outbox_size("train-1") == 0
+    assert sorted(held(tmp_path, "train-1") + held(tmp_path, "train-2")) == sorted(done + more)

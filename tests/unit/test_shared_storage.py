@@ -15,8 +15,10 @@ from ringsync.policy.shared_storage import (
     SharedStorage,
     SharerElection,
     StorageIdentity,
+    Siblings,
     all_skipped,
     nfs_hosts,
+    storage_groups,
 )
 from ringsync.store.manifest import DataManifest
 from ringsync.store.sharedir import (
@@ -225,3 +227,13 @@ def test_heartbeats_are_read_back_by_name(tmp_path: Path) -> None:
     assert list(first) == ["n1"]
     write_heartbeat(tmp_path / "n1", 2)
     assert read_heartbeats(tmp_path, {"n1"})["n1"] != first["n1"]
+
+
+def test_targets_with_one_data_dir_form_a_group_whose_first_member_is_sent_games() -> None:
+    markers = {"t1": "x", "t2": None, "t3": "x", "t4": "y", "t5": "x"}
+    groups = storage_groups(["t1", "t2", "t3", "t4", "t5"], markers)
+    assert groups == {"t1": Siblings(("t3", "t5"), "t1"), "t3": Siblings(("t1", "t5"), "t1"),
+                      "t5": Siblings(("t1", "t3"), "t1")}
+    # the first one away (no marker known): the next is sent the games
+    assert storage_groups(["t3", "t5"], markers)["t5"].pusher == "t3"
+    assert storage_groups(["t1", "t2"], markers) == {}

@@ -17,6 +17,7 @@ from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.policy.peers import PeerDelivery
+from ringsync.policy.shared_storage import Siblings
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 
@@ -148,9 +149,10 @@ class AutoSyncDaemon(Daemon):
                 await self._sources.discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._peers.ready(h.name)]
             cache = PreparedCache()
+            siblings = await self._sharing.siblings(targets)
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
-                    tg.create_task(self._deliver(target, cache))
+                    tg.create_task(self._deliver(target, cache, siblings.get(target.name)))
             self._sharing.warn_if_all_shared()
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
@@ -158,16 +160,24 @@ class AutoSyncDaemon(Daemon):
 
     # -- delivery ----------------------------------------------------------------------------
 
-    async def _deliver(self, target: Host, cache: PreparedCache) -> None:
+    async def _deliver(self, target: Host, cache: PreparedCache, siblings: Siblings | None) -> None:
         """Drain ``target``'s outbox: prepare the next batch while earlier ones are in flight.
 
         Two pushes in flight let the receiver read and check one batch while it merges
         the other; each batch is acknowledged on its own, so order does not matter.
+        A target on our data dir is sent nothing; of targets that share one data dir
+        (``siblings``) only one is sent games, and each counts what the others hold.
         """
         if await self._sharing.shares(target):
             self._sharing.skip_all(target.name)
             self._ctx.metrics.outbox_games.labels(peer=target.name).set(0)
             return
+        if siblings is not None:
+            self._sharing.held_with(target.name, siblings.others)
+            if siblings.pusher != target.name:
+                self._ctx.metrics.outbox_games.labels(peer=target.name).set(
+                    self._ctx.manifest.outbox_size(target.name))
+                return
         queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tg:

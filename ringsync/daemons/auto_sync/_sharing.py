@@ -11,7 +11,12 @@ from pathlib import Path
 from ringsync.errors import TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
-from ringsync.policy.shared_storage import SharerElection, all_skipped
+from ringsync.policy.shared_storage import (
+    SharerElection,
+    Siblings,
+    all_skipped,
+    storage_groups,
+)
 from ringsync.store.sharedir import read_heartbeats, write_heartbeat
 from ringsync.transport.base import GameTransport
 
@@ -33,6 +38,7 @@ class StorageSharing:
         self._shipper: bool | None = None
         self._sharing: set[str] = set()
         self._all_shared_warned = False
+        self._siblings: dict[str, Siblings] = {}
 
     def log_storage(self) -> None:
         s, own = self._ctx.settings, self._ctx.shared.own
@@ -81,6 +87,32 @@ class StorageSharing:
             self._sharing.discard(target.name)
             log.info("%s no longer uses this node's data dir: games are sent to it again", target.name)
         return sharing
+
+    async def siblings(self, targets: Sequence[Host]) -> dict[str, Siblings]:
+        """Targets that use one data dir with another target (not ours), by target name.
+
+        Probes every target's marker first, so the decision is made once per cycle, before
+        any delivery starts. A target whose push failed has no known marker until it
+        answers again, so its siblings are sent to meanwhile.
+        """
+        for target in targets:
+            await self.shares(target)
+        now = time.monotonic()
+        markers = {t.name: self._ctx.shared.marker_of(t.name, now) for t in targets
+                   if t.name not in self._sharing}
+        groups = storage_groups([t.name for t in targets], markers)
+        for name, group in groups.items():
+            if name != group.pusher and self._siblings.get(name) != group:
+                log.warning("%s uses the same data dir as %s: games go to %s only and count as "
+                            "held by both (one copy on that storage)", name, group.pusher,
+                            group.pusher)
+        self._siblings = groups
+        return groups
+
+    def held_with(self, target: str, others: Sequence[str]) -> None:
+        """Games the other targets on ``target``'s data dir acknowledged are held by it too."""
+        while ids := self._ctx.manifest.held_by(target, others, _ACK_PAGE):
+            self._ack_shared(target, ids)
 
     def marker_for(self, target: str) -> str | None:
         """Our data dir id, sent with a push to a target that may share it (None: never skipped)."""

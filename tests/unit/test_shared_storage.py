@@ -14,8 +14,8 @@ from ringsync.node import build_context
 from ringsync.policy.shared_storage import (
     SharedStorage,
     SharerElection,
-    StorageIdentity,
     Siblings,
+    StorageIdentity,
     all_skipped,
     nfs_hosts,
     storage_groups,

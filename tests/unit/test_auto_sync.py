@@ -403,3 +403,24 @@ async def test_two_targets_on_one_data_dir_get_each_game_once_between_them(
     assert not set(more) & set(held(tmp_path, "train-1"))
     assert ctx.manifest.outbox_size("train-1") == 0
     assert sorted(held(tmp_path, "train-1") + held(tmp_path, "train-2")) == sorted(done + more)
+
+
+async def test_a_commit_the_stat_check_misses_is_found_through_its_file_event(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reset WAL rewritten within one mtime tick keeps its stat; the inotify event still counts."""
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    first, _ = write_games(db, 2)
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    from ringsync.store.gamesource import GameSource
+    monkeypatch.setattr(GameSource, "changed", lambda self: False)
+    more, _ = write_games(db, 3, seed=5)
+    await daemon.sync_once("event")  # no file event: the (blinded) stat check decides
+    assert set(more).isdisjoint(held(tmp_path, "train-1"))
+    daemon._on_fs_event(db)  # what the watcher reports for a write to sp.db-wal
+    await daemon.sync_once("event")
+    assert sorted(held(tmp_path, "train-1")) == sorted(first + more)
+    await daemon.close()

@@ -72,6 +72,7 @@ class LocalSources:
         self._rescan = True
         self._errors: dict[str, str] = {}  # source key -> why its last read failed
         self._saved_cursors: dict[str, dict[str, int]] = {}
+        self._dirty: set[str] = set()  # sources inotify saw change since the last scan
         self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
         self._deleted_seen: set[str] = set()
         self._missing_reported: set[str] = set()
@@ -92,7 +93,11 @@ class LocalSources:
             self._rescan = True
         elif database.is_relative_to(s.data_dir):
             key = database.relative_to(s.data_dir).as_posix()
-            if key not in self._open and s.source_patterns.classify(key) is not None:
+            if key in self._open:
+                # Scanned whatever its stat says: a commit can leave the WAL's size and
+                # mtime as they were (a reset WAL rewritten within one timestamp tick).
+                self._dirty.add(key)
+            elif s.source_patterns.classify(key) is not None:
                 self._rescan = True
 
     async def close(self) -> None:
@@ -108,8 +113,9 @@ class LocalSources:
     async def discover(self, *, force: bool) -> None:
         """Scan sources that changed; on the interval (``force``) scan them all.
 
-        The stat-based change check can miss a commit that leaves the WAL the same
-        size within one timestamp tick; the periodic forced scan bounds that delay.
+        A source is scanned when inotify saw its DB, WAL or log change, or when its stat
+        changed; the stat check alone can miss a commit that leaves the WAL the same size
+        within one timestamp tick (without inotify the periodic forced scan bounds that).
         """
         s = self._ctx.settings
         if self._rescan:
@@ -124,8 +130,9 @@ class LocalSources:
                     self._open[file.key] = await asyncio.to_thread(self._open_source, file, cursors)
                     self._inodes[file.key] = inode
         names = [h.name for h in self._ctx.router.game_targets()]
+        dirty, self._dirty = self._dirty, set()  # events from now on mark sources again
         for key, source in list(self._open.items()):
-            if force or source.changed():
+            if force or key in dirty or source.changed():
                 await self._scan(key, source, names, force=force)
 
     def _saved_for(self, key: str, inode: int) -> dict[str, int] | None:

@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
           f"not delivered within {args.timeout:g} s: {missing}")
     print(f"  one game's save ({args.writer}, {args.mode}): p50 {save_p50 * 1000:.1f} ms, "
           f"p99 {save_p99 * 1000:.1f} ms (the clock starts when it returns)")
+    worst3 = sorted(((timings.arrived[g] - timings.committed[g], n) for n, g in enumerate(order)
+                     if g in timings.arrived), reverse=True)[:3]
+    print("  slowest: " + ", ".join(f"game {n + 1} of {len(order)}: {t * 1000:,.1f} ms"
+                                    for t, n in worst3))
     print(f"  target met: {'yes' if ok else 'NO'}")
     if missing:
         print(f"  sender log tail:\n{sender_log}")

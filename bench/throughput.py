@@ -83,8 +83,10 @@ def prefill_receiver(db: Path, template_db: Path, games: int) -> float:
                          "SELECT i + 1 FROM k WHERE i < ?) SELECT lower(hex(randomblob(16))) AS id "
                          "FROM k", (n,))
             for table in [*tables, "games"]:  # the games rows last: enforce_moves_on_insert
-                cols = [c[1] for c in conn.execute(f"PRAGMA main.table_info({table})")
-                        if not (c[5] and c[2].upper() == "INTEGER")]  # no rowid alias
+                info = conn.execute(f"PRAGMA main.table_info({table})").fetchall()
+                pks = [c for c in info if c[5]]
+                alias = pks[0][1] if len(pks) == 1 and pks[0][2].upper() == "INTEGER" else None
+                cols = [c[1] for c in info if c[1] != alias]  # SQLite numbers a rowid alias
                 picks = ", ".join("ids.id" if c == "game_id" else f"t.{c}" for c in cols)
                 conn.execute(f"INSERT INTO main.{table} ({', '.join(cols)}) SELECT {picks} "
                              f"FROM temp.ids CROSS JOIN tpl.{table} AS t WHERE t.game_id = ?",

@@ -12,7 +12,7 @@ from pathlib import Path
 from _common import emit_result, fmt, percentile, print_table, running, temp_root
 
 from ringsync.localcluster import Cluster
-from ringsync.selfplay_sim import SelfplayWriter
+from ringsync.selfplay_sim import MODES, PATTERNS, SelfplayWriter
 
 SENDER, RECEIVER = "selfplay-1", "train-1"
 POLL_INTERVAL = 0.002
@@ -25,25 +25,31 @@ class Timings:
     committed: dict[str, float] = field(default_factory=dict)
     arrived: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    write_seconds: list[float] = field(default_factory=list)
     polls: int = 0
     poll_seconds: float = 0.0
 
 
 def write_games(db: Path, games: int, rate: float, seed: int, timings: Timings,
-                stop: threading.Event) -> None:
-    """Write games at a steady rate, recording the wall time right after each completion commit."""
-    with SelfplayWriter(db, moves_per_game=80, seed=seed) as writer:
+                stop: threading.Event, *, pattern: str, mode: str) -> None:
+    """Write games at a steady rate, recording the wall time right after each game's last commit.
+
+    With ``pattern="per-op"`` the time is taken after the operation's connection closed (and,
+    when no other connection was open, checkpointed the WAL and deleted -wal/-shm): the
+    commit happened up to one close earlier, so a latency is short by at most that much.
+    ``timings.write_seconds`` keeps how long each game's save took, close included.
+    """
+    with SelfplayWriter(db, moves_per_game=80, seed=seed, pattern=pattern, mode=mode) as writer:
         started = time.monotonic()
         for n in range(1, games + 1):
             if stop.is_set():
                 return
-            game_id = writer.start_game()
-            writer.add_moves(game_id, 40)
-            writer.add_moves(game_id, 40)
-            writer.complete_game(game_id)
+            t0 = time.perf_counter()
+            game_id = writer.write_game()
             now = time.time()
             with timings.lock:
                 timings.committed[game_id] = now
+                timings.write_seconds.append(time.perf_counter() - t0)
             stop.wait(max(0.0, started + n / rate - time.monotonic()))
 
 
@@ -98,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20,
                         help="games written and delivered first, not measured (default 20)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--writer", choices=PATTERNS, default="per-op",
+                        help="how the generator writes, live during the measurement: per-op = a "
+                             "connection per operation, RingRift's real writer (default); "
+                             "long-lived = one connection for the writer's life")
+    parser.add_argument("--mode", choices=MODES, default="bulk",
+                        help="bulk = RingRift's store_game, a whole game in one transaction "
+                             "(default); incremental = GameWriter, one commit per move")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for stragglers after the last commit (default 60)")
     args = parser.parse_args(argv)
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Cluster(root, [(SENDER, "gpu_selfplay"), (RECEIVER, "gpu_training_primary")],
                           sync_interval=60)
         db = cluster.nodes[SENDER].data_dir / "games" / "selfplay.db"
-        SelfplayWriter(db).close()  # the generator's DB exists (empty) before the nodes start
+        SelfplayWriter(db, pattern=args.writer).close()  # the DB exists (empty) before the nodes start
         synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
         timings = Timings()
         stop = threading.Event()
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 total = args.warmup + args.games
                 writer = threading.Thread(target=write_games,
                                           args=(db, total, args.rate, args.seed, timings, stop),
+                                          kwargs={"pattern": args.writer, "mode": args.mode},
                                           daemon=True)
                 writer.start()
                 writer.join(total / args.rate * 3 + 60)
@@ -138,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p50, p90, p99 = (percentile(lat, q) for q in (50, 90, 99))
     worst = max(lat) if lat else float("nan")
     ok = missing == 0 and p50 <= TARGET_P50 and p99 <= TARGET_P99
+    saves = timings.write_seconds[args.warmup:]
+    save_p50, save_p99 = percentile(saves, 50), percentile(saves, 99)
     print_table(
         f"Commit -> receiver latency, {len(lat)} games (80 moves) at {args.rate:g} games/s, "
-        f"2 nodes on loopback",
+        f"2 nodes on loopback, writer {args.writer}/{args.mode}",
         ["", "p50", "p90", "p99", "max", "target"],
         [["ringsync (measured)", f"{p50 * 1000:.1f} ms", f"{p90 * 1000:.1f} ms", f"{p99 * 1000:.1f} ms",
           f"{worst * 1000:.1f} ms", f"p50 <= {TARGET_P50} s, p99 <= {TARGET_P99} s"],
@@ -150,11 +166,19 @@ def main(argv: list[str] | None = None) -> int:
           f"(actual mean poll period {period_ms:.2f} ms, so arrivals are late by at most that)")
     print(f"  {fmt(len(lat), 0)} latencies measured; warm-up games excluded: {args.warmup}; "
           f"not delivered within {args.timeout:g} s: {missing}")
+    print(f"  one game's save ({args.writer}, {args.mode}): p50 {save_p50 * 1000:.1f} ms, "
+          f"p99 {save_p99 * 1000:.1f} ms (the clock starts when it returns)")
+    worst3 = sorted(((timings.arrived[g] - timings.committed[g], n) for n, g in enumerate(order)
+                     if g in timings.arrived), reverse=True)[:3]
+    print("  slowest: " + ", ".join(f"game {n + 1} of {len(order)}: {t * 1000:,.1f} ms"
+                                    for t, n in worst3))
     print(f"  target met: {'yes' if ok else 'NO'}")
     if missing:
         print(f"  sender log tail:\n{sender_log}")
     emit_result("latency", {
-        "games": len(order), "rate_games_s": args.rate, "delivered": len(lat), "missing": missing,
+        "games": len(order), "rate_games_s": args.rate, "writer": args.writer, "mode": args.mode,
+        "save_p50_ms": round(save_p50 * 1000, 1), "save_p99_ms": round(save_p99 * 1000, 1),
+        "delivered": len(lat), "missing": missing,
         "p50_ms": round(p50 * 1000, 1), "p90_ms": round(p90 * 1000, 1),
         "p99_ms": round(p99 * 1000, 1), "max_ms": round(worst * 1000, 1),
         "poll_period_ms": round(period_ms, 2), "target_met": ok,

@@ -19,7 +19,7 @@ from _common import (
 )
 
 from ringsync.localcluster import Cluster
-from ringsync.selfplay_sim import SelfplayWriter
+from ringsync.selfplay_sim import PATTERNS, SelfplayWriter
 
 SENDER, RECEIVER = "selfplay-1", "train-1"
 TARGET_MB = 80.0
@@ -34,8 +34,9 @@ def memory(cluster: Cluster) -> dict[str, tuple[float, float]]:
     return out
 
 
-def prewrite(staging: Path, games: int, seed: int) -> None:
-    with SelfplayWriter(staging, moves_per_game=80, seed=seed) as writer:
+def prewrite(staging: Path, games: int, seed: int, pattern: str) -> None:
+    """Write the games outside the data dir; ``pattern`` changes only this setup, not the readings."""
+    with SelfplayWriter(staging, moves_per_game=80, seed=seed, pattern=pattern) as writer:
         for _ in range(games):
             writer.write_game()
     checkpoint(staging)
@@ -49,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="RINGRIFT_SYNC_INTERVAL (default 5: a backlog drains in 2,000-game cycles)")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound for the sync (s)")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--writer", choices=PATTERNS, default="per-op",
+                        help="how the games are pre-written (before the rename that hands them to "
+                             "the sender): per-op, RingRift's real writer (default), or long-lived")
     args = parser.parse_args(argv)
 
     with temp_root("rss") as root:
         cluster = Cluster(root, [(SENDER, "gpu_selfplay"), (RECEIVER, "gpu_training_primary")],
                           sync_interval=args.sync_interval)
         staging = root / "staging" / "selfplay.db"
-        print(f"pre-writing {args.games} games outside the data dir ...", flush=True)
-        prewrite(staging, args.games, args.seed)
+        print(f"pre-writing {args.games} games outside the data dir ({args.writer} writer) ...", flush=True)
+        prewrite(staging, args.games, args.seed, args.writer)
         synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
         with running(cluster):
             cluster.start_all()
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sync of {held:,}/{args.games:,} games took {sync_s:.1f} s; "
           f"target met: {'yes' if met else 'NO'}")
     emit_result("rss", {
-        "games": args.games, "held": held, "sync_s": round(sync_s, 1),
+        "games": args.games, "writer": args.writer, "held": held, "sync_s": round(sync_s, 1),
         **{f"{n.replace('-', '_')}_idle_rss_mb": round(before[n][0], 1) for n in cluster.nodes},
         **{f"{n.replace('-', '_')}_after_rss_mb": round(after[n][0], 1) for n in cluster.nodes},
         **{f"{n.replace('-', '_')}_after_hwm_mb": round(after[n][1], 1) for n in cluster.nodes},

@@ -16,9 +16,9 @@ HERE = Path(__file__).resolve().parent
 # name, full-size arguments, --quick arguments, time bound (s)
 BENCHES: tuple[tuple[str, list[str], list[str], float], ...] = (
     ("latency", [], ["--games", "200"], 240.0),
-    ("throughput", [], ["--games", "2000", "--rsync-runs", "1"], 420.0),
+    ("throughput", [], ["--games", "2000", "--rsync-runs", "1"], 600.0),
     ("idle_cycle", [], ["--games", "10000"], 300.0),
-    ("rss", [], ["--games", "2000", "--idle", "2"], 420.0),
+    ("rss", [], ["--games", "2000", "--idle", "2"], 600.0),
 )
 
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Workload:
     data: Path
     out: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    partial_id: str = ""
+    partial_done: bool = False
+    _rest: str = ""
 
     def start(self, *, paced: bool) -> None:
         sim = [sys.executable, "-m", "ringsync.selfplay_sim"]
@@ -83,11 +87,13 @@ class Workload:
                 proc.kill()
                 proc.wait()
 
-    def write_gumbel_log(self) -> None:
-        """The Gumbel script's log of the job DB's games: one appended line per game, no lock.
+    def write_logs(self) -> None:
+        """The JSONL logs of the job DB's games, as the Gumbel and soak scripts append them.
 
-        A malformed line is counted and skipped; a line left unterminated waits until its
-        writer finishes it.
+        Gumbel: one line per game (open/append/close, no lock), truncated games "active",
+        a malformed line (counted, skipped). Soak: ``games.jsonl`` in the job dir, a line
+        per attempt with ``db_game_id`` (the DB row's id) and failed attempts. Last, half
+        of the line of a game only the Gumbel log has: a partial line must wait.
         """
         job = self.summary("job")
         rng = random.Random(4)
@@ -99,6 +105,22 @@ class Workload:
                                                   truncated=True))
         with log.open("a") as fh:
             fh.write('{"game_id": "broken", "board_type": \n')
+        soak = self.data / Path(JOB_DB).with_name("games.jsonl")
+        with soak.open("a") as fh:
+            for index, gid in enumerate(job["completed"]):
+                fh.write(json.dumps(_soak_line(rng, index, gid, "completed")) + "\n")
+            fh.write(json.dumps(_soak_line(rng, len(job["completed"]), None, "error")) + "\n")
+        self.partial_id = str(uuid.uuid4())
+        text = json.dumps(gumbel_record(rng, self.partial_id, board="square8", moves=JOB_MOVES))
+        half = len(text) // 2
+        with log.open("a") as fh:
+            fh.write(text[:half])
+        self._rest = text[half:] + "\n"
+
+    def finish_partial_line(self) -> None:
+        with (self.data / GUMBEL_LOG).open("a") as fh:
+            fh.write(self._rest)
+        self.partial_done = True
 
     def summary(self, name: str) -> dict[str, list[str]]:
         data: dict[str, list[str]] = json.loads((self.out / f"{name}.json").read_text())
@@ -110,8 +132,9 @@ class Workload:
         return {f"selfplay-1:{rel}:{gid}" for gid in gpu[key]}
 
     def expected(self) -> set[str]:
+        partial = {self.partial_id} if self.partial_done else set()
         return (set(self.summary("runner")["completed"]) | set(self.summary("job")["completed"])
-                | self.gpu_ids("finished"))
+                | self.gpu_ids("finished") | partial)
 
     def never(self) -> set[str]:
         runner, job = self.summary("runner"), self.summary("job")
@@ -128,6 +151,19 @@ def workload(tmp_path: Path) -> Iterator[Workload]:
         w.kill()
 
 
+def _soak_line(rng: random.Random, index: int, db_game_id: str | None,
+               status: str) -> dict[str, object]:
+    """A line of run_self_play_soak.py --log-jsonl: an attempt, no game_id or timestamps."""
+    failed = status != "completed"
+    return {"index": index, "board_type": "square8", "num_players": 2, "seed": rng.randint(0, 9999),
+            "length": 0 if failed else JOB_MOVES, "status": status,
+            "winner": None if failed else 1, "termination_reason": status, "skipped": failed,
+            "victory_type": None if failed else "territory",
+            "moves": [] if failed else [{"type": "move_stack", "player": m % 2 + 1}
+                                        for m in range(JOB_MOVES)],
+            "initial_state": {}, "db_game_id": db_game_id}
+
+
 def expected_rows(w: Workload) -> dict[str, Counter[str]]:
     """Rows per table per game that the trainers must hold: the DBs' rows, the GPU games' lines."""
     expected = w.expected()
@@ -139,6 +175,9 @@ def expected_rows(w: Workload) -> dict[str, Counter[str]]:
     gpu = w.gpu_ids("finished")
     for table, n in (("games", 1), ("game_moves", 40), ("game_initial_state", 1)):
         rows.setdefault(table, Counter()).update({g: n for g in gpu})
+    if w.partial_done:
+        for table, n in (("games", 1), ("game_moves", JOB_MOVES), ("game_initial_state", 1)):
+            rows.setdefault(table, Counter())[w.partial_id] = n
     return {t: c for t, c in rows.items() if c}
 
 
@@ -177,7 +216,7 @@ def test_every_completed_game_of_a_ringrift_node_arrives_once_with_all_its_rows(
         cluster.start_all()
         workload.start(paced=False)
         workload.wait()
-        workload.write_gumbel_log()
+        workload.write_logs()
         expected = workload.expected()
         assert len(expected) > 200
         job = workload.summary("job")
@@ -186,6 +225,7 @@ def test_every_completed_game_of_a_ringrift_node_arrives_once_with_all_its_rows(
         assert workload.summary("runner")["late"]
         wait_until(lambda: all(set(held_game_ids(cluster.nodes[t])) >= expected for t in TRAINERS),
                    120, f"{len(expected)} games at both trainers")
+        assert_partial_line_waits(cluster, workload)
         # Late rows (feature caches added after completion) follow their games.
         wait_until(lambda: _late_rows_arrived(cluster, workload), 60, "late rows at both trainers")
         assert_delivered(cluster, workload)
@@ -194,6 +234,16 @@ def test_every_completed_game_of_a_ringrift_node_arrives_once_with_all_its_rows(
         assert_no_error_lines(cluster)
     finally:
         cluster.stop_all()
+
+
+def assert_partial_line_waits(cluster: Cluster, w: Workload) -> None:
+    """The unterminated last line ships only once its writer finishes it."""
+    time.sleep(1.5)  # several event-driven cycles, each would have shipped it
+    for t in TRAINERS:
+        assert w.partial_id not in held_game_ids(cluster.nodes[t])
+    w.finish_partial_line()
+    wait_until(lambda: all(w.partial_id in held_game_ids(cluster.nodes[t]) for t in TRAINERS),
+               60, "the finished line's game at both trainers")
 
 
 def _late_rows_arrived(cluster: Cluster, w: Workload) -> bool:
@@ -215,10 +265,11 @@ def test_the_same_across_kill_9_of_the_sender_and_the_receivers(
         still_writing = [n for n, p in workload.procs.items() if p.poll() is None]
         print(f"writers still running after the trials: {still_writing}")
         workload.wait()
-        workload.write_gumbel_log()
+        workload.write_logs()
         expected = workload.expected()
         wait_until(lambda: all(set(held_game_ids(cluster.nodes[t])) >= expected for t in TRAINERS),
                    180, f"{len(expected)} games at both trainers after the crashes")
+        assert_partial_line_waits(cluster, workload)
         wait_until(lambda: _late_rows_arrived(cluster, workload), 60, "late rows at both trainers")
         assert_delivered(cluster, workload)
     finally:

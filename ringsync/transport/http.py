@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -56,26 +57,23 @@ class HttpTransport:
                    "Content-Length": str(len(payload))}
         if data_dir_id is not None:
             headers[DATA_DIR_HEADER] = data_dir_id
-        try:
-            async with self._client().post(
-                peer_url(peer, GAMES_PATH), data=io.BytesIO(payload), headers=headers
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise _rejection(peer.name, resp.status, body)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+        body = await self._request("POST", peer, GAMES_PATH, data=io.BytesIO(payload),
+                                   headers=headers)
         return _parse_push_result(peer.name, body)
 
     async def peer_data_dir_id(self, peer: Host) -> str:
+        return _parse_data_dir_id(peer.name, await self._request("GET", peer, STORAGE_PATH))
+
+    async def _request(self, method: str, peer: Host, path: str, **kwargs: Any) -> bytes:
+        """The body of a 200 answer; any other answer or failure is a typed error."""
         try:
-            async with self._client().get(peer_url(peer, STORAGE_PATH)) as resp:
+            async with self._client().request(method, peer_url(peer, path), **kwargs) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise _rejection(peer.name, resp.status, body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
-        return _parse_data_dir_id(peer.name, body)
+        return body
 
     async def close(self) -> None:
         if self._session is not None:

@@ -80,6 +80,11 @@ def render(statuses: list[dict[str, Any]]) -> str:
             targets += f" (auto-sync skipped: {skipped})"
         lines.append(f"{st['node']:<20} {st.get('role', '?'):<22} {daemons:<34} "
                      f"{st.get('received_total', 0):>9} {pending:>7}  {targets}")
+    problems = [f"  {st['node']} {name}: {d['detail']}" for st in statuses
+                for name, d in sorted(st.get("daemons", {}).items())
+                if d.get("state") not in ("healthy", None) and d.get("detail")]
+    if problems:  # e.g. a source DB that cannot be read, a peer refusing batches
+        lines += ["", "problems:", *problems]
     return "\n".join(lines)
 
 

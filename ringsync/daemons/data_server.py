@@ -224,7 +224,8 @@ async def receive_games(request: web.Request) -> web.Response:
     ctx.memory.note(len(payload))
     ctx.metrics.games_received.inc(result.inserted)
     ctx.metrics.games_duplicate_received.inc(result.duplicates)
-    return web.json_response({"inserted": result.inserted, "duplicates": result.duplicates})
+    return web.json_response({"inserted": result.inserted, "duplicates": result.duplicates,
+                              "refused": list(result.refused)})
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:

@@ -166,6 +166,11 @@ class Metrics:
             "enforce_moves_on_insert trigger in the merged DB refuses them.",
             registry=r,
         )
+        self.games_refused_by_peer = Counter(
+            "ringsync_games_refused_by_peer_total",
+            "Games a peer's RingRift DB refused (completed with fewer than 5 moves); not sent again.",
+            ["peer"], registry=r,
+        )
         self.late_rows_received = Counter(
             "ringsync_late_rows_received_total",
             "Rows added to games already held here (rows a source added after completion).",

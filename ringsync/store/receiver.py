@@ -50,7 +50,8 @@ class GameReceiver:
         if self._metrics is not None:
             self._metrics.games_refused_received.inc(len(result.refused))
             self._metrics.late_rows_received.inc(result.rows_updated)
-        return PushResult(inserted=result.inserted, duplicates=result.duplicates)
+        return PushResult(inserted=result.inserted, duplicates=result.duplicates,
+                          refused=tuple(result.refused))
 
     def close(self) -> None:
         self._merger.close()

@@ -15,6 +15,9 @@ class PushResult:
     inserted: int
     duplicates: int
     shared_storage: bool = False  # the receiver uses the sender's data dir: nothing was sent
+    # Games RingRift's own insert trigger in the receiver's DB refuses (completed with fewer
+    # than 5 moves): never mergeable there, so they are settled, not retried forever.
+    refused: tuple[str, ...] = ()
 
 
 class GameTransport(Protocol):

@@ -95,11 +95,14 @@ def _parse_push_result(peer: str, body: bytes) -> PushResult:
         if data.get("shared_storage") is True:
             return PushResult(inserted=0, duplicates=0, shared_storage=True)
         inserted, duplicates = data["inserted"], data["duplicates"]
-    except (ValueError, KeyError, TypeError) as exc:
+        refused = data.get("refused", [])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TransportError(peer, f"malformed acknowledgement: {body[:100]!r}") from exc
     if not all(type(v) is int and v >= 0 for v in (inserted, duplicates)):
         raise TransportError(peer, f"malformed acknowledgement counts: {body[:100]!r}")
-    return PushResult(inserted=inserted, duplicates=duplicates)
+    if not isinstance(refused, list) or not all(isinstance(g, str) for g in refused):
+        raise TransportError(peer, f"malformed acknowledgement refused list: {body[:100]!r}")
+    return PushResult(inserted=inserted, duplicates=duplicates, refused=tuple(refused))
 
 
 def _parse_data_dir_id(peer: str, body: bytes) -> str:

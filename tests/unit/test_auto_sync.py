@@ -424,3 +424,31 @@ async def test_a_commit_the_stat_check_misses_is_found_through_its_file_event(
     await daemon.sync_once("event")
     assert sorted(held(tmp_path, "train-1")) == sorted(first + more)
     await daemon.close()
+
+
+async def test_games_the_targets_triggers_refuse_are_settled_not_retried_forever(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path
+) -> None:
+    """A migrated source (no insert trigger) holds a completed game with 3 move rows; the
+    receivers' v18 DBs refuse it. The batch it rides in must still be acknowledged."""
+    ctx = node_factory("selfplay-1")
+    db = ctx.settings.games_dir / "sp.db"
+    done, _ = write_games(db, 4, fresh_schema=False)
+    with sqlite3.connect(db) as conn:  # a legacy 'finished' row with too few moves
+        conn.execute("INSERT INTO games (game_id, board_type, num_players, created_at, "
+                     "game_status, total_moves, total_turns, schema_version) "
+                     "VALUES ('short', 'hex8', 2, '2026-01-01', 'finished', 3, 2, 18)")
+        conn.executemany("INSERT INTO game_moves (game_id, move_number, turn_number, player, "
+                         "phase, move_type, move_json) VALUES ('short', ?, 0, 1, 'm', 't', '{}')",
+                         [(i,) for i in range(3)])
+    conn.close()
+    more, _ = write_games(db, 2, seed=3, fresh_schema=False)
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    for peer in ("train-1", "train-2"):
+        assert sorted(held(tmp_path, peer)) == sorted(done + more)
+        assert ctx.manifest.outbox_size(peer) == 0
+        assert ctx.metrics.games_refused_by_peer.labels(peer=peer)._value.get() == 1
+    assert daemon.health().state is not HealthState.DEGRADED  # no peer is failing
+    await daemon.sync_once()
+    assert ctx.metrics.games_refused_by_peer.labels(peer="train-1")._value.get() == 1

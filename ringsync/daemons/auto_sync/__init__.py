@@ -18,6 +18,7 @@ from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.policy.peers import PeerDelivery
 from ringsync.policy.shared_storage import Siblings
+from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 
@@ -52,6 +53,7 @@ class AutoSyncDaemon(Daemon):
         self._cycle_lock = asyncio.Lock()
         self._health = Health(HealthState.STARTING)
         self._acked_in_cycle = 0
+        self._refused_warned: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -245,11 +247,14 @@ class AutoSyncDaemon(Daemon):
         if result.shared_storage and marker is not None:  # it told us: it uses our data dir
             self._sharing.held_there(target.name, marker, game_ids)
             return
-        if result.inserted + result.duplicates != len(game_ids):
+        refused = set(result.refused)
+        settled = result.inserted + result.duplicates + len(refused)
+        if settled != len(game_ids) or not refused <= set(game_ids):
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
-            raise TransportError(target.name, f"acknowledged {result.inserted + result.duplicates} "
-                                              f"of {len(game_ids)} games")
-        self._ctx.manifest.ack(target.name, game_ids)
+            raise TransportError(target.name, f"acknowledged {settled} of {len(game_ids)} games")
+        if refused:
+            self._refused(target.name, sorted(refused))
+        self._ctx.manifest.ack(target.name, [g for g in game_ids if g not in refused])
         self._acked_in_cycle += 1
         m.push_duration.observe(time.perf_counter() - started)
         m.batches_sent.labels(peer=target.name, outcome="ok").inc()
@@ -257,6 +262,16 @@ class AutoSyncDaemon(Daemon):
         self._ctx.memory.note(len(payload))
         m.games_shipped.labels(peer=target.name).inc(result.inserted)
         m.games_already_present.labels(peer=target.name).inc(result.duplicates)
+
+    def _refused(self, peer: str, game_ids: list[str]) -> None:
+        """Games the target's RingRift triggers refuse: settled, so the outbox moves on."""
+        self._ctx.manifest.ack(peer, game_ids, note="refused")
+        self._ctx.metrics.games_refused_by_peer.labels(peer=peer).inc(len(game_ids))
+        if peer not in self._refused_warned:
+            self._refused_warned.add(peer)
+            log.warning("%s refused %d completed games with fewer than %d moves (its RingRift "
+                        "DB's insert trigger), e.g. %s; they are not sent to it again",
+                        peer, len(game_ids), MIN_MOVES_REQUIRED, game_ids[0])
 
     # -- health ------------------------------------------------------------------------------
 

@@ -74,8 +74,8 @@ async def test_valid_batch_is_merged_once(node_factory: Callable[..., NodeContex
     ctx = node_factory()
     await served(ctx)
     payload = encode_batch(batch)
-    assert await post_batch(ctx, payload) == (200, {"inserted": 5, "duplicates": 0})
-    assert await post_batch(ctx, payload) == (200, {"inserted": 0, "duplicates": 5})
+    assert await post_batch(ctx, payload) == (200, {"inserted": 5, "duplicates": 0, "refused": []})
+    assert await post_batch(ctx, payload) == (200, {"inserted": 0, "duplicates": 5, "refused": []})
     assert count_games(ctx.settings.synced_dir / f"{batch.config_key}.db") == 5
 
 

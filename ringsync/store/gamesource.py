@@ -208,6 +208,11 @@ class GameSource:
 
     def _scan_new(self, conn: sqlite3.Connection, select: str) -> list[SourceGame]:
         cur = self._cursor
+        # Deleting the newest rows (an aborted game) lets SQLite hand their rowids to the
+        # next inserts: go back so those are not below the cursor, unseen. Rows read again
+        # are reported again; the manifest ignores games it knows.
+        top = conn.execute(f"SELECT max(rowid) FROM src.{_q(GAMES)}").fetchone()[0] or 0
+        cur.max_rowid = min(cur.max_rowid, top)
         rows = conn.execute(f"{select} WHERE rowid > ? ORDER BY rowid", (cur.max_rowid,))
         found, examined = [], 0
         for rowid, gid, status, board, players, moves in rows:

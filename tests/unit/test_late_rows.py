@@ -291,3 +291,22 @@ async def test_a_source_failing_at_extract_time_is_loud_and_its_games_stay_queue
     assert daemon.health().state is HealthState.HEALTHY
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
     await daemon.close()
+
+
+def test_a_game_that_reuses_the_rowid_of_an_aborted_one_is_found(tmp_path: Path) -> None:
+    """SQLite gives the rowid of a deleted newest row to the next insert."""
+    db = tmp_path / "sp.db"
+    with SelfplayWriter(db, moves_per_game=20, seed=1, mode="incremental") as w:
+        first = w.write_game()
+        source = GameSource(db)
+        try:
+            assert ids(source.scan_all().completed) == [first]
+            doomed = w.start_game()
+            w.add_moves(doomed, 3)
+            assert source.scan_all().completed == []  # seen in progress
+            w.abort_game(doomed)
+            assert source.scan_all().completed == []  # seen gone
+            reused = w.write_game()
+            assert ids(source.scan_all().completed) == [reused]
+        finally:
+            source.close()

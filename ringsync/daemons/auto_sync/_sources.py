@@ -193,10 +193,11 @@ class LocalSources:
     def _record(self, key: str, scan: Scan, targets: list[str]) -> None:
         """Queue the scan's new games for every target, and its changed games again."""
         m, manifest = self._ctx.metrics, self._ctx.manifest
-        if scan.completed:
+        found = scan.completed + scan.changed  # a changed game the manifest lacks is new to it
+        if found:
             # A game received from a peer, wherever it was copied to here, is not ours to push.
-            received = manifest.received_filter([g.game_id for g in scan.completed])
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in scan.completed
+            received = manifest.received_filter([g.game_id for g in found])
+            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
                      if g.game_id not in received]
             m.games_discovered.inc(manifest.record_discovered(games, targets))
         if scan.changed:  # rows added to shipped games: their holders get them merged by key

@@ -39,6 +39,9 @@ class JsonlGame:
     record: dict[str, Any]
 
 
+_MAX_PLAYERS = 64
+
+
 def line_hash(line: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(line)
 
@@ -54,12 +57,14 @@ def parse_game(line: bytes, *, qualifier: str) -> JsonlGame | Skip:
     """
     try:
         record = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…
         return Skip.MALFORMED
     if not isinstance(record, dict):
         return Skip.MALFORMED
     board, players, moves = record.get("board_type"), record.get("num_players"), record.get("moves")
     if not isinstance(board, str) or not isinstance(players, int) or isinstance(players, bool):
+        return Skip.MALFORMED
+    if not 1 <= players <= _MAX_PLAYERS:
         return Skip.MALFORMED
     if not _completed(record):
         return Skip.INCOMPLETE
@@ -84,7 +89,10 @@ def _game_id(record: dict[str, Any], line: bytes, qualifier: str) -> str:
             return _qualified(qualifier, value)
     index = record.get("index")
     if isinstance(index, int) and not isinstance(index, bool):
-        return _qualified(qualifier, f"#{index}")
+        # A soak run rewrites its log (mode "w") and counts from 0 again: the index alone
+        # would make a new run's games look like the old run's. The line's hash stays the
+        # same when the line moves (the last-500-lines rewrite, a .gz archive).
+        return _qualified(qualifier, f"#{index}:h{xxhash.xxh3_64_hexdigest(line)}")
     return _qualified(qualifier, "h" + xxhash.xxh3_64_hexdigest(line))
 
 

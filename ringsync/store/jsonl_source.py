@@ -318,8 +318,12 @@ def _game_rows(game: JsonlGame, line: bytes, source: str) -> Iterator[tuple[str,
         }
 
 
+_INT64 = range(-(2**63), 2**63)  # SQLite's integers; a bigger JSON number cannot be bound
+
+
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    ok = isinstance(value, int) and not isinstance(value, bool) and value in _INT64
+    return value if ok else None  # type: ignore[return-value]
 
 
 def _text(value: object) -> str | None:
@@ -327,6 +331,8 @@ def _text(value: object) -> str | None:
 
 
 def _scalar(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        return str(value)
     if value is None or isinstance(value, int | float | str):
         return value
     return json.dumps(value)

@@ -452,3 +452,29 @@ async def test_games_the_targets_triggers_refuse_are_settled_not_retried_forever
     assert daemon.health().state is not HealthState.DEGRADED  # no peer is failing
     await daemon.sync_once()
     assert ctx.metrics.games_refused_by_peer.labels(peer="train-1")._value.get() == 1
+
+
+async def test_any_failure_of_one_source_is_that_source_s_problem(
+    node_factory: Callable[..., NodeContext], transport: MemoryTransport, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected error in one source is counted and logged; the others still ship."""
+    from ringsync.store.gamesource import GameSource
+    ctx = node_factory("selfplay-1")
+    good, _ = write_games(ctx.settings.games_dir / "good.db", 3)
+    write_games(ctx.settings.games_dir / "bad.db", 2, seed=4)
+    original = GameSource.scan_all
+
+    def scan_all(self: GameSource) -> object:
+        if self.path.name == "bad.db":
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(self)
+
+    monkeypatch.setattr(GameSource, "scan_all", scan_all)
+    daemon = daemon_for(ctx, transport)
+    await daemon.sync_once()
+    await daemon.sync_once()
+    assert sorted(held(tmp_path, "train-1")) == sorted(good)
+    assert ctx.metrics.source_read_errors.labels(kind="RecursionError")._value.get() == 2
+    assert ctx.metrics.sources_unreadable._value.get() == 1
+    await daemon.close()

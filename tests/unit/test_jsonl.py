@@ -74,7 +74,12 @@ def test_which_lines_are_games() -> None:
     del soak["game_id"]
     parsed = parse_game(line(soak), qualifier=q)
     assert not isinstance(parsed, Skip)
-    assert parsed.game_id == f"{q}:#7"
+    assert parsed.game_id.startswith(f"{q}:#7:h")
+    # A new soak run (log rewritten, index from 0 again) plays another game at index 7.
+    other = parse_game(line({**soak, "seed": 12345}), qualifier=q)
+    assert not isinstance(other, Skip)
+    assert other.game_id != parsed.game_id
+    assert parse_game(line(soak), qualifier=q) == parsed  # the same line: the same game
 
 
 def test_line_splitter_waits_for_a_partial_line_and_bounds_a_huge_one() -> None:
@@ -144,6 +149,28 @@ def test_extract_builds_ringrift_rows_with_moves(tmp_path: Path, index: JsonlInd
     assert json.loads(row["metadata_json"])["game_id"] == gid
     moves = [r for r in batch_rows(batch, "game_moves") if r[0] == gid]
     assert [r[1] for r in moves] == list(range(6))
+
+
+def test_hostile_lines_are_malformed_or_shipped_never_fatal(tmp_path: Path, index: JsonlIndex) -> None:
+    log = tmp_path / "selfplay" / "games.jsonl"
+    log.parent.mkdir(parents=True)
+    deep = b"[" * 200_000 + b"\n"  # json.loads raises RecursionError
+    huge = line(gpu(1, seed=2**64, duration_ms=-(2**70), winner=2**65))  # beyond SQLite's int64
+    players = line(gpu(2, num_players=2**70))
+    log.write_bytes(deep + huge + players)
+    src = JsonlSource(log, "selfplay/games.jsonl", index, node_id="n1")
+    ids = [g.game_id for g in src.scan()]
+    assert src.skipped.get("malformed") == 2
+    src.commit()
+    assert parse_game(deep, qualifier="q") is Skip.MALFORMED
+    assert parse_game(players, qualifier="q") is Skip.MALFORMED
+    assert len(ids) == 1
+    (batch,) = src.extract(ids, source_node="n1")
+    cols = [c.name for c in batch.tables[0].columns]
+    row = dict(zip(cols, batch_rows(batch, "games")[0], strict=True))
+    assert row["rng_seed"] is None  # no int64: not bound as an integer (OverflowError before)
+    assert row["winner"] == float(2**65)  # bound as text; the INTEGER column makes it a number
+    src.close()
 
 
 # -- end to end ----------------------------------------------------------------------------

@@ -32,7 +32,9 @@ DELETED_CHECK_SLICE = 100
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
 Source = GameSource | JsonlSource
-_READ_ERRORS = (CorruptDataError, sqlite3.OperationalError, OSError)
+# Any failure of one source is that source's problem: counted, logged once, retried each
+# cycle, while the other sources go on (a daemon restart would only meet it again).
+_READ_ERRORS = (Exception,)
 
 
 @dataclass
@@ -240,7 +242,9 @@ class LocalSources:
 
     async def _failed(self, key: str, source: Source, exc: Exception) -> None:
         """An unreadable source is loud: one log line when it starts failing, metrics, health."""
-        kind = "busy" if isinstance(exc, sqlite3.OperationalError) else "corrupt"
+        kind = ("busy" if isinstance(exc, sqlite3.OperationalError) else
+                "corrupt" if isinstance(exc, CorruptDataError | OSError | sqlite3.Error) else
+                type(exc).__name__)
         self._ctx.metrics.source_read_errors.labels(kind=kind).inc()
         # A view gone stale (e.g. its WAL deleted under it) heals with a fresh connection;
         # the cursor stays, so nothing already found is reported again.

@@ -12,13 +12,12 @@ from typing import Any
 import xxhash
 
 from ringsync.protocol.batch import config_key_for
+from ringsync.store.ringrift_schema import COMPLETED_STATUSES, MIN_MOVES_REQUIRED
 
-__all__ = ["MIN_MOVES", "PREFIX_BYTES", "JsonlGame", "LineSplitter", "Skip", "TailState",
+__all__ = ["PREFIX_BYTES", "JsonlGame", "LineSplitter", "Skip", "TailState",
            "line_hash", "parse_game", "resume_offset"]
 
-MIN_MOVES = 5  # RingRift's trigger refuses a completed game with fewer moves
 PREFIX_BYTES = 4096
-_COMPLETED = frozenset({"completed", "finished"})
 _MAX_ID = 256
 
 
@@ -68,13 +67,13 @@ def parse_game(line: bytes, *, qualifier: str) -> JsonlGame | Skip:
         return Skip.MALFORMED
     if not _completed(record):
         return Skip.INCOMPLETE
-    if not isinstance(moves, list) or len(moves) < MIN_MOVES:
+    if not isinstance(moves, list) or len(moves) < MIN_MOVES_REQUIRED:  # RingRift's trigger would refuse it
         return Skip.TOO_SHORT
     return JsonlGame(_game_id(record, line, qualifier), config_key_for(board, players), record)
 
 
 def _completed(record: dict[str, Any]) -> bool:
-    return (str(record.get("status", "")).lower() in _COMPLETED
+    return (str(record.get("status", "")).lower() in COMPLETED_STATUSES
             and record.get("winner") is not None
             and record.get("victory_type") != "in_progress"
             and not record.get("skipped"))

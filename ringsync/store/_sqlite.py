@@ -14,13 +14,14 @@ from ringsync.errors import CorruptDataError, StorageFullError
 from ringsync.protocol.batch import (
     Column,
 )
+from ringsync.store.ringrift_schema import COMPLETED_STATUSES
 
 log = logging.getLogger(__name__)
 
 GAMES = "games"
 GAME_ID = "game_id"
 CHUNK = 500  # stays well below SQLite's bound-parameter limit
-_COMPLETED = frozenset({"completed", "finished"})
+_COMPLETED = COMPLETED_STATUSES
 # Terminal but never shipped: dropping them keeps incremental scans O(new + live games).
 _ABANDONED = frozenset({"aborted", "abandoned", "cancelled", "canceled", "failed", "error"})
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 __all__ = [
+    "COMPLETED_STATUSES",
     "MIN_MOVES_REQUIRED",
     "SCHEMA_VERSION",
     "TRIGGER_ON_COMPLETE",
@@ -20,6 +21,8 @@ __all__ = [
 
 SCHEMA_VERSION = 18
 MIN_MOVES_REQUIRED = 5
+# A finished game's status: 'completed', legacy 'finished' (what RingRift's triggers check).
+COMPLETED_STATUSES = frozenset({"completed", "finished"})
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);

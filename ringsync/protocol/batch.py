@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +51,19 @@ _CONFIG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MAX_TABLES = 64
 _MAX_COLUMNS = 256
+# The shape of a batch document, enforced while it is read (see _Reader).
+_MAX_HEADER_FIELDS = 16
+_MAX_TABLE_FIELDS = 8
+_MAX_COLUMN_FIELDS = 8
+_MAX_STR_BYTES = 4096  # longer than any id, name or declared type the format allows
+_SCALAR_FIELDS = frozenset({"v", "source_node", "config_key"})
+_KINDS: dict[int, str] = {
+    **{b: "map" for b in (*range(0x80, 0x90), 0xDE, 0xDF)},
+    **{b: "array" for b in (*range(0x90, 0xA0), 0xDC, 0xDD)},
+    **{b: "ext" for b in (0xC7, 0xC8, 0xC9, *range(0xD4, 0xD9))},
+}
+_NAMES = {"map": "a map", "array": "an array", "ext": "an extension type", "scalar": "a scalar"}
+_BIN_LENGTH_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +201,7 @@ def decode_batch(data: bytes, *, max_games: int = 100_000,
     TooLargeError above ``max_games`` or ``max_image_bytes``, BadInputError for anything
     else malformed. The image itself is verified by the merge, inside SQLite.
     """
-    doc = _unpack(data)
+    doc = _unpack(data, max_games, max_image_bytes)
     if doc.get("v") != BATCH_VERSION:
         raise BadInputError(
             f"unsupported batch version {doc.get('v')!r} (expected {BATCH_VERSION})")
@@ -204,16 +217,144 @@ def decode_batch(data: bytes, *, max_games: int = 100_000,
     return GameBatch(source_node, config_key, game_ids, tables, image)
 
 
-def _unpack(data: bytes) -> Mapping[str, Any]:
+def _unpack(data: bytes, max_games: int, max_image_bytes: int) -> Mapping[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadInputError(f"batch payload must be bytes, got {type(data).__name__}")
-    try:
-        doc = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many unrelated types for garbage input
-        raise BadInputError(f"batch payload is not valid msgpack: {type(exc).__name__}") from exc
-    if not isinstance(doc, dict):
-        raise BadInputError(f"batch payload must be a map, got {type(doc).__name__}")
+    reader = _Reader(data, max_games=max_games, max_image_bytes=max_image_bytes)
+    doc: dict[str, Any] = {}
+    for _ in range(reader.map_header("batch payload", _MAX_HEADER_FIELDS)):
+        key = reader.key("batch")
+        if key in doc:
+            raise BadInputError(f"batch field {key!r} appears twice")
+        doc[key] = _read_field(reader, key, max_games)
+        if key == "v" and doc[key] != BATCH_VERSION:
+            # Checked at once: a later version may lay out the other fields differently.
+            raise BadInputError(f"unsupported batch version {doc[key]!r} (expected {BATCH_VERSION})")
+    reader.end()
     return doc
+
+
+def _read_field(reader: _Reader, key: str, max_games: int) -> Any:
+    if key == "game_ids":
+        count = reader.array_header("batch field 'game_ids'", max_games, TooLargeError)
+        return tuple(reader.scalar("a game id") for _ in range(count))
+    if key == "tables":
+        count = reader.array_header("batch field 'tables'", _MAX_TABLES)
+        return tuple(_read_table(reader) for _ in range(count))
+    if key == "image":
+        return reader.binary("batch image")
+    if key in _SCALAR_FIELDS:
+        return reader.scalar(f"batch field {key!r}")
+    reader.skip(f"batch field {key[:80]!r}")  # a field of a newer sender; never built
+    return None
+
+
+def _read_table(reader: _Reader) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for _ in range(reader.map_header("a table entry", _MAX_TABLE_FIELDS)):
+        key = reader.key("table entry")
+        if key == "columns":
+            count = reader.array_header("a table's columns", _MAX_COLUMNS)
+            table[key] = tuple(_read_column(reader) for _ in range(count))
+        elif key == "name":
+            table[key] = reader.scalar("a table name")
+        else:
+            reader.skip(f"table field {key[:80]!r}")
+    return table
+
+
+def _read_column(reader: _Reader) -> tuple[Any, ...]:
+    count = reader.array_header("a column", _MAX_COLUMN_FIELDS)
+    return tuple(reader.scalar("a column field") for _ in range(count))
+
+
+class _Reader:
+    """Reads the batch document value by value, checking each one's kind from its first
+    byte before msgpack builds it.
+
+    ``msgpack.unpackb`` builds the whole document first: a 64 MiB array of empty maps is
+    64 million dicts (5 GB, seconds with the GIL held) before any type is checked. Here
+    only what the format allows is ever built: a map of a few fields, at most
+    ``max_games`` short ids, 64 tables of 256 columns of 4 scalars, one bin image.
+    Anything else is refused at its first byte or skipped without being built.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview, *, max_games: int,
+                 max_image_bytes: int) -> None:
+        self._data = memoryview(data).cast("B")
+        self._max_image_bytes = max_image_bytes
+        self._unpacker = msgpack.Unpacker(
+            None, raw=False, use_list=False, strict_map_key=True,
+            max_buffer_size=max(len(self._data), 1), max_str_len=_MAX_STR_BYTES,
+            max_bin_len=max_image_bytes, max_ext_len=0,
+            max_array_len=max(max_games, _MAX_TABLES, _MAX_COLUMNS),
+            max_map_len=max(_MAX_HEADER_FIELDS, _MAX_TABLE_FIELDS),
+        )
+        self._unpacker.feed(self._data)
+
+    def _kind(self) -> str:
+        at = self._unpacker.tell()
+        if at >= len(self._data):
+            raise BadInputError("batch payload is truncated")
+        return _KINDS.get(self._data[at], "scalar")
+
+    def _expect(self, what: str, kind: str) -> None:
+        found = self._kind()
+        if found != kind:
+            raise BadInputError(f"{what} must be {_NAMES[kind]}, got {_NAMES[found]}")
+
+    def _call(self, what: str, read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception as exc:  # msgpack raises many unrelated types for garbage input
+            raise BadInputError(f"{what} is not valid msgpack "
+                                f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+    def map_header(self, what: str, limit: int) -> int:
+        self._expect(what, "map")
+        count: int = self._call(what, self._unpacker.read_map_header)
+        if count > limit:
+            raise BadInputError(f"{what} has {count} fields, limit is {limit}")
+        return count
+
+    def array_header(self, what: str, limit: int,
+                     error: type[BadInputError] = BadInputError) -> int:
+        self._expect(what, "array")
+        count: int = self._call(what, self._unpacker.read_array_header)
+        if count > limit:
+            raise error(f"{what} has {count} entries, limit is {limit}")
+        return count
+
+    def scalar(self, what: str) -> Any:
+        self._expect(what, "scalar")
+        return self._call(what, self._unpacker.unpack)
+
+    def key(self, where: str) -> str:
+        key = self.scalar(f"a {where} field name")
+        if not isinstance(key, str):
+            raise BadInputError(f"{where} field names must be strings, got {type(key).__name__}")
+        return key
+
+    def binary(self, what: str) -> Any:
+        size = self._bin_size()
+        if size is not None and size > self._max_image_bytes:
+            raise TooLargeError(f"{what} has {size} bytes, limit is {self._max_image_bytes}")
+        return self.scalar(what)
+
+    def _bin_size(self) -> int | None:
+        at = self._unpacker.tell()
+        width = _BIN_LENGTH_WIDTH.get(self._data[at]) if at < len(self._data) else None
+        if width is None or at + 1 + width > len(self._data):
+            return None
+        return int.from_bytes(self._data[at + 1:at + 1 + width], "big")
+
+    def skip(self, what: str) -> None:
+        self._call(what, self._unpacker.skip)
+
+    def end(self) -> None:
+        extra = len(self._data) - self._unpacker.tell()
+        if extra:
+            raise BadInputError(f"batch payload has {extra} bytes after its end")
 
 
 def _field(doc: Mapping[str, Any], key: str, kind: type) -> Any:

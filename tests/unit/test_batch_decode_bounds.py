@@ -1,0 +1,76 @@
+"""decode_batch builds only what the batch format allows, whatever a peer sends."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import msgpack
+import pytest
+
+from ringsync.errors import BadInputError, TooLargeError
+from ringsync.protocol.batch import decode_batch
+
+MIB = 1024 * 1024
+
+
+def array_of_empty_maps(nbytes: int) -> bytes:
+    """The memory bomb: one byte on the wire per dict built by a plain unpackb."""
+    count = nbytes - 5
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+
+
+def peak_bytes_while_decoding(payload: bytes) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadInputError):
+            decode_batch(payload)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("payload", [
+    array_of_empty_maps(4 * MIB),
+    # the bomb in a field of a valid-looking header, and in a field the decoder skips
+    msgpack.packb({"v": 2, "game_ids": [{}] * 50_000}),
+    msgpack.packb({"v": 2, "future_field": [[{}] * 2_000] * 1_000}),
+    msgpack.packb({"v": 2, "tables": [{"name": "games", "columns": [[{}] * 8] * 256}] * 64}),
+], ids=["array_of_maps", "ids_are_maps", "skipped_field", "columns_are_maps"])
+def test_a_memory_bomb_is_refused_without_building_it(payload: bytes) -> None:
+    # A plain msgpack.unpackb builds one dict per 0x80 byte (about 64 bytes each):
+    # 4 MiB of them is over 250 MB. The decoder may copy the payload, nothing more.
+    assert peak_bytes_while_decoding(payload) < 2 * len(payload) + MIB
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ([], "batch payload must be a map, got an array"),
+    ({"v": 2, "source_node": ["x"]}, "batch field 'source_node' must be a scalar, got an array"),
+    ({"v": 2, "source_node": "x" * 5000}, "exceeds max_str_len"),
+    ({1: 2}, "field names must be strings"),
+    ({"v": 3, "tables": {}}, "unsupported batch version 3"),
+    ({"v": 2, "tables": [{"name": "games"}] * 65}, "has 65 entries, limit is 64"),
+    ({"v": 2, "tables": [{"columns": [[1] * 9]}]}, "a column has 9 entries, limit is 8"),
+])
+def test_a_malformed_header_names_the_field(doc: object, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        decode_batch(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_duplicate_fields_and_trailing_bytes_are_refused() -> None:
+    one = msgpack.packb({"v": 2}, use_bin_type=True)
+    twice = b"\x82" + one[1:] + one[1:]
+    with pytest.raises(BadInputError, match="'v' appears twice"):
+        decode_batch(twice)
+    with pytest.raises(BadInputError, match="1 bytes after its end"):
+        decode_batch(one + b"\x00")
+    with pytest.raises(BadInputError, match="truncated"):
+        decode_batch(b"")
+
+
+def test_too_many_game_ids_or_too_large_an_image_is_too_large_before_reading_them() -> None:
+    ids = b"\x82\xa1v\x02\xa8game_ids\xdd" + (10**9).to_bytes(4, "big")
+    with pytest.raises(TooLargeError, match="1000000000 entries, limit is 100000"):
+        decode_batch(ids)
+    image = b"\x82\xa1v\x02\xa5image\xc6" + (2**31).to_bytes(4, "big")
+    with pytest.raises(TooLargeError, match="batch image has 2147483648 bytes"):
+        decode_batch(image)

@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from dotenv import dotenv_values
 
@@ -103,6 +103,25 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_ACTIVE_GAME_TIMEOUT", "21600", "Seconds a game may stay unfinished in a "
            "local selfplay DB before it is no longer re-checked (a killed writer's placeholder; "
            "> 0); a game finishing later is not shipped"),
+    EnvVar("RINGRIFT_HTTP_HEADER_TIMEOUT", "10", "Seconds a new connection to the data server "
+           "may take to send its first complete request header; then it is closed and counted "
+           "(> 0)"),
+    EnvVar("RINGRIFT_HTTP_IDLE_TIMEOUT", "75", "Seconds an idle keep-alive connection to the "
+           "data server stays open, also one that sends part of its next request (> 0)"),
+    EnvVar("RINGRIFT_HTTP_BODY_TIMEOUT", "30", "Seconds an upload to the data server may go "
+           "without sending a byte; then it is dropped and counted (> 0)"),
+    EnvVar("RINGRIFT_HTTP_MAX_CONNECTIONS", "1024", "Most connections the data server holds at "
+           "once; more are closed at once and counted (>= 1; lowered to fit the open-file "
+           "limit)"),
+    EnvVar("RINGRIFT_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "64", "Most connections from one "
+           "address, loopback included, so one flooding address cannot lock out peers and "
+           "/healthz (1..RINGRIFT_HTTP_MAX_CONNECTIONS)"),
+    EnvVar("RINGRIFT_MAX_UPLOAD_BYTES_IN_FLIGHT", "", "Bytes of uploaded batches the data "
+           "server holds at once, being received or waiting to merge (at least "
+           "RINGRIFT_MAX_BATCH_BYTES); an upload beyond it is answered 503 with Retry-After",
+           default_text="4 × RINGRIFT_MAX_BATCH_BYTES"),
+    EnvVar("RINGRIFT_MAX_MERGES_IN_FLIGHT", "2", "Received batches decoded and merged at once; "
+           "further uploads wait their turn (1-64)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -133,6 +152,13 @@ class Settings:
     game_sources: tuple[str, ...] = DEFAULT_INCLUDE
     game_sources_exclude: tuple[str, ...] = ()
     active_game_timeout: float = 21600.0
+    http_header_timeout: float = 10.0
+    http_idle_timeout: float = 75.0
+    http_body_timeout: float = 30.0
+    http_max_connections: int = 1024
+    http_max_connections_per_address: int = 64
+    max_upload_bytes_in_flight: int | None = None  # None: 4 × max_batch_bytes
+    max_merges_in_flight: int = 2
 
     @property
     def state_root(self) -> Path:
@@ -159,6 +185,13 @@ class Settings:
         """Where this node merges received games (games/synced/<node>/, RingRift's layout):
         nodes sharing a data dir never write one SQLite file from two hosts."""
         return self.received_root / self.node_id
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        """Bytes of uploaded batches the data server holds at once."""
+        if self.max_upload_bytes_in_flight is None:
+            return 4 * self.max_batch_bytes
+        return max(self.max_upload_bytes_in_flight, self.max_batch_bytes)
 
     @property
     def source_patterns(self) -> SourcePatterns:
@@ -220,6 +253,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         game_sources_exclude=parse_patterns("RINGRIFT_GAME_SOURCES_EXCLUDE",
                                             env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
+        **_http_limits(env),
     )
 
 
@@ -300,6 +334,9 @@ class _Env:
         if value < minimum or (maximum is not None and value > maximum):
             raise self.fail(name, f"is out of range; use an integer {bound}")
         return value
+
+    def optional_integer(self, name: str, *, minimum: int) -> int | None:
+        return None if self.get(name) is None else self.integer(name, 0, minimum=minimum)
 
     def number(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         value = self._parsed(name, _parse_float)
@@ -511,3 +548,32 @@ def _coordinator(env: _Env, inventory: Inventory | None) -> str | None:
         raise env.fail("RINGRIFT_COORDINATOR_NODE", f"is not a host in inventory "
                        f"{inventory.source}; use one of: {_host_list(inventory)}")
     return name
+
+
+class _HttpLimits(TypedDict):
+    http_header_timeout: float
+    http_idle_timeout: float
+    http_body_timeout: float
+    http_max_connections: int
+    http_max_connections_per_address: int
+    max_upload_bytes_in_flight: int | None
+    max_merges_in_flight: int
+
+
+def _http_limits(env: _Env) -> _HttpLimits:
+    """The data server's guards against slow, flooding or oversized peers."""
+    max_connections = env.integer("RINGRIFT_HTTP_MAX_CONNECTIONS", 1024, minimum=1)
+    max_batch = env.integer("RINGRIFT_MAX_BATCH_BYTES", 64 * MIB, minimum=MIB)
+    return _HttpLimits({
+        "http_header_timeout": env.number("RINGRIFT_HTTP_HEADER_TIMEOUT", 10.0),
+        "http_idle_timeout": env.number("RINGRIFT_HTTP_IDLE_TIMEOUT", 75.0),
+        "http_body_timeout": env.number("RINGRIFT_HTTP_BODY_TIMEOUT", 30.0),
+        "http_max_connections": max_connections,
+        "http_max_connections_per_address": env.integer(
+            "RINGRIFT_HTTP_MAX_CONNECTIONS_PER_ADDRESS", min(64, max_connections), minimum=1,
+            maximum=max_connections),
+        "max_upload_bytes_in_flight": env.optional_integer(
+            "RINGRIFT_MAX_UPLOAD_BYTES_IN_FLIGHT", minimum=max_batch),
+        "max_merges_in_flight": env.integer("RINGRIFT_MAX_MERGES_IN_FLIGHT", 2, minimum=1,
+                                            maximum=64),
+    })

@@ -176,6 +176,32 @@ class Metrics:
             "Rows added to games already held here (rows a source added after completion).",
             registry=r,
         )
+        self.connections_open = Gauge(
+            "ringsync_http_connections_open", "Connections the data server holds open now.",
+            registry=r,
+        )
+        self.connections_shed = Counter(
+            "ringsync_connections_shed_total",
+            "Data server connections closed unserved, by reason (total_limit, address_limit, "
+            "header_timeout).",
+            ["reason"], registry=r,
+        )
+        self.http_malformed = Counter(
+            "ringsync_http_malformed_total",
+            "Requests refused as malformed HTTP (bad framing, oversized request line or headers).",
+            registry=r,
+        )
+        self.uploads_dropped = Counter(
+            "ringsync_uploads_dropped_total",
+            "Batch uploads not received, by reason (stalled: no byte within the body timeout; "
+            "aborted: the peer disconnected mid-body; busy: the upload budget was full, 503).",
+            ["reason"], registry=r,
+        )
+        self.upload_bytes_in_flight = Gauge(
+            "ringsync_upload_bytes_in_flight",
+            "Bytes reserved for batch uploads being received or waiting to merge.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -119,7 +119,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_MAX_UPLOAD_BYTES_IN_FLIGHT", "", "Bytes of uploaded batches the data "
            "server holds at once, being received or waiting to merge (at least "
            "RINGRIFT_MAX_BATCH_BYTES); an upload beyond it is answered 503 with Retry-After",
-           default_text="4 × RINGRIFT_MAX_BATCH_BYTES"),
+           default_text="4 times RINGRIFT_MAX_BATCH_BYTES"),
     EnvVar("RINGRIFT_MAX_MERGES_IN_FLIGHT", "2", "Received batches decoded and merged at once; "
            "further uploads wait their turn (1-64)"),
 )
@@ -157,7 +157,7 @@ class Settings:
     http_body_timeout: float = 30.0
     http_max_connections: int = 1024
     http_max_connections_per_address: int = 64
-    max_upload_bytes_in_flight: int | None = None  # None: 4 × max_batch_bytes
+    max_upload_bytes_in_flight: int | None = None  # None: 4 times max_batch_bytes
     max_merges_in_flight: int = 2
 
     @property

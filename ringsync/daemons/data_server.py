@@ -15,8 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+from ringsync.daemons.http_guard import (
+    ConnectionGuard,
+    HandlerOptions,
+    PeerNoise,
+    connection_cap,
+    handler_factory,
+    raise_open_file_limit,
+)
 from ringsync.errors import (
     BadInputError,
     ConfigError,
@@ -34,16 +44,45 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CTX: web.AppKey[NodeContext] = web.AppKey("ctx", NodeContext)
+_NOISE: web.AppKey[PeerNoise] = web.AppKey("noise", PeerNoise)
+LISTEN_BACKLOG = 512
+
+
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass
-class _InFlight:
-    """Merges running now; when the last one ends, freed batch memory goes back to the OS."""
+class _Uploads:
+    """Batch uploads held now, bounded in bytes, and the merges running.
 
+    An upload reserves its size before a byte of its body is read and keeps it until
+    its merge ends, so concurrent uploads (honest or not) never hold more than
+    ``budget`` bytes of bodies. When the last merge ends, freed batch memory goes back
+    to the OS.
+    """
+
+    budget: int
+    merge_slots: asyncio.Semaphore
+    held: int = 0
     merges: int = 0
 
+    def reserve(self, nbytes: int) -> bool:
+        if self.held + nbytes > self.budget:
+            return False
+        self.held += nbytes
+        return True
 
-_INFLIGHT: web.AppKey[_InFlight] = web.AppKey("inflight", _InFlight)
+
+class _UploadDropped(Exception):
+    """The body of an upload could not be read: the peer stalled or went away."""
+
+    def __init__(self, reason: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+_UPLOADS: web.AppKey[_Uploads] = web.AppKey("uploads", _Uploads)
 
 
 def is_loopback(host: str) -> bool:
@@ -108,6 +147,10 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         ctx.metrics.http_requests.labels(route=name, code=str(exc.status)).inc()
         raise
+    except Exception:
+        # aiohttp answers any other exception with a 500: count it as one.
+        ctx.metrics.http_requests.labels(route=name, code="500").inc()
+        raise
     ctx.metrics.http_requests.labels(route=name, code=str(response.status)).inc()
     return response
 
@@ -122,9 +165,11 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     if token is None:
         # No token: the server is bound to loopback only (settings enforce it).
         return await handler(request)
-    offered = request.headers.get("Authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(offered.encode(), expected.encode()):
+    # A header's bytes that are not UTF-8 arrive as surrogate escapes: compare the bytes
+    # (surrogatepass never raises), so a garbage header is a 401, not a 500.
+    offered = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+    expected = f"Bearer {token}".encode()
+    if not hmac.compare_digest(offered, expected):
         ctx.metrics.auth_failures.inc()
         return web.json_response(
             {"error": "missing or wrong cluster token: send 'Authorization: Bearer <token>' "
@@ -228,32 +273,110 @@ async def receive_games(request: web.Request) -> web.Response:
                               "refused": list(result.refused)})
 
 
+def _within_upload_budget(handler: Handler) -> Handler:
+    """Run ``handler`` only if the upload's size fits the budget of bodies held (else 503);
+    answer an upload whose body stalls or is cut off without a traceback."""
+
+    async def bounded(request: web.Request) -> web.StreamResponse:
+        uploads = request.app[_UPLOADS]
+        limit = request.app[_CTX].settings.max_batch_bytes
+        size = min(request.content_length or limit, limit)  # larger: refused unread (413)
+        if not uploads.reserve(size):
+            return _busy(request, uploads)
+        request.app[_CTX].metrics.upload_bytes_in_flight.set(uploads.held)
+        try:
+            return await handler(request)
+        except _UploadDropped as exc:
+            return _dropped(request, exc)
+        finally:
+            uploads.held -= size
+            request.app[_CTX].metrics.upload_bytes_in_flight.set(uploads.held)
+
+    return bounded
+
+
+def _busy(request: web.Request, uploads: _Uploads) -> web.Response:
+    ctx = request.app[_CTX]
+    ctx.metrics.uploads_dropped.labels(reason="busy").inc()
+    _noise(request).warnings.warning(
+        "busy", "answered an upload from %s with 503: %d bytes of uploads held already "
+        "(RINGRIFT_MAX_UPLOAD_BYTES_IN_FLIGHT=%d)", request.remote, uploads.held, uploads.budget)
+    response = _error(503, "too many uploads in flight here; retry later")
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    response.force_close()
+    return response
+
+
+def _dropped(request: web.Request, exc: _UploadDropped) -> web.Response:
+    request.app[_CTX].metrics.uploads_dropped.labels(reason=exc.reason).inc()
+    _noise(request).warnings.warning(exc.reason, "dropped an upload from %s: %s",
+                                     request.remote, exc)
+    # No lingering read of the rest: the peer stalled or is gone.
+    request.protocol.force_close()
+    return _error(exc.status, str(exc))
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
     """The body, or None once it is known to exceed ``limit`` bytes.
 
     Not ``request.read()``: aiohttp keeps that copy on the request, and a keep-alive
     connection keeps its last request until the next one arrives, so an idle node
-    would hold its last batch (about 13 MB) per peer connection.
+    would hold its last batch (about 13 MB) per peer connection. Raises _UploadDropped
+    when no byte arrives within the body timeout or the peer goes away mid-body.
     """
     if request.content_length is not None and request.content_length > limit:
         return None
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
+    try:
+        while chunk := await _next_chunk(request):
+            body += chunk
+            if len(body) > limit:
+                return None
+    except _UploadDropped:
+        # Free the partial body now: the exception's traceback holds this frame, and a
+        # frame in a reference cycle lives until the cyclic GC runs (an aborted 60 MB
+        # upload each, RSS 46 MB -> 3 GB over 80 of them).
+        body.clear()
+        raise
     return bytes(body)
 
 
-async def _merge(app: web.Application, payload: bytes, digest: str) -> PushResult:
-    inflight = app[_INFLIGHT]
-    inflight.merges += 1
+async def _next_chunk(request: web.Request) -> bytes:
+    """The next chunk of the body (b"" at its end), as a typed _UploadDropped on failure.
+
+    aiohttp's own exceptions are not re-raised: they stay stored on the payload with a
+    traceback that holds the reading frames.
+    """
+    timeout = request.app[_CTX].settings.http_body_timeout
+    failure: _UploadDropped | None = None
     try:
-        return await asyncio.to_thread(app[_CTX].receiver.receive, payload, digest)
-    finally:
-        inflight.merges -= 1
-        if inflight.merges == 0:
-            app[_CTX].memory.idle()
+        async with asyncio.timeout(timeout):
+            return await request.content.readany()
+    except TimeoutError:
+        failure = _UploadDropped("stalled", 408, f"no body byte for {timeout:g} s "
+                                 "(RINGRIFT_HTTP_BODY_TIMEOUT)")
+    except ConnectionError:
+        failure = _UploadDropped("aborted", 400, "the peer disconnected mid-body")
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        _noise(request).malformed(request.remote or "unknown", exc)
+        failure = _UploadDropped("malformed", 400, "malformed body framing")
+    raise failure
+
+
+def _noise(request: web.Request) -> PeerNoise:
+    return request.app[_NOISE]
+
+
+async def _merge(app: web.Application, payload: bytes, digest: str) -> PushResult:
+    uploads = app[_UPLOADS]
+    async with uploads.merge_slots:
+        uploads.merges += 1
+        try:
+            return await asyncio.to_thread(app[_CTX].receiver.receive, payload, digest)
+        finally:
+            uploads.merges -= 1
+            if uploads.merges == 0:
+                app[_CTX].memory.idle()
 
 
 async def notify(request: web.Request) -> web.Response:
@@ -262,18 +385,20 @@ async def notify(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def build_app(ctx: NodeContext) -> web.Application:
+def build_app(ctx: NodeContext, noise: PeerNoise | None = None) -> web.Application:
     app = web.Application(
         middlewares=[_count_requests, _authenticate],
         client_max_size=ctx.settings.max_batch_bytes,
     )
     app[_CTX] = ctx
-    app[_INFLIGHT] = _InFlight()
+    app[_NOISE] = noise or PeerNoise(ctx.metrics)
+    app[_UPLOADS] = _Uploads(ctx.settings.upload_budget_bytes,
+                             asyncio.Semaphore(ctx.settings.max_merges_in_flight))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
     app.router.add_get(STORAGE_PATH, storage)
-    app.router.add_post(GAMES_PATH, receive_games)
+    app.router.add_post(GAMES_PATH, _within_upload_budget(receive_games))
     app.router.add_post("/v1/notify", notify)
     return app
 
@@ -286,17 +411,27 @@ class DataServerDaemon(Daemon):
     def __init__(self, ctx: NodeContext) -> None:
         self._ctx = ctx
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._health = Health(HealthState.STARTING)
 
     async def run(self, ready: Callable[[], None]) -> None:
         s = self._ctx.settings
-        runner = web.AppRunner(build_app(self._ctx), access_log=None,
+        guard = ConnectionGuard(connection_cap(s.http_max_connections, raise_open_file_limit()),
+                                s.http_max_connections_per_address)
+        noise = PeerNoise(self._ctx.metrics)
+        runner = web.AppRunner(build_app(self._ctx, noise), access_log=None,
                                shutdown_timeout=s.drain_timeout, handle_signals=False)
         await runner.setup()
         self._runner = runner
         try:
+            assert runner.server is not None
+            options = HandlerOptions(guard, noise, s.http_header_timeout, s.http_idle_timeout)
+            # Our own listener instead of web.TCPSite: each connection gets the guarded
+            # handler (admission, header deadline), which TCPSite cannot be told to use.
+            factory = handler_factory(runner.server, options, access_log=None)
             try:
-                await web.TCPSite(runner, s.p2p_host, s.p2p_port, reuse_address=True).start()
+                self._listener = await asyncio.get_running_loop().create_server(
+                    factory, s.p2p_host, s.p2p_port, reuse_address=True, backlog=LISTEN_BACKLOG)
             except OSError as exc:
                 raise bind_error(s.p2p_host, s.p2p_port, exc) from None
             self._log_binding()
@@ -320,6 +455,9 @@ class DataServerDaemon(Daemon):
         await self._close()
 
     async def _close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # stop accepting; open connections drain in runner.cleanup()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

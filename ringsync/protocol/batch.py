@@ -55,7 +55,8 @@ _MAX_COLUMNS = 256
 _MAX_HEADER_FIELDS = 16
 _MAX_TABLE_FIELDS = 8
 _MAX_COLUMN_FIELDS = 8
-_MAX_STR_BYTES = 4096  # longer than any id, name or declared type the format allows
+_MAX_STR_BYTES = 4096
+_READ_SIZE = 1024 * 1024  # longer than any id, name or declared type the format allows
 _SCALAR_FIELDS = frozenset({"v", "source_node", "config_key"})
 _KINDS: dict[int, str] = {
     **{b: "map" for b in (*range(0x80, 0x90), 0xDE, 0xDF)},
@@ -268,6 +269,19 @@ def _read_column(reader: _Reader) -> tuple[Any, ...]:
     return tuple(reader.scalar("a column field") for _ in range(count))
 
 
+class _Window:
+    """A read-only file over a buffer, for msgpack.Unpacker (which copies what it reads)."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, size: int) -> bytes:
+        chunk = bytes(self._data[self._pos:self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+
 class _Reader:
     """Reads the batch document value by value, checking each one's kind from its first
     byte before msgpack builds it.
@@ -283,14 +297,15 @@ class _Reader:
                  max_image_bytes: int) -> None:
         self._data = memoryview(data).cast("B")
         self._max_image_bytes = max_image_bytes
+        # Read through a window, not fed whole: feed() copies the entire payload before
+        # the first byte is looked at.
         self._unpacker = msgpack.Unpacker(
-            None, raw=False, use_list=False, strict_map_key=True,
-            max_buffer_size=max(len(self._data), 1), max_str_len=_MAX_STR_BYTES,
+            _Window(self._data), read_size=_READ_SIZE, raw=False, use_list=False, strict_map_key=True,
+            max_buffer_size=max(len(self._data), _READ_SIZE), max_str_len=_MAX_STR_BYTES,
             max_bin_len=max_image_bytes, max_ext_len=0,
             max_array_len=max(max_games, _MAX_TABLES, _MAX_COLUMNS),
             max_map_len=max(_MAX_HEADER_FIELDS, _MAX_TABLE_FIELDS),
         )
-        self._unpacker.feed(self._data)
 
     def _kind(self) -> str:
         at = self._unpacker.tell()

@@ -14,13 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ringsync.localcluster import Cluster, Node, wait_until
+from ringsync.node import NodeContext
 from ringsync.protocol.batch import content_digest
 from ringsync.transport.http import BATCH_CONTENT_TYPE, DIGEST_HEADER, GAMES_PATH
+from tests.conftest import TOKEN
 
 ATTACKER = "127.0.0.2"
 MIB = 1024 * 1024
@@ -149,6 +153,8 @@ def test_a_flood_of_idle_and_half_header_connections_is_shed_and_timed_out(
     finally:
         for sock in flood:
             sock.close()
+    text = node.log_path.read_text(errors="replace")
+    assert text.count("shedding connections: 127.0.0.2 over its limit") == 1  # rate-limited
     assert_log_clean(node)
 
 
@@ -286,3 +292,25 @@ def test_malformed_http_is_refused_counted_and_not_a_traceback(
     text = node.log_path.read_text(errors="replace")
     assert text.count("refused malformed HTTP") == 1  # rate-limited: one line a minute
     assert_log_clean(node)
+
+
+# -- every 5xx is counted ------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_is_a_counted_500(
+        node_factory: Callable[..., NodeContext], served: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = node_factory()
+    await served(ctx)
+
+    def fail(payload: bytes, digest: str) -> None:
+        raise RuntimeError("a bug in the merge")
+
+    monkeypatch.setattr(ctx.receiver, "receive", fail)
+    payload = b"\x80"
+    headers = {"Authorization": f"Bearer {TOKEN}", DIGEST_HEADER: content_digest(payload)}
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{ctx.settings.p2p_port}{GAMES_PATH}", data=payload,
+            headers=headers) as r:
+        assert r.status == 500
+    assert ctx.metrics.http_requests.labels(route=GAMES_PATH, code="500")._value.get() == 1

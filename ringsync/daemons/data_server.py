@@ -281,7 +281,8 @@ def _within_upload_budget(handler: Handler) -> Handler:
     async def bounded(request: web.Request) -> web.StreamResponse:
         uploads = request.app[_UPLOADS]
         limit = request.app[_CTX].settings.max_batch_bytes
-        size = min(request.content_length or limit, limit)  # larger: refused unread (413)
+        declared = request.content_length
+        size = limit if declared is None else min(declared, limit)  # larger: refused unread
         if not uploads.reserve(size):
             return _busy(request, uploads)
         request.app[_CTX].metrics.upload_bytes_in_flight.set(uploads.held)

@@ -455,6 +455,8 @@ class DataServerDaemon(Daemon):
             except OSError as exc:
                 raise bind_error(s.p2p_host, s.p2p_port, exc) from None
             self._log_binding()
+            log.info("serving at most %d connections, %d per address", guard.max_total,
+                     guard.max_per_address)
             self._health = Health(HealthState.HEALTHY, f"listening on {s.p2p_host}:{s.p2p_port}")
             ready()
             await asyncio.Event().wait()

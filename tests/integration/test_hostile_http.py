@@ -136,7 +136,7 @@ def test_a_flood_of_idle_and_half_header_connections_is_shed_and_timed_out(
     flood: list[socket.socket] = []
     try:
         for i in range(300):
-            sock = connect(node, timeout=15)
+            sock = connect(node)
             if i % 2:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: node\r\nX-Slow: ")
             flood.append(sock)
@@ -145,9 +145,10 @@ def test_a_flood_of_idle_and_half_header_connections_is_shed_and_timed_out(
                                   reason="address_limit") == 260, 10, "260 connections shed")
         assert healthz(node) == 200  # the operator's address is not locked out
         # The 40 admitted ones never finished a header: closed after 2 s, counted.
-        started = time.monotonic()
-        assert all(closed_by_server(sock) for sock in flood)
-        assert time.monotonic() - started < 15
+        deadline = time.monotonic() + 15
+        for sock in flood:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            assert closed_by_server(sock)
         assert metric(node, "ringsync_connections_shed_total", reason="header_timeout") == 40
         assert healthz(node, source=ATTACKER) == 200  # the address is served again
     finally:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ringsync.errors import BadInputError, TooLargeError
-from ringsync.protocol.batch import decode_batch
+from ringsync.protocol.batch import Column, TableSchema, build_batch, decode_batch, encode_batch
 
 MIB = 1024 * 1024
 
@@ -75,3 +78,49 @@ def test_too_many_game_ids_or_too_large_an_image_is_too_large_before_reading_the
     image = b"\x82\xa1v\x02\xa5image\xc6" + (2**31).to_bytes(4, "big")
     with pytest.raises(TooLargeError, match="batch image has 2147483648 bytes"):
         decode_batch(image)
+
+
+# -- whatever the bytes, the decoder returns a batch or raises BadInputError ---------------
+
+_VALID = encode_batch(build_batch(
+    "node-a", "hex8_2p", ("g1", "g2"),
+    [(TableSchema("games", (Column("game_id", "TEXT", 1, True), Column("n", "INTEGER", 0, False))),
+      [("g1", 1), ("g2", 2)])]))
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=40) | st.sampled_from(
+        ["v", "source_node", "config_key", "game_ids", "tables", "image", "name", "columns"]),
+    lambda inner: st.lists(inner, max_size=6)
+    | st.dictionaries(st.text(max_size=10) | st.sampled_from(["v", "tables", "name", "columns"]),
+                      inner, max_size=6),
+    max_leaves=30,
+)
+
+
+def decodes_or_refuses(payload: bytes) -> None:
+    """Anything but a batch or a BadInputError (TooLargeError, UnsafePathError) fails."""
+    with contextlib.suppress(BadInputError):
+        decode_batch(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes(payload: bytes) -> None:
+    decodes_or_refuses(payload)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_msgpack_values)
+def test_arbitrary_msgpack(value: object) -> None:
+    decodes_or_refuses(msgpack.packb(value, use_bin_type=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=4),
+       st.integers(0, len(_VALID)))
+def test_mutated_valid_batch(flips: list[tuple[int, int]], cut: int) -> None:
+    payload = bytearray(_VALID)
+    for at, value in flips:
+        payload[at] = value
+    decodes_or_refuses(bytes(payload[:cut]))

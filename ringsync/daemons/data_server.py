@@ -47,8 +47,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CTX: web.AppKey[NodeContext] = web.AppKey("ctx", NodeContext)
 _NOISE: web.AppKey[PeerNoise] = web.AppKey("noise", PeerNoise)
 LISTEN_BACKLOG = 512
-
-
 RETRY_AFTER_SECONDS = 5
 
 
@@ -75,7 +73,8 @@ class _Uploads:
 
 
 class _UploadDropped(Exception):
-    """The body of an upload could not be read: the peer stalled or went away."""
+    """The body of an upload could not be read: the peer stalled, went away or broke
+    the framing. Internal to this module: answered by _within_upload_budget."""
 
     def __init__(self, reason: str, status: int, message: str) -> None:
         super().__init__(message)

@@ -194,7 +194,8 @@ class Metrics:
         self.uploads_dropped = Counter(
             "ringsync_uploads_dropped_total",
             "Batch uploads not received, by reason (stalled: no byte within the body timeout; "
-            "aborted: the peer disconnected mid-body; busy: the upload budget was full, 503).",
+            "aborted: the peer disconnected mid-body; malformed: broken body framing; busy: "
+            "the upload budget was full, 503).",
             ["reason"], registry=r,
         )
         self.upload_bytes_in_flight = Gauge(

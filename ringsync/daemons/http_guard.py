@@ -177,13 +177,18 @@ class GuardedRequestHandler(web.RequestHandler):
                 self._tail = seen[-2:]
         super().data_received(data)
 
-    def log_exception(self, *args: Any, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info")
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
         if isinstance(exc, HttpProcessingError):
-            # A peer's garbage (bad framing, oversized headers): aiohttp answers 4xx and
-            # closes; a traceback per request would let anyone flood the log.
+            # A peer's garbage (bad framing, oversized headers, not HTTP at all): aiohttp
+            # answers 4xx and closes. Counted here, where every kind of it passes.
             self._options.noise.malformed(self._address or "unknown", exc)
-            return
+        return super().handle_error(request, status, exc, message)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            return  # counted in handle_error: a traceback per request would flood the log
         super().log_exception(*args, **kwargs)
 
     def _header_overdue(self) -> None:

@@ -282,7 +282,8 @@ def test_a_non_utf8_authorization_header_is_a_401(
      + b"\r\n", b"400"),
     (b"POST /v1/notify HTTP/1.1\r\nHost: node\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"zz\r\n", b"400"),
-], ids=["negative_length", "100k_header", "300_headers", "bad_chunk"])
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), b"400"),  # TLS hello
+], ids=["negative_length", "100k_header", "300_headers", "bad_chunk", "not_http"])
 def test_malformed_http_is_refused_counted_and_not_a_traceback(
         start_node: Callable[..., tuple[Cluster, Node]], request_bytes: bytes,
         status: bytes) -> None:

@@ -297,6 +297,7 @@ class _Reader:
                  max_image_bytes: int) -> None:
         self._data = memoryview(data).cast("B")
         self._max_image_bytes = max_image_bytes
+        self._at_end = False  # the image was taken from the end of the payload
         # Read through a window, not fed whole: feed() copies the entire payload before
         # the first byte is looked at.
         self._unpacker = msgpack.Unpacker(
@@ -308,7 +309,7 @@ class _Reader:
         )
 
     def _kind(self) -> str:
-        at = self._unpacker.tell()
+        at = self._offset()
         if at >= len(self._data):
             raise BadInputError("batch payload is truncated")
         return _KINDS.get(self._data[at], "scalar")
@@ -351,23 +352,35 @@ class _Reader:
         return key
 
     def binary(self, what: str) -> Any:
-        size = self._bin_size()
-        if size is not None and size > self._max_image_bytes:
+        span = self._bin_span()
+        if span is None:
+            return self.scalar(what)  # not a bin: refused by the caller's type check
+        start, size = span
+        if size > self._max_image_bytes:
             raise TooLargeError(f"{what} has {size} bytes, limit is {self._max_image_bytes}")
-        return self.scalar(what)
+        if start + size != len(self._data):
+            return self.scalar(what)
+        # The image ends the payload (encode_batch writes it last): copied straight out
+        # of it, not through the unpacker's buffer, which would hold the image twice.
+        self._at_end = True
+        return bytes(self._data[start:])
 
-    def _bin_size(self) -> int | None:
-        at = self._unpacker.tell()
+    def _bin_span(self) -> tuple[int, int] | None:
+        """(start, size) of the bin value that comes next, None if the next is no bin."""
+        at = self._offset()
         width = _BIN_LENGTH_WIDTH.get(self._data[at]) if at < len(self._data) else None
         if width is None or at + 1 + width > len(self._data):
             return None
-        return int.from_bytes(self._data[at + 1:at + 1 + width], "big")
+        return at + 1 + width, int.from_bytes(self._data[at + 1:at + 1 + width], "big")
+
+    def _offset(self) -> int:
+        return len(self._data) if self._at_end else int(self._unpacker.tell())
 
     def skip(self, what: str) -> None:
         self._call(what, self._unpacker.skip)
 
     def end(self) -> None:
-        extra = len(self._data) - self._unpacker.tell()
+        extra = len(self._data) - self._offset()
         if extra:
             raise BadInputError(f"batch payload has {extra} bytes after its end")
 

@@ -124,3 +124,30 @@ def test_mutated_valid_batch(flips: list[tuple[int, int]], cut: int) -> None:
     for at, value in flips:
         payload[at] = value
     decodes_or_refuses(bytes(payload[:cut]))
+
+
+def _batch_with_image_of(nbytes: int) -> bytes:
+    blob = bytes(nbytes)
+    return encode_batch(build_batch(
+        "node-a", "hex8_2p", ("g1",),
+        [(TableSchema("games", (Column("game_id", "TEXT", 1, True), Column("b", "BLOB", 0, False))),
+          [("g1", blob)])]))
+
+
+def test_a_large_valid_batch_is_decoded_with_one_copy_of_its_image() -> None:
+    payload = _batch_with_image_of(8 * MIB)
+    tracemalloc.start()
+    try:
+        batch = decode_batch(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(batch.image) > 8 * MIB
+    assert peak < len(batch.image) + 2 * MIB  # the image, not also the unpacker's buffer of it
+
+
+def test_an_image_that_is_not_the_last_field_is_decoded_too() -> None:
+    doc = msgpack.unpackb(_batch_with_image_of(1000), raw=False)
+    image = doc.pop("image")
+    reordered = {"image": image, **doc}
+    assert decode_batch(msgpack.packb(reordered, use_bin_type=True)).image == image

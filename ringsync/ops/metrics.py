@@ -176,6 +176,17 @@ class Metrics:
             "Rows added to games already held here (rows a source added after completion).",
             registry=r,
         )
+        self.received_configs = Gauge(
+            "ringsync_received_configs",
+            "Config DBs this node holds received games in (at most RINGRIFT_MAX_CONFIGS).",
+            registry=r,
+        )
+        self.received_configs_refused = Counter(
+            "ringsync_received_configs_refused_total",
+            "Batches refused because their config key would be one config DB more than "
+            "RINGRIFT_MAX_CONFIGS allows.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

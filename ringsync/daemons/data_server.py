@@ -27,6 +27,7 @@ from ringsync.errors import (
 )
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded, quoted
+from ringsync.store.received_configs import TooManyConfigsError
 from ringsync.store.receiver import ReceiveRefused
 from ringsync.transport.base import PushResult
 from ringsync.transport.http import DATA_DIR_HEADER, DIGEST_HEADER, GAMES_PATH, STORAGE_PATH
@@ -219,6 +220,9 @@ async def receive_games(request: web.Request) -> web.Response:
         log.warning("cannot merge a game batch now: %s", bounded(str(exc)))
         return web.json_response({"error": bounded(str(exc), _ANSWER_CHARS)}, status=503,
                                  headers={"Retry-After": "10"})
+    except TooManyConfigsError as exc:  # logged once by the receiver, counted every time
+        ctx.metrics.batches_received.labels(outcome="too_many_configs").inc()
+        return _error(400, bounded(str(exc), _ANSWER_CHARS))
     except (BadInputError, CorruptDataError) as exc:
         outcome = "unsafe_path" if isinstance(exc, UnsafePathError) else "rejected"
         ctx.metrics.batches_received.labels(outcome=outcome).inc()

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONFIGS = 256
 
+
+class TooManyConfigsError(TooLargeError):
+    """A batch would make one config DB more than RINGRIFT_MAX_CONFIGS allows (logged once)."""
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS configs (
     config_key TEXT PRIMARY KEY,
@@ -109,7 +113,7 @@ class ReceivedConfigs:
             self._warned = True
             log.warning("%s (further refusals counted in ringsync_received_configs_refused_total)",
                         message)
-        raise TooLargeError(message)
+        raise TooManyConfigsError(message)
 
     # -- counts
 

@@ -204,7 +204,8 @@ async def test_a_utf16_image_is_refused_before_anything_is_created(
     before = listing(n)
     code, body = await push(cluster, n, encode_batch(utf16))
     assert code == 400
-    assert "UTF-16" in body["error"] and "UTF-8" in body["error"]
+    assert "UTF-16" in body["error"]
+    assert "UTF-8" in body["error"]
     assert listing(n) == before
 
 
@@ -226,7 +227,8 @@ async def test_a_source_node_cannot_forge_log_lines_or_flood_them(
     huge = dataclasses.replace(bad, source_node="A" * (8 * 1024 * 1024))
     code, body = await push(cluster, n, encode_batch(huge), headers={NODE_HEADER: "B" * 6000})
     assert code == 400
-    assert "source_node" in body["error"] and len(body["error"]) < 2000
+    assert "source_node" in body["error"]
+    assert len(body["error"]) < 2000
     lines = n.log_path.read_text(errors="replace").splitlines()
     assert not any(line.startswith(FORGED) for line in lines)
     assert max(len(line) for line in lines) < 4000

@@ -440,7 +440,7 @@ def _verify_image(batch: GameBatch) -> None:
         return BadInputError(f"batch {batch.config_key} from {quoted(batch.source_node)} rejected, "
                              f"nothing merged: {why}")
 
-    problem = _name_problem(batch)
+    problem = _name_problem(batch) or _encoding_problem(batch.image)
     if problem:
         raise reject(problem)
     try:
@@ -451,8 +451,8 @@ def _verify_image(batch: GameBatch) -> None:
             conn.execute("PRAGMA cell_size_check=ON")
             conn.deserialize(batch.image)
             problem = _image_problem(conn, batch)
-    except (sqlite3.Error, OverflowError) as exc:
-        raise reject(f"unreadable image: {exc}") from exc
+    except (sqlite3.Error, OverflowError, ValueError) as exc:  # ValueError: undecodable text
+        raise reject(f"unreadable image: {type(exc).__name__}: {exc}") from exc
     if problem:
         raise reject(problem)
 
@@ -469,11 +469,20 @@ def _name_problem(batch: GameBatch) -> str | None:
     return None
 
 
+def _encoding_problem(image: bytes) -> str | None:
+    """Attached to a target of another text encoding, an image cannot be read at all.
+
+    Read from the header (offset 56: 1 UTF-8, 2 UTF-16le, 3 UTF-16be), not with PRAGMA
+    encoding, which reports whatever a corrupt header byte points at.
+    """
+    code = int.from_bytes(image[56:60], "big")
+    if code == 1:
+        return None
+    name = {2: "UTF-16le", 3: "UTF-16be"}.get(code, f"invalid ({code})")
+    return f"image text encoding is {name}; batch images must be UTF-8"
+
+
 def _image_problem(conn: sqlite3.Connection, batch: GameBatch) -> str | None:
-    # Attached to a target of another text encoding, the image cannot be read at all.
-    encoding = conn.execute("PRAGMA main.encoding").fetchone()[0]
-    if encoding != "UTF-8":
-        return f"image text encoding is {encoding}; batch images must be UTF-8"
     check = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
     if check != ["ok"]:
         return f"unreadable image: quick_check says {'; '.join(map(str, check[:3]))}"

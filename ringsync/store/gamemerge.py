@@ -478,8 +478,9 @@ def _encoding_problem(image: bytes) -> str | None:
     code = int.from_bytes(image[56:60], "big")
     if code == 1:
         return None
-    name = {2: "UTF-16le", 3: "UTF-16be"}.get(code, f"invalid ({code})")
-    return f"image text encoding is {name}; batch images must be UTF-8"
+    if code in (2, 3):
+        return f"image text encoding is UTF-16{'le' if code == 2 else 'be'}; batch images must be UTF-8"
+    return f"unreadable image: its header's text encoding field is {code}"
 
 
 def _image_problem(conn: sqlite3.Connection, batch: GameBatch) -> str | None:

@@ -32,7 +32,7 @@ from ringsync.protocol.batch import (
 from ringsync.store import ringrift_schema
 from ringsync.store.gamedb import GameSource
 from ringsync.transport.http import BATCH_CONTENT_TYPE, DIGEST_HEADER, GAMES_PATH, NODE_HEADER
-from tests.conftest import write_games
+from tests.conftest import TOKEN, write_games
 
 NODE = "train-1"
 
@@ -293,3 +293,29 @@ def test_refused_keys_are_counted(tmp_path: Path) -> None:
             configs.admit(key)
     assert metrics.received_configs_refused._value.get() == 2
     configs.close()
+
+
+# -- the HTTP mapping of storage that cannot take a batch now --------------------------------
+
+
+async def test_storage_that_cannot_take_a_batch_now_is_503_with_retry_after(
+        node_factory: Any, served: Any, games: Games, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy or failing storage is not the batch's fault: the sender backs off and retries."""
+    from ringsync.errors import StorageBusyError
+    from ringsync.transport.http import BATCH_CONTENT_TYPE as CT
+
+    ctx = node_factory()
+    await served(ctx)
+
+    def busy(payload: bytes, digest: str) -> Any:
+        raise StorageBusyError("batch cfg from 'x' not merged, this node's storage cannot take it now")
+
+    monkeypatch.setattr(ctx.receiver, "receive", busy)
+    payload = encode_batch(games.batch(games.ids[30:31], "busy_2p"))
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{ctx.settings.p2p_port}{GAMES_PATH}", data=payload,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": CT,
+                     DIGEST_HEADER: content_digest(payload)}) as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "10"
+        assert "storage" in (await r.json())["error"]

@@ -36,9 +36,9 @@ class ReceivedConfigs:
     bounded (``max_configs``, RINGRIFT_MAX_CONFIGS). Counts are kept here as merges
     report them, in ``ledger`` (a small SQLite file in the node's state dir) when given;
     reading a merged DB for status would cost a scan per DB and, read-only, would leave
-    its -wal and -shm files behind. A key is marked inexact before this process first
-    merges into it and exact again on close(), so after a crash only the DBs merged
-    into since the last clean stop are counted again, once, at start.
+    its -wal and -shm files behind. A key is marked inexact on disk before this process
+    first merges into it; counts are written, exact, on close(). After a crash only the
+    DBs merged into since the last clean stop are counted again, once, at start.
     """
 
     def __init__(self, synced_dir: Path, *, max_configs: int = DEFAULT_MAX_CONFIGS,
@@ -121,10 +121,8 @@ class ReceivedConfigs:
         """A merge into ``key`` committed ``inserted`` new games."""
         if not inserted:
             return
-        with self._lock:
+        with self._lock:  # kept in memory: a key merged into is inexact on disk until close()
             self._counts[key] = self._counts.get(key, 0) + inserted
-            self._db.execute("UPDATE configs SET games = ? WHERE config_key = ?",
-                             (self._counts[key], key))
 
     def held(self) -> dict[str, int]:
         """Games per config DB present now (one directory listing, no DB opened)."""
@@ -142,7 +140,10 @@ class ReceivedConfigs:
             if self._closed:
                 return
             self._closed = True
-            self._db.execute("UPDATE configs SET exact = 1")
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO configs VALUES (?, ?, 1)",
+                                     self._counts.items())
             self._db.close()
 
 

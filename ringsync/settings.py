@@ -17,9 +17,10 @@ from typing import TypeVar
 
 from dotenv import dotenv_values
 
-from ringsync.errors import ConfigError
+from ringsync.errors import BadInputError, ConfigError
 from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
+from ringsync.protocol.batch import validate_source_node
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
     cwd = (cwd or Path.cwd()).resolve()
     env = _Env(_merge_env_file(os.environ if environ is None else environ, cwd))
     configured = _load_configured_inventory(env, cwd)
-    node_id = _node_id(env, configured)
+    node_id = _sendable_node_id(_node_id(env, configured))
     inventory = configured or Inventory.single_node(node_id)
     token = _auth_token(env, cwd)
     p2p_host = _p2p_host(env, inventory, node_id, token)
@@ -516,3 +517,11 @@ def _coordinator(env: _Env, inventory: Inventory | None) -> str | None:
         raise env.fail("RINGRIFT_COORDINATOR_NODE", f"is not a host in inventory "
                        f"{inventory.source}; use one of: {_host_list(inventory)}")
     return name
+
+
+def _sendable_node_id(node_id: str) -> str:
+    """A node id peers accept as a batch's source_node (else every push would be refused)."""
+    try:
+        return validate_source_node(node_id)
+    except BadInputError as exc:
+        raise ConfigError(f"RINGRIFT_NODE_ID (or the hostname): {exc}") from None

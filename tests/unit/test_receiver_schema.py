@@ -163,3 +163,15 @@ def test_sqlite_errors_left_by_a_merge_are_typed() -> None:
     refused = _merge_error(batch, odd)
     assert isinstance(refused, BadInputError)
     assert "\n" not in str(refused)
+
+
+@pytest.mark.parametrize("bad", ["tab\there", "n" * (MAX_NODE_ID_CHARS + 1)])
+def test_a_node_id_peers_would_refuse_stops_start_up(tmp_path: Path, bad: str) -> None:
+    from ringsync.errors import ConfigError
+    from ringsync.settings import load_settings
+
+    env = {"RINGRIFT_NODE_ID": bad, "RINGRIFT_DATA_DIR": str(tmp_path), "RINGRIFT_ENV_FILE": "/dev/null"}
+    with pytest.raises(ConfigError, match="RINGRIFT_NODE_ID"):
+        load_settings(env, cwd=tmp_path)
+    env["RINGRIFT_NODE_ID"] = "gpu-node-1"
+    assert load_settings(env, cwd=tmp_path).node_id == "gpu-node-1"

@@ -52,6 +52,10 @@ class StorageFullError(RingsyncError):
     """The disk (or a quota) holding the data dir is full; nothing was written."""
 
 
+class StorageBusyError(RingsyncError):
+    """The receiver's storage cannot take a write now (locked, I/O error); retry later."""
+
+
 class CorruptDataError(RingsyncError):
     """Stored or received data fails verification; it is quarantined or fetched again."""
 

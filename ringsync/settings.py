@@ -17,9 +17,10 @@ from typing import TypedDict, TypeVar
 
 from dotenv import dotenv_values
 
-from ringsync.errors import ConfigError
+from ringsync.errors import BadInputError, ConfigError
 from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
+from ringsync.protocol.batch import validate_source_node
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            default_text="4 times RINGRIFT_MAX_BATCH_BYTES"),
     EnvVar("RINGRIFT_MAX_MERGES_IN_FLIGHT", "2", "Received batches decoded and merged at once; "
            "further uploads wait their turn (1-64)"),
+    EnvVar("RINGRIFT_MAX_CONFIGS", "256", "Most config DBs (board type and player count, e.g. "
+           "hex8_2p) this node merges received games into; a batch for one more is refused "
+           "(1-100000)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -159,6 +163,7 @@ class Settings:
     http_max_connections_per_address: int = 64
     max_upload_bytes_in_flight: int | None = None  # None: 4 times max_batch_bytes
     max_merges_in_flight: int = 2
+    max_configs: int = 256
 
     @property
     def state_root(self) -> Path:
@@ -225,7 +230,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
     cwd = (cwd or Path.cwd()).resolve()
     env = _Env(_merge_env_file(os.environ if environ is None else environ, cwd))
     configured = _load_configured_inventory(env, cwd)
-    node_id = _node_id(env, configured)
+    node_id = _sendable_node_id(_node_id(env, configured))
     inventory = configured or Inventory.single_node(node_id)
     token = _auth_token(env, cwd)
     p2p_host = _p2p_host(env, inventory, node_id, token)
@@ -254,6 +259,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
                                             env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
         **_http_limits(env),
+        max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
     )
 
 
@@ -577,3 +583,9 @@ def _http_limits(env: _Env) -> _HttpLimits:
         "max_merges_in_flight": env.integer("RINGRIFT_MAX_MERGES_IN_FLIGHT", 2, minimum=1,
                                             maximum=64),
     })
+def _sendable_node_id(node_id: str) -> str:
+    """A node id peers accept as a batch's source_node (else every push would be refused)."""
+    try:
+        return validate_source_node(node_id)
+    except BadInputError as exc:
+        raise ConfigError(f"RINGRIFT_NODE_ID (or the hostname): {exc}") from None

@@ -32,11 +32,13 @@ from ringsync.errors import (
     BadInputError,
     ConfigError,
     CorruptDataError,
+    StorageBusyError,
     StorageFullError,
     UnsafePathError,
 )
 from ringsync.node import NodeContext
-from ringsync.store.gamedb import count_games
+from ringsync.ops.logsafe import bounded, quoted
+from ringsync.store.received_configs import TooManyConfigsError
 from ringsync.store.receiver import ReceiveRefused
 from ringsync.transport.base import PushResult
 from ringsync.transport.http import DATA_DIR_HEADER, DIGEST_HEADER, GAMES_PATH, STORAGE_PATH
@@ -196,9 +198,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def held_games(ctx: NodeContext) -> dict[str, int]:
-    """Games merged here, per config DB (reads files: run it in a worker thread)."""
-    synced = ctx.settings.synced_dir
-    return {p.stem: count_games(p) for p in sorted(synced.glob("*.db"))} if synced.is_dir() else {}
+    """Games merged here, per config DB, as the receiver counted them: no merged DB is
+    opened (a scan each, and a read-only open leaves -wal/-shm files behind). Lists the
+    synced dir: run it in a worker thread."""
+    return ctx.receiver.held_games()
 
 
 def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
@@ -230,6 +233,17 @@ async def storage(request: web.Request) -> web.Response:
     return web.json_response({"node": ctx.settings.node_id, **ctx.shared.own.as_dict()})
 
 
+# Longest error text a peer gets back (our message may quote parts of its input).
+_ANSWER_CHARS = 1000
+
+
+def _peer(request: web.Request) -> str:
+    """Who sent a request, for logs: its X-Ringsync-Node (peer-chosen: quoted, bounded)
+    and its address."""
+    name = request.headers.get("X-Ringsync-Node")
+    return f"{quoted(name, 80)} at {request.remote}" if name is not None else str(request.remote)
+
+
 async def receive_games(request: web.Request) -> web.Response:
     ctx = request.app[_CTX]
     if request.headers.get(DATA_DIR_HEADER) == ctx.shared.own.data_dir_id:
@@ -255,14 +269,23 @@ async def receive_games(request: web.Request) -> web.Response:
         return _error(403, str(exc))
     except StorageFullError as exc:
         ctx.metrics.batches_received.labels(outcome="storage_full").inc()
-        log.error("cannot merge a game batch: %s", exc)
-        return _error(507, str(exc))
+        log.error("cannot merge a game batch: %s", bounded(str(exc)))
+        return _error(507, bounded(str(exc), _ANSWER_CHARS))
+    except StorageBusyError as exc:
+        ctx.metrics.batches_received.labels(outcome="storage_busy").inc()
+        log.warning("cannot merge a game batch now: %s", bounded(str(exc)))
+        return web.json_response({"error": bounded(str(exc), _ANSWER_CHARS)}, status=503,
+                                 headers={"Retry-After": "10"})
+    except TooManyConfigsError as exc:  # logged once by the receiver, counted every time
+        ctx.metrics.batches_received.labels(outcome="too_many_configs").inc()
+        return _error(400, bounded(str(exc), _ANSWER_CHARS))
     except (BadInputError, CorruptDataError) as exc:
         outcome = "unsafe_path" if isinstance(exc, UnsafePathError) else "rejected"
         ctx.metrics.batches_received.labels(outcome=outcome).inc()
-        log.warning("rejected a game batch from %s: %s",
-                    request.headers.get("X-Ringsync-Node", request.remote), exc)
-        return _error(400, str(exc))
+        # Rate-limited: a peer sending bad batches in a loop must not flood the log.
+        _noise(request).warnings.warning("rejected", "rejected a game batch from %s: %s",
+                                         _peer(request), bounded(str(exc)))
+        return _error(400, bounded(str(exc), _ANSWER_CHARS))
     ctx.metrics.merge_duration.observe(time.perf_counter() - started)
     ctx.metrics.batches_received.labels(outcome="merged").inc()
     ctx.metrics.bytes_received.inc(len(payload))

@@ -203,6 +203,17 @@ class Metrics:
             "Bytes reserved for batch uploads being received or waiting to merge.",
             registry=r,
         )
+        self.received_configs = Gauge(
+            "ringsync_received_configs",
+            "Config DBs this node holds received games in (at most RINGRIFT_MAX_CONFIGS).",
+            registry=r,
+        )
+        self.received_configs_refused = Counter(
+            "ringsync_received_configs_refused_total",
+            "Batches refused because their config key would be one config DB more than "
+            "RINGRIFT_MAX_CONFIGS allows.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -30,6 +30,7 @@ __all__ = [
     "is_safe_decl_type",
     "is_safe_identifier",
     "validate_config_key",
+    "validate_source_node",
 ]
 
 BATCH_VERSION = 2
@@ -49,6 +50,7 @@ _TYPE_WORDS = frozenset({
 })
 _CONFIG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+MAX_NODE_ID_CHARS = 253  # a DNS name's limit: inventory host names are host names
 _MAX_TABLES = 64
 _MAX_COLUMNS = 256
 # The shape of a batch document, enforced while it is read (see _Reader).
@@ -206,7 +208,7 @@ def decode_batch(data: bytes, *, max_games: int = 100_000,
     if doc.get("v") != BATCH_VERSION:
         raise BadInputError(
             f"unsupported batch version {doc.get('v')!r} (expected {BATCH_VERSION})")
-    source_node = _field(doc, "source_node", str)
+    source_node = validate_source_node(_field(doc, "source_node", str))
     config_key = validate_config_key(_field(doc, "config_key", str))
     game_ids = _check_game_ids(_field(doc, "game_ids", tuple), max_games)
     raw_tables = _field(doc, "tables", tuple)
@@ -400,6 +402,23 @@ def validate_config_key(key: object) -> str:
     if not isinstance(key, str) or _CONFIG_KEY_RE.fullmatch(key) is None or ".." in key:
         raise UnsafePathError(f"config_key {str(key)[:80]!r} is not a safe name")
     return key
+
+
+def validate_source_node(name: object) -> str:
+    """Return ``name`` if it can be a node id, else raise BadInputError.
+
+    A node id names a directory (no '/', no leading '.') and appears in logs and answers:
+    printable, one line, at most MAX_NODE_ID_CHARS characters. The error quotes only a
+    bounded prefix of the bad value.
+    """
+    if (isinstance(name, str) and 0 < len(name) <= MAX_NODE_ID_CHARS and name.isprintable()
+            and "/" not in name and not name.startswith(".")):
+        return name
+    shown = str(name)
+    more = f"…(+{len(shown) - 40} chars)" if len(shown) > 40 else ""
+    raise BadInputError(
+        f"source_node {shown[:40]!r}{more} is not a node id: use 1..{MAX_NODE_ID_CHARS} "
+        "printable characters without '/' and not starting with '.' (the sender's RINGRIFT_NODE_ID)")
 
 
 def _check_game_ids(ids: tuple[Any, ...], max_games: int) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ringsync.errors import BadInputError, UnsafePathError
+from ringsync.ops.logsafe import quoted
 from ringsync.protocol.batch import (
     Column,
     GameBatch,
@@ -196,37 +197,68 @@ class _TargetDB:
         self._refresh_cache()
 
     def _ensure_table(self, table: TableSchema) -> None:
-        existing = self._tables.get(table.name.lower())
-        if existing is None:
+        """Create the batch's table if the target lacks it, and add the columns it lacks.
+
+        The target's keys never come from a peer (see _create), so no batch can make a
+        later one conflict; columns beyond MAX_TARGET_COLUMNS are not added (not merged).
+        """
+        if table.name.lower() not in self._tables:
             self._create(table)
-            return
-        for col in table.columns:
-            if col.name.lower() not in existing.columns:
-                # ADD COLUMN cannot carry NOT NULL without a default; older rows are NULL.
-                self.conn.execute(f"ALTER TABLE main.{_q(table.name)} ADD COLUMN "
+        existing = self._tables[table.name.lower()]
+        new = [c for c in table.columns if c.name.lower() not in existing.columns]
+        room = MAX_TARGET_COLUMNS - len(existing.columns)
+        for col in new[:max(room, 0)]:
+            # ADD COLUMN cannot carry NOT NULL without a default; older rows are NULL.
+            self._ddl(table.name, f"ALTER TABLE main.{_q(table.name)} ADD COLUMN "
                                   f"{_q(col.name)} {col.decl_type}")
-                existing.columns[col.name.lower()] = _TargetColumn(col.name, col.decl_type, False)
+            existing.columns[col.name.lower()] = _TargetColumn(col.name, col.decl_type, False)
+        if len(new) > room:  # warned when the bound is reached, then at debug
+            log.log(logging.WARNING if room > 0 else logging.DEBUG,
+                    "%s: table %s has %d columns, the most batches may create; not merging "
+                    "its columns %s", self.path, table.name, MAX_TARGET_COLUMNS,
+                    quoted(", ".join(c.name for c in new[max(room, 0):])))
 
     def _create(self, table: TableSchema) -> None:
-        """A table RingRift's schema does not have: from the batch, without its NOT NULLs."""
-        is_games = table.name.lower() == GAMES
-        pk = [GAME_ID] if is_games else [c.name for c in sorted(table.columns, key=lambda c: c.pk)
-                                         if c.pk]
-        alias = _rowid_alias(table)
+        """A table the target lacks, in a shape no peer chooses.
+
+        One of RingRift's v18 tables (missing from a DB made before, or by RingRift) gets
+        RingRift's own DDL and indexes. Any other table gets the batch's columns without
+        NOT NULLs and without keys: a key a first batch declared would refuse the rows of
+        every later batch that declares another one, forever. Its game_id index is named
+        outside the names a peer table can take (they are plain identifiers).
+        """
+        if table.name.lower() in ringrift_schema.TABLES:
+            for statement in ringrift_schema.table_statements(table.name):
+                self._ddl(table.name, statement)
+            self._tables[table.name.lower()] = self._read_table(table.name)
+            return
+        self._refuse_taken_name(table.name)
         # No NOT NULL from a peer: sources with older or newer schemas feed the same
         # DB, and a constraint one of them declares must not reject the others' games
-        # forever. game_id never gets INTEGER affinity: "INTEGER PRIMARY KEY" would
-        # make it a rowid alias that refuses every text id after the first batch.
-        defs = [f"{_q(c.name)} {_receiver_type(c)}" + (" PRIMARY KEY" if alias is c else "")
-                for c in table.columns]
-        if pk and alias is None:
-            defs.append(f"PRIMARY KEY ({', '.join(_q(n) for n in pk)})")
-        self.conn.execute(f"CREATE TABLE main.{_q(table.name)} ({', '.join(defs)})")
-        if not is_games and (not pk or pk[0] != GAME_ID):
-            # A PK that starts with game_id already serves lookups by game.
-            self.conn.execute(f"CREATE INDEX main.{_q('idx_' + table.name + '_game_id')} "
+        # forever. game_id never gets INTEGER affinity.
+        defs = [f"{_q(c.name)} {_receiver_type(c)}".rstrip() for c in table.columns]
+        self._ddl(table.name, f"CREATE TABLE main.{_q(table.name)} ({', '.join(defs)})")
+        self._ddl(table.name, f"CREATE INDEX main.{_q(_game_id_index(table.name))} "
                               f"ON {_q(table.name)} ({_q(GAME_ID)})")
         self._tables[table.name.lower()] = self._read_table(table.name)
+
+    def _refuse_taken_name(self, name: str) -> None:
+        """A peer table may not take the name of an index, trigger or view of the target."""
+        taken = self.conn.execute("SELECT type, name FROM main.sqlite_master WHERE lower(name) = ?",
+                                  (name.lower(),)).fetchone()
+        if taken is not None:
+            raise BadInputError(f"table {name!r} cannot be created here: the receiver has a "
+                                f"{taken[0]} of that name; rename the table at the source")
+
+    def _ddl(self, table: str, statement: str) -> None:
+        """Run DDL for a batch's table; a statement SQLite refuses is the batch's fault."""
+        try:
+            self.conn.execute(statement)
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+            if code != sqlite3.SQLITE_ERROR:  # full disk, I/O, busy: not the batch's fault
+                raise
+            raise BadInputError(f"table {table!r} cannot be merged here: {exc}") from exc
 
     # -- the rows
 
@@ -319,7 +351,7 @@ class _TargetDB:
             "%s refuses completed games with fewer than %d moves (its %s trigger); dropped %d "
             "from %s, e.g. %s (counted in ringsync_games_refused_total; further ones at debug)",
             self.path, ringrift_schema.MIN_MOVES_REQUIRED, _INSERT_TRIGGER, len(refused),
-            batch.source_node, refused[0])
+            quoted(batch.source_node), quoted(refused[0]))
 
     # -- durability
 
@@ -386,6 +418,18 @@ def _neutral(col: _TargetColumn) -> str:
     return "0"
 
 
+# Columns batches may give one target table (RingRift's widest, games, has 26).
+MAX_TARGET_COLUMNS = 256
+# Tables of RingRift's schema a batch may not write: not per-game data.
+_NOT_PER_GAME = frozenset({"schema_metadata"})
+
+
+def _game_id_index(table: str) -> str:
+    """The name of our game_id index on a table made from a batch: ':' is never in a
+    peer's table name, so no peer table can take it."""
+    return f"ringsync:{table}:game_id"
+
+
 def _verify_image(batch: GameBatch) -> None:
     """Raise BadInputError unless the image holds exactly the header's tables and games.
 
@@ -393,9 +437,12 @@ def _verify_image(batch: GameBatch) -> None:
     untrusted image never reaches a target's connection unverified.
     """
     def reject(why: str) -> BadInputError:
-        return BadInputError(f"batch {batch.config_key} from {batch.source_node} rejected, "
+        return BadInputError(f"batch {batch.config_key} from {quoted(batch.source_node)} rejected, "
                              f"nothing merged: {why}")
 
+    problem = _name_problem(batch) or _encoding_problem(batch.image)
+    if problem:
+        raise reject(problem)
     try:
         with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
             # No functions or virtual tables run from the image's schema; every b-tree
@@ -404,10 +451,36 @@ def _verify_image(batch: GameBatch) -> None:
             conn.execute("PRAGMA cell_size_check=ON")
             conn.deserialize(batch.image)
             problem = _image_problem(conn, batch)
-    except (sqlite3.Error, OverflowError) as exc:
-        raise reject(f"unreadable image: {exc}") from exc
+    except (sqlite3.Error, OverflowError, ValueError) as exc:  # ValueError: undecodable text
+        raise reject(f"unreadable image: {type(exc).__name__}: {exc}") from exc
     if problem:
         raise reject(problem)
+
+
+def _name_problem(batch: GameBatch) -> str | None:
+    """A table name the receiver keeps for itself (checked before any file is touched)."""
+    for table in batch.tables:
+        name = table.name.lower()
+        if name in _NOT_PER_GAME:
+            return f"table {table.name}: RingRift's {name} is not per-game data; batches may not write it"
+        if name in ringrift_schema.OBJECT_NAMES and name not in ringrift_schema.TABLES:
+            return (f"table {table.name}: the name of an index or trigger of RingRift's schema "
+                    "in the receiver's DB; rename the table at the source")
+    return None
+
+
+def _encoding_problem(image: bytes) -> str | None:
+    """Attached to a target of another text encoding, an image cannot be read at all.
+
+    Read from the header (offset 56: 1 UTF-8, 2 UTF-16le, 3 UTF-16be), not with PRAGMA
+    encoding, which reports whatever a corrupt header byte points at.
+    """
+    code = int.from_bytes(image[56:60], "big")
+    if code == 1:
+        return None
+    if code in (2, 3):
+        return f"image text encoding is UTF-16{'le' if code == 2 else 'be'}; batch images must be UTF-8"
+    return f"unreadable image: its header's text encoding field is {code}"
 
 
 def _image_problem(conn: sqlite3.Connection, batch: GameBatch) -> str | None:

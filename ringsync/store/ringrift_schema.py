@@ -8,15 +8,19 @@ Column and table names follow ``ai-service/app/db/game_replay.py`` as the RingRi
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 __all__ = [
     "COMPLETED_STATUSES",
     "MIN_MOVES_REQUIRED",
+    "OBJECT_NAMES",
     "SCHEMA_VERSION",
+    "TABLES",
     "TRIGGER_ON_COMPLETE",
     "TRIGGER_ON_INSERT",
     "create_schema",
+    "table_statements",
 ]
 
 SCHEMA_VERSION = 18
@@ -138,3 +142,30 @@ def _statements(script: str) -> list[str]:
             out.append(current.strip())
             current = ""
     return out
+
+
+_OBJECT = re.compile(r"CREATE (TABLE|INDEX|TRIGGER) IF NOT EXISTS (\w+)(?: (?:BEFORE|AFTER) \w+)?"
+                     r"(?: ON (\w+))?")
+
+
+def _objects() -> list[tuple[str, str, str, str]]:
+    """(kind, name, table, statement) of every object of the v18 schema."""
+    out = []
+    for statement in _statements(_TABLES + TRIGGER_ON_COMPLETE + TRIGGER_ON_INSERT):
+        match = _OBJECT.match(statement)
+        assert match is not None, statement
+        kind, name, table = match.groups()
+        out.append((kind.lower(), name, table or name, statement))
+    return out
+
+
+# Tables RingRift's schema has, and every name it uses (tables, indexes, triggers).
+TABLES = frozenset(name for kind, name, _, _ in _objects() if kind == "table")
+OBJECT_NAMES = frozenset(name for _, name, _, _ in _objects())
+
+
+def table_statements(name: str) -> list[str]:
+    """The CREATE statements of the v18 table ``name`` and its indexes ([] if RingRift
+    has no such table): a missing table is always created in RingRift's shape."""
+    return [statement for kind, _, table, statement in _objects()
+            if kind != "trigger" and table.lower() == name.lower()]

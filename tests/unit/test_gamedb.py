@@ -630,9 +630,11 @@ def test_schema_evolution_adds_columns(merger: GameMerger, tmp_path: Path) -> No
         rows = conn.execute("SELECT game_id, quality_score FROM games ORDER BY game_id").fetchall()
         assert rows == [("a", None), ("b", 0.75)]
         assert conn.execute("SELECT v FROM game_y").fetchone() == (b"\x00\xff",)
-        assert conn.execute("SELECT id, game_id FROM game_x").fetchone() == (1, "a")
+        # No key from a peer (it could refuse later batches): the source's row id is not kept.
+        assert conn.execute("SELECT id, game_id FROM game_x").fetchone() == (None, "a")
+        assert [r[5] for r in conn.execute("PRAGMA table_info(game_x)")] == [0, 0]
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(game_y)")}
-        assert "idx_game_y_game_id" in indexes
+        assert "ringsync:game_y:game_id" in indexes
 
 
 @pytest.mark.parametrize("key", ["../x", "a/b", "..", "/etc"])

@@ -1,0 +1,89 @@
+"""Issue 7 A1/A3: a merge's cost follows the batch, not the DB; the WAL stays bounded."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from ringsync.selfplay_sim import SelfplayWriter
+from ringsync.store.gamedb import GameMerger, GameSource
+from tests.unit.test_gamedb import one_batch
+
+# Tables a batch brings (bounded by the batch) and the receiver's own scratch tables.
+_BATCH_SIDE = ("incoming.", "temp.")
+_BATCH_ALIASES = {"b"}  # temp.batch_ids AS b
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[SelfplayWriter]:
+    with SelfplayWriter(tmp_path / "sp.db", moves_per_game=12, seed=3, extra_tables=True) as w:
+        yield w
+
+
+@pytest.fixture
+def source(tmp_path: Path, writer: SelfplayWriter) -> Iterator[GameSource]:
+    src = GameSource(tmp_path / "sp.db")
+    yield src
+    src.close()
+
+
+@pytest.fixture
+def merger(tmp_path: Path) -> Iterator[GameMerger]:
+    m = GameMerger(tmp_path / "synced")
+    yield m
+    m.close()
+
+
+def plan_problems(conn: sqlite3.Connection, sql: str) -> list[str]:
+    """Plan lines of ``sql`` that walk a table or index of the merged DB itself."""
+    temp_indexes = {r[0] for r in conn.execute("SELECT name FROM temp.sqlite_master WHERE type='index'")}
+    bad = []
+    for *_, detail in conn.execute("EXPLAIN QUERY PLAN " + sql, _dummy_params(sql)):
+        words = str(detail).split()
+        if words[0] == "SCAN" and not (words[1].startswith(_BATCH_SIDE) or words[1] in _BATCH_ALIASES):
+            bad.append(detail)
+        if "IN-OPERATOR" in words and words[2] not in temp_indexes:
+            bad.append(detail)
+    return bad
+
+
+def _dummy_params(sql: str) -> tuple[str, ...]:
+    return ("x",) * sql.count("?")
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no-stats", "after-ANALYZE"])
+def test_every_merge_statement_is_keyed_on_the_merged_db(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        analyzed: bool) -> None:
+    """No statement of a merge scans main.games or walks one of its indexes as an IN list."""
+    ids = [writer.write_game() for _ in range(6)]
+    source.scan()
+    merger.merge(one_batch(source, ids[:3]))
+    (target,) = merger._dbs.values()
+    if analyzed:  # RingRift or an operator may have run ANALYZE: plans must not flip
+        target.conn.execute("ANALYZE main")
+    statements: list[str] = []
+    target.conn.set_trace_callback(statements.append)
+    try:
+        merger.merge(one_batch(source, ids))  # 3 held (late-row path), 3 new
+    finally:
+        target.conn.set_trace_callback(None)
+    dml = [s for s in statements if s.split()[0].upper() in {"INSERT", "DELETE", "SELECT", "UPDATE"}
+           and "main." in s and "sqlite_master" not in s]
+    split = next(s for s in dml if "present_ids" in s and 'main."games"' in s)
+    with target.lock, closing(sqlite3.connect(":memory:")):
+        target.conn.execute("ATTACH ':memory:' AS incoming")
+        try:
+            for table in one_batch(source, ids).tables:
+                cols = ", ".join(f'"{c.name}"' for c in table.columns)
+                target.conn.execute(f'CREATE TABLE incoming."{table.name}" ({cols})')
+            problems = {s: plan_problems(target.conn, s) for s in dml}
+        finally:
+            target.conn.execute("DETACH incoming")
+    assert not {s: p for s, p in problems.items() if p}
+    plan = [r[3] for r in target.conn.execute("EXPLAIN QUERY PLAN " + split)]
+    assert any(p.startswith("SEARCH g USING COVERING INDEX sqlite_autoindex_games_1") for p in plan), plan

@@ -26,7 +26,7 @@ class GameReceiver:
 
     def __init__(self, synced_dir: Path, *, refuse_reason: str | None = None,
                  manifest: DataManifest | None = None, metrics: Metrics | None = None) -> None:
-        self._merger = GameMerger(synced_dir)
+        self._merger = GameMerger(synced_dir, metrics=metrics)
         self._refuse_reason = refuse_reason
         self._manifest = manifest
         self._metrics = metrics

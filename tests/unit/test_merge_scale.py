@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ringsync.ops.metrics import Metrics
 from ringsync.selfplay_sim import SelfplayWriter
-from ringsync.store.gamedb import GameMerger, GameSource
+from ringsync.store import gamemerge
+from ringsync.store.gamedb import GameMerger, GameSource, game_ids
 from tests.unit.test_gamedb import one_batch
 
 # Tables a batch brings (bounded by the batch) and the receiver's own scratch tables.
@@ -87,3 +90,54 @@ def test_every_merge_statement_is_keyed_on_the_merged_db(
     assert not {s: p for s, p in problems.items() if p}
     plan = [r[3] for r in target.conn.execute("EXPLAIN QUERY PLAN " + split)]
     assert any(p.startswith("SEARCH g USING COVERING INDEX sqlite_autoindex_games_1") for p in plan), plan
+
+
+def test_wal_stays_bounded_while_a_reader_comes_and_goes(
+        writer: SelfplayWriter, source: GameSource, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader's open snapshot stops checkpoints (counted, alarmed once); once it ends, the
+    next merges empty the WAL again; the reader sees its snapshot whole throughout."""
+    limit = 4 * gamemerge.TARGET_PAGE_SIZE
+    monkeypatch.setattr(gamemerge, "CHECKPOINT_WAL_BYTES", limit)
+    monkeypatch.setattr(gamemerge, "WAL_ALARM_BYTES", 40 * gamemerge.TARGET_PAGE_SIZE)
+    monkeypatch.setattr(gamemerge, "CHECKPOINT_RETRY_S", 0.0)
+    metrics = Metrics()
+    merger = GameMerger(tmp_path / "synced", metrics=metrics)
+    target = tmp_path / "synced" / "hex8_2p.db"
+    blocked = "ringsync_checkpoints_blocked_total"
+    try:
+        first = [writer.write_game() for _ in range(5)]
+        source.scan()
+        merger.merge(one_batch(source, first))
+        with closing(sqlite3.connect(target, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            snapshot = reader.execute("SELECT game_id, total_moves FROM games ORDER BY game_id").fetchall()
+            moves = reader.execute("SELECT count(*) FROM game_moves").fetchone()[0]
+            peak = 0
+            for _ in range(12):  # the reader stays in its transaction throughout
+                ids = [writer.write_game() for _ in range(4)]
+                source.scan()
+                merger.merge(one_batch(source, ids))
+                peak = max(peak, os.stat(f"{target}-wal").st_size)
+                assert reader.execute("SELECT game_id, total_moves FROM games "
+                                      "ORDER BY game_id").fetchall() == snapshot
+                assert reader.execute("SELECT count(*) FROM game_moves").fetchone()[0] == moves
+            assert peak > gamemerge.WAL_ALARM_BYTES  # pinned by the reader
+            assert (metrics.registry.get_sample_value(blocked) or 0) >= 1
+            assert metrics.registry.get_sample_value("ringsync_merged_wal_bytes") == peak
+            reader.execute("COMMIT")
+        for _ in range(2):  # readers gone: the next merges checkpoint and empty the WAL
+            ids = [writer.write_game() for _ in range(4)]
+            source.scan()
+            merger.merge(one_batch(source, ids))
+        assert os.stat(f"{target}-wal").st_size < limit
+        assert (metrics.registry.get_sample_value("ringsync_merged_wal_bytes") or 0) < limit
+        assert len(game_ids(target)) == 5 + 12 * 4 + 2 * 4
+        with closing(sqlite3.connect(target)) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        merger.close()
+    alarms = [r.getMessage() for r in caplog.records if "alarm" in r.getMessage()]
+    assert len(alarms) == 2, alarms  # once when it passed the alarm, once when back under
+    assert "keeps checkpoints from finishing" in alarms[0]
+    assert "back to" in alarms[1]

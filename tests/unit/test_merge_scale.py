@@ -141,3 +141,18 @@ def test_wal_stays_bounded_while_a_reader_comes_and_goes(
     assert len(alarms) == 2, alarms  # once when it passed the alarm, once when back under
     assert "keeps checkpoints from finishing" in alarms[0]
     assert "back to" in alarms[1]
+
+
+def test_a_failed_checkpoint_does_not_fail_the_durable_merge(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(self: gamemerge._TargetDB, **_: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint_if_due", broken)
+    ids = [writer.write_game() for _ in range(2)]
+    source.scan()
+    result = merger.merge(one_batch(source, ids))
+    assert result.inserted == 2
+    assert game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
+    assert any("checkpoint failed" in r.getMessage() for r in caplog.records)

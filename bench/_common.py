@@ -136,12 +136,14 @@ def fmt(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def write_bytes(pid: int) -> int:
-    """Bytes a process has caused to be written to storage so far (/proc/PID/io write_bytes)."""
+def io_counter(pid: int, key: str) -> int:
+    """A counter of /proc/PID/io: ``write_bytes`` = page-cache bytes the process dirtied (what
+    storage will be sent; on kernels with large page-cache folios a small random write is
+    charged a whole folio), ``wchar`` = bytes it passed to write calls (files and sockets)."""
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise KeyError(f"write_bytes not in /proc/{pid}/io")
+    raise KeyError(f"{key} not in /proc/{pid}/io")
 
 
 def parse_counts(text: str) -> list[int]:

@@ -66,9 +66,6 @@ CHECKPOINT_WAL_BYTES = 32 * 1024 * 1024
 CHECKPOINT_RETRY_S = 1.0
 # A merged DB's WAL above this is logged once (and once when it is back under it).
 WAL_ALARM_BYTES = 1024 ** 3
-# Page cache of each merged DB's write connection, in KiB: the interior pages of a 1M-game
-# DB's indexes and the hot leaves stay in memory instead of being re-read every merge.
-TARGET_CACHE_KIB = 16 * 1024
 # Rows the target refuses (duplicate keys, too big, a trigger's RAISE): the batch is bad input.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
 # The trigger of a fresh RingRift DB that refuses short completed games (the RingRift facts, §2).
@@ -145,7 +142,8 @@ class _TargetDB:
         # 0: when the WAL restarts, its file is cut to what the restarting commit wrote, so
         # the file's size is what the WAL holds (checkpoint_if_due reads it with stat).
         self.conn.execute("PRAGMA journal_size_limit=0")
-        self.conn.execute(f"PRAGMA cache_size=-{TARGET_CACHE_KIB}")
+        # cache_size stays SQLite's 2 MiB: at 100k games held, 2/16/64 MiB took 15.2/16.1/16.3
+        # CPU-s per 10k games merged but peaked at 159/186/258 MB RSS (docs/benchmarks.md).
         # Off (SQLite's default, said explicitly): child rows go in before their games row,
         # which is what satisfies enforce_moves_on_insert; RingRift's own connections turn
         # foreign keys on, and the games row is in place before this transaction commits.

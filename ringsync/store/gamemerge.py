@@ -495,6 +495,21 @@ def _rowid_alias(table: TableSchema) -> Column | None:
     return None
 
 
+def _remove_db_files(db: Path) -> None:
+    """Unlink a DB no connection has open, with its sidecars (unlinking opens nothing)."""
+    for name in (db, *(Path(f"{db}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        name.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the directory is opened, never a DB file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class GameMerger:
     """Merges batches into ``synced_dir/<config_key>.db``, one transaction per batch.
 
@@ -513,6 +528,7 @@ class GameMerger:
         self._metrics = metrics
         self._wal_sizes: dict[str, int] = {}  # by config key, open DBs only (under _lock)
         self._alarmed: set[str] = set()  # config keys whose WAL is above WAL_ALARM_BYTES
+        self._creating = threading.Lock()  # one new target DB at a time
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows.
@@ -525,6 +541,10 @@ class GameMerger:
         _verify_image(batch)  # first: a bad batch creates nothing, not even the target DB
         path = self._safe_path(key)
         with _sqlite_errors(path):
+            if not path.exists():
+                created = self._merge_creating(path, batch)
+                if created is not None:
+                    return created
             while True:
                 target = self._target(key, path)
                 with target.lock:
@@ -534,6 +554,35 @@ class GameMerger:
                     checkpoint = self._checkpoint(key, target)
                 self._watch_wal(key, target, checkpoint)
                 return result
+
+    def _merge_creating(self, path: Path, batch: GameBatch) -> MergeResult | None:
+        """Create ``path`` by merging its first batch under a hidden name, then renaming it.
+
+        Nobody ever sees the DB without its tables (a trainer would read "no such table",
+        a RingRift reader would take a DB without schema_metadata for v1 and migrate it),
+        and a first batch that fails leaves no file behind. None if another merge created
+        it meanwhile. Durable before it returns: checkpointed into the file (fsynced), the
+        rename fsynced in the directory.
+        """
+        with self._creating:
+            if path.exists():
+                return None
+            tmp = path.with_name(f".{path.name}.creating")  # not *.db: no scan or status sees it
+            _remove_db_files(tmp)  # a leftover of a crash mid-creation; never renamed, never read
+            target = _TargetDB(tmp)
+            try:
+                with target.lock:
+                    result = target.merge(batch)
+                    target.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+                    target.close()  # the last connection: the WAL and -shm go away
+                os.rename(tmp, path)
+            except BaseException:
+                if not target.closed:
+                    target.close()
+                _remove_db_files(tmp)
+                raise
+            _fsync_dir(path.parent)
+            return result
 
     def _checkpoint(self, key: str, target: _TargetDB) -> CheckpointResult | None:
         """A due checkpoint after a committed merge; its failure never fails the merge."""

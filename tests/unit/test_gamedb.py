@@ -395,7 +395,8 @@ def test_merged_batch_is_durable_when_merge_returns(
     """The commit itself fsyncs the WAL (synchronous=FULL); no checkpoint is needed for the ack."""
     ids = [writer.write_game() for _ in range(3)]
     source.scan()
-    merger.merge(one_batch(source, ids))
+    merger.merge(one_batch(source, ids[:1]))  # the first creates the DB (checkpointed, renamed)
+    merger.merge(one_batch(source, ids[1:]))
     (target,) = merger._dbs.values()
     assert target.conn.execute("PRAGMA main.synchronous").fetchone()[0] == 2  # FULL
     assert target.wal_bytes() > 0  # in the WAL, not yet checkpointed: CHECKPOINT_WAL_BYTES

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from ringsync.errors import BadInputError
 from ringsync.ops.metrics import Metrics
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store import gamemerge
 from ringsync.store.gamedb import GameMerger, GameSource, game_ids
-from tests.unit.test_gamedb import one_batch
+from tests.unit.test_gamedb import one_batch, tampered
 
 # Tables a batch brings (bounded by the batch) and the receiver's own scratch tables.
 _BATCH_SIDE = ("incoming.", "temp.")
@@ -39,6 +42,11 @@ def merger(tmp_path: Path) -> Iterator[GameMerger]:
     m = GameMerger(tmp_path / "synced")
     yield m
     m.close()
+
+
+def opened(merger: GameMerger, key: str = "hex8_2p") -> gamemerge._TargetDB:
+    """The merger's open connection to ``key``'s DB (a first merge creates it and closes)."""
+    return merger._target(key, merger._safe_path(key))
 
 
 def plan_problems(conn: sqlite3.Connection, sql: str) -> list[str]:
@@ -66,7 +74,7 @@ def test_every_merge_statement_is_keyed_on_the_merged_db(
     ids = [writer.write_game() for _ in range(6)]
     source.scan()
     merger.merge(one_batch(source, ids[:3]))
-    (target,) = merger._dbs.values()
+    target = opened(merger)
     if analyzed:  # RingRift or an operator may have run ANALYZE: plans must not flip
         target.conn.execute("ANALYZE main")
     statements: list[str] = []
@@ -152,10 +160,47 @@ def test_a_failed_checkpoint_does_not_fail_the_durable_merge(
     def broken(self: gamemerge._TargetDB, **_: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint_if_due", broken)
-    ids = [writer.write_game() for _ in range(2)]
+    ids = [writer.write_game() for _ in range(3)]
     source.scan()
-    result = merger.merge(one_batch(source, ids))
+    merger.merge(one_batch(source, ids[:1]))  # creates the DB
+    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint_if_due", broken)
+    result = merger.merge(one_batch(source, ids[1:]))
     assert result.inserted == 2
     assert game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
     assert any("checkpoint failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_new_db_appears_whole_and_a_failed_first_batch_leaves_nothing(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path) -> None:
+    """A reader polling the directory never finds the merged DB without its tables."""
+    ids = [writer.write_game() for _ in range(40)]
+    source.scan()
+    target = tmp_path / "synced" / "hex8_2p.db"
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            if target.exists():
+                try:
+                    with closing(sqlite3.connect(f"file:{target}?mode=ro", uri=True)) as conn:
+                        conn.execute("SELECT count(*) FROM games").fetchone()
+                        conn.execute("SELECT value FROM schema_metadata").fetchone()
+                except sqlite3.Error as exc:
+                    problems.append(str(exc))
+            time.sleep(0.0005)
+
+    with pytest.raises(BadInputError):  # passes verification, fails in the merge
+        merger.merge(tampered(one_batch(source, ids[:1]),
+                              "INSERT INTO game_players SELECT * FROM game_players WHERE rowid=1"))
+    assert sorted(p.name for p in target.parent.iterdir()) == []
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        merger.merge(one_batch(source, ids))
+    finally:
+        stop.set()
+        reader.join(10)
+    assert problems == []
+    assert len(game_ids(target)) == 40
+    assert sorted(p.name for p in target.parent.iterdir() if "creating" in p.name) == []

@@ -17,6 +17,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from ringsync.localcluster import Cluster
+from ringsync.store import ringrift_schema
+from ringsync.store.gamemerge import TARGET_PAGE_SIZE
 
 # One local ext4 root mount: AutoSyncDaemon must not take the data dir for shared storage.
 LOCAL_MOUNTINFO = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
@@ -132,3 +134,120 @@ def run_bounded(cmd: Sequence[str], timeout: float) -> float:
 
 def fmt(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
+
+
+def io_counter(pid: int, key: str) -> int:
+    """A counter of /proc/PID/io: ``write_bytes`` = page-cache bytes the process dirtied (what
+    storage will be sent; on kernels with large page-cache folios a small random write is
+    charged a whole folio), ``wchar`` = bytes it passed to write calls (files and sockets)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{key} not in /proc/{pid}/io")
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"0,1000000"`` -> [0, 1000000]: the sizes of a run's cases, in order."""
+    try:
+        counts = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated game counts like 0,1000000, got {text!r}") from None
+    if not counts or any(n < 0 for n in counts):
+        raise SystemExit(f"expected comma-separated game counts >= 0, got {text!r}")
+    return counts
+
+
+def prefill_receiver(db: Path, template_db: Path, games: int) -> float:
+    """Give the receiver a merged DB already holding ``games`` games, as a long-running node has.
+
+    The DB is created as the receiver creates one (16 KiB pages, WAL, RingRift's v18 schema
+    with its indexes and triggers); then the first game of ``template_db`` is copied
+    ``games`` times under fresh random ids with ``INSERT ... SELECT`` (child rows before the
+    games rows, as the on-insert trigger requires). Random ids, as RingRift's uuid4s: the
+    indexes are as full (and split as often) as a real node's. Returns the seconds taken.
+    """
+    started = time.perf_counter()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute(f"PRAGMA page_size={TARGET_PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA cache_size=-262144")
+        conn.execute("BEGIN")
+        ringrift_schema.create_schema(conn)
+        conn.execute("COMMIT")
+        conn.execute("ATTACH DATABASE ? AS tpl", (f"file:{template_db}?mode=ro",))
+        template = conn.execute("SELECT game_id FROM tpl.games ORDER BY rowid LIMIT 1").fetchone()[0]
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM main.sqlite_master WHERE type='table' AND name <> 'games' "
+            "AND name NOT LIKE 'sqlite_%'")]
+        tables = [t for t in tables
+                  if any(c[1] == "game_id" for c in conn.execute(f"PRAGMA main.table_info({t})"))]
+        for start in range(0, games, PREFILL_CHUNK):
+            n = min(PREFILL_CHUNK, games - start)
+            conn.execute("BEGIN")
+            conn.execute("CREATE TEMP TABLE ids AS WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL "
+                         "SELECT i + 1 FROM k WHERE i < ?) SELECT lower(hex(randomblob(16))) AS id "
+                         "FROM k", (n,))
+            for table in [*tables, "games"]:  # the games rows last: enforce_moves_on_insert
+                info = conn.execute(f"PRAGMA main.table_info({table})").fetchall()
+                pks = [c for c in info if c[5]]
+                alias = pks[0][1] if len(pks) == 1 and pks[0][2].upper() == "INTEGER" else None
+                cols = [c[1] for c in info if c[1] != alias]  # SQLite numbers a rowid alias
+                picks = ", ".join("ids.id" if c == "game_id" else f"t.{c}" for c in cols)
+                conn.execute(f"INSERT INTO main.{table} ({', '.join(cols)}) SELECT {picks} "
+                             f"FROM temp.ids CROSS JOIN tpl.{table} AS t WHERE t.game_id = ?",
+                             (template,))
+            conn.execute("DROP TABLE temp.ids")
+            conn.execute("COMMIT")
+        conn.execute("DETACH DATABASE tpl")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return time.perf_counter() - started
+
+
+PREFILL_CHUNK = 10_000
+
+
+def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | None) -> str:
+    """Put a merged DB holding ``games`` copies of the template's first game at ``merged``.
+
+    With ``cache``, the DB is built once as ``cache/prefill-<games>.db`` and copied from
+    there on later runs (a 1M-game DB of 80-move games is ~30 GB and takes long to build).
+    Returns a one-line description for the output.
+    """
+    if cache is None:
+        seconds = prefill_receiver(merged, template_db, games)
+        evict_from_page_cache(merged)
+        return f"built in {fmt(seconds)} s, {fmt(merged.stat().st_size / MB)} MB"
+    cached = cache / f"prefill-{games}.db"
+    built = ""
+    if not cached.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(".partial")
+        for leftover in cache.glob(partial.name + "*"):
+            leftover.unlink()
+        seconds = prefill_receiver(partial, template_db, games)
+        partial.rename(cached)  # whole or absent: an interrupted build is not reused
+        built = f"built in {fmt(seconds)} s, "
+    started = time.perf_counter()
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, merged)
+    evict_from_page_cache(merged)
+    return (f"{built}copied from {cached} in {fmt(time.perf_counter() - started)} s, "
+            f"{fmt(merged.stat().st_size / MB)} MB")
+
+
+def evict_from_page_cache(db: Path) -> None:
+    """Flush ``db`` and drop its pages from the page cache (before any node opens it).
+
+    A fresh copy sits in the page cache as large folios, and on such kernels a checkpoint's
+    random 16 KiB page write is then charged (and written back) as a whole folio: 3.3x the
+    bytes SQLite wrote, measured. A long-running node's 30 GB DB is mostly not cached, and
+    what is was read page by page; so the copy starts cold, as that node's would.
+    """
+    fd = os.open(db, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -215,6 +215,19 @@ class Metrics:
             registry=r,
         )
 
+        # Issue 7 A3: merged DBs' WALs (one series each: config keys come from peers).
+        self.merged_wal_bytes = Gauge(
+            "ringsync_merged_wal_bytes",
+            "Largest WAL file among the merged DBs open here, after the last merge into it.",
+            registry=r,
+        )
+        self.checkpoints_blocked = Counter(
+            "ringsync_checkpoints_blocked_total",
+            "Checkpoints of a merged DB that a reader's open transaction stopped part-way "
+            "(the WAL keeps growing until readers allow one).",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

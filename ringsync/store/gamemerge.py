@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from ringsync.errors import BadInputError, UnsafePathError
 from ringsync.ops.logsafe import quoted
+from ringsync.ops.metrics import Metrics
 from ringsync.protocol.batch import (
     Column,
     GameBatch,
@@ -55,20 +58,43 @@ class MergeResult:
 
 MAX_OPEN_TARGETS = 32
 TARGET_PAGE_SIZE = 16384
-# A checkpointed WAL is cut back to this size (SQLite otherwise keeps its largest size).
-WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# A checkpoint runs once the WAL holds this much, not after every merge: a page that many
+# merges dirty (an index leaf, the tail of a table) is copied into the DB once per
+# checkpoint instead of once per merge. Merges stay durable without it (synchronous=FULL).
+CHECKPOINT_WAL_BYTES = 32 * 1024 * 1024
+# A checkpoint a reader's snapshot stopped is tried again after this long (or once the
+# WAL has grown by another CHECKPOINT_WAL_BYTES), not on every merge.
+CHECKPOINT_RETRY_S = 1.0
+# A merged DB's WAL above this is logged once (and once when it is back under it).
+WAL_ALARM_BYTES = 1024 ** 3
 # Rows the target refuses (duplicate keys, too big, a trigger's RAISE): the batch is bad input.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.DataError)
 # The trigger of a fresh RingRift DB that refuses short completed games (the RingRift facts, §2).
 _INSERT_TRIGGER = "enforce_moves_on_insert"
 _COMPLETED_STATUSES = "('completed', 'finished')"  # exactly the trigger's test
 _MOVES = "game_moves"
+# The batch's ids drive the loop; each is looked up in the games primary key (an EXISTS,
+# not "IN (SELECT game_id FROM main.games)", which SQLite runs by walking the whole games
+# index as the IN list). A test checks the plan: SEARCH main.games, never SCAN.
+_SPLIT_PRESENT = (f"INSERT INTO temp.present_ids SELECT b.game_id FROM temp.batch_ids AS b "
+                  f"WHERE EXISTS (SELECT 1 FROM main.{_q(GAMES)} AS g "
+                  f"WHERE g.{_q(GAME_ID)} = b.game_id)")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointResult:
+    """One checkpoint of a merged DB: ``done`` unless a reader's snapshot stopped it."""
+
+    done: bool
+    frames: int  # WAL frames when it ran
+    copied: int  # of those, now in the DB file
+    wal_bytes: int  # the WAL file's size after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +118,15 @@ class _TargetDB:
     RingRift or migrated by it while we were away, is written by column name whatever
     its column order; the cache is dropped whenever SQLite's schema cookie moves.
 
-    Only the row work of a merge holds the write lock. ``make_durable()`` runs after the
-    lock is released, while the next batch merges: a checkpoint on a connection of its own
-    (SQLite fsyncs the WAL before copying it), so an acknowledged batch survives a power cut.
-    Nothing here opens the DB's files outside SQLite: closing any descriptor of a file drops
-    every POSIX lock this process holds on it, its SQLite connections' included.
+    Durability: every commit fsyncs the WAL (synchronous=FULL), so a merge that returned
+    survives a power cut. Checkpoints are decoupled from acks: ``checkpoint_if_due()`` copies
+    the WAL into the DB once it holds CHECKPOINT_WAL_BYTES, as a TRUNCATE checkpoint that
+    never waits (busy timeout 0): with no reader in the WAL it empties the WAL file; a
+    reader's open snapshot stops it part-way (counted), and it is tried again shortly, so
+    the WAL grows only while a reader pins it and shrinks as soon as readers allow.
+    Nothing here opens the DB's files outside SQLite (the WAL's size comes from stat):
+    closing any descriptor of a file drops every POSIX lock this process holds on it,
+    its SQLite connections' included.
     """
 
     def __init__(self, path: Path) -> None:
@@ -107,10 +137,14 @@ class _TargetDB:
         # bytes, 16 KiB pages cut merge CPU by about a fifth (docs/benchmarks.md).
         self.conn.execute(f"PRAGMA page_size={TARGET_PAGE_SIZE}")
         self.conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit does not fsync under the lock; make_durable() does it after.
-        self.conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit fsyncs the WAL, so the ack needs no checkpoint (checkpoint_if_due).
+        self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
-        self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # 0: when the WAL restarts, its file is cut to what the restarting commit wrote, so
+        # the file's size is what the WAL holds (checkpoint_if_due reads it with stat).
+        self.conn.execute("PRAGMA journal_size_limit=0")
+        # cache_size stays SQLite's 2 MiB: at 100k games held, 2/16/64 MiB took 15.2/16.1/16.3
+        # CPU-s per 10k games merged but peaked at 159/186/258 MB RSS (docs/benchmarks.md).
         # Off (SQLite's default, said explicitly): child rows go in before their games row,
         # which is what satisfies enforce_moves_on_insert; RingRift's own connections turn
         # foreign keys on, and the games row is in place before this transaction commits.
@@ -124,9 +158,9 @@ class _TargetDB:
         self._cookie = -1  # PRAGMA schema_version the cache was read at
         self._refuses_short = False
         self._warned_refused = False
-        self.commits = 0  # merges committed on this connection; make_durable() takes one
-        self._durable = 0  # every commit up to this one is on disk
-        self._checkpoint_lock = threading.Lock()
+        self.wal_path = Path(f"{path}-wal")
+        self._retry_at = 0.0  # monotonic time before which a stopped checkpoint is not retried
+        self._retry_bytes = CHECKPOINT_WAL_BYTES  # ... unless the WAL has grown past this
         self.closed = False
 
     def merge(self, batch: GameBatch) -> MergeResult:
@@ -153,7 +187,6 @@ class _TargetDB:
                     f"batch {batch.config_key} from {batch.source_node} rejected, nothing merged: "
                     f"{type(exc).__name__}: {exc}") from exc
             raise
-        self.commits += 1
         if result.refused:
             self._report_refused(batch, result.refused)
         return result
@@ -282,10 +315,14 @@ class _TargetDB:
         return MergeResult(new, present, refused, updated)
 
     def _split_present(self) -> int:
-        """Move the games this DB already holds from temp.batch_ids to temp.present_ids."""
+        """Move the games this DB already holds from temp.batch_ids to temp.present_ids.
+
+        One keyed lookup per batch id in the games primary key (_SPLIT_PRESENT): the cost
+        follows the batch, not the DB (``IN (SELECT game_id FROM main.games)`` walked the
+        whole index, 135 ms per batch at 1M games held).
+        """
         self.conn.execute("DELETE FROM temp.present_ids")
-        cur = self.conn.execute(f"INSERT INTO temp.present_ids SELECT game_id FROM temp.batch_ids "
-                                f"WHERE game_id IN (SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)})")
+        cur = self.conn.execute(_SPLIT_PRESENT)
         if cur.rowcount:
             self.conn.execute("DELETE FROM temp.batch_ids WHERE game_id IN "
                               "(SELECT game_id FROM temp.present_ids)")
@@ -353,40 +390,45 @@ class _TargetDB:
             self.path, ringrift_schema.MIN_MOVES_REQUIRED, _INSERT_TRIGGER, len(refused),
             quoted(batch.source_node), quoted(refused[0]))
 
-    # -- durability
+    # -- the WAL
 
-    def make_durable(self, commit: int) -> None:
-        """Return once commit number ``commit`` (and every earlier one) is on disk.
+    def wal_bytes(self) -> int:
+        """Size of the DB's WAL file (0 if there is none), by stat: no descriptor opened."""
+        try:
+            return os.stat(self.wal_path).st_size
+        except FileNotFoundError:
+            return 0
 
-        A PASSIVE checkpoint on a connection of its own: it never waits for the writer or
-        for a reader, and SQLite fsyncs the WAL before copying frames and the DB file
-        after. When a reader's snapshot keeps frames from being copied, a one-page commit
-        with synchronous=FULL fsyncs the WAL instead. One at a time; a caller whose commit
-        an earlier checkpoint already covered returns at once.
+    def checkpoint_if_due(self, *, now: float | None = None) -> CheckpointResult | None:
+        """Checkpoint if the WAL holds CHECKPOINT_WAL_BYTES; the caller holds ``lock``.
+
+        TRUNCATE with busy timeout 0: it never waits for a reader, and copies what no
+        reader's snapshot still needs. With every frame copied and no reader in the WAL it
+        empties the WAL file; otherwise it is retried after CHECKPOINT_RETRY_S or once the
+        WAL has grown by another CHECKPOINT_WAL_BYTES. None when no checkpoint was due.
         """
-        with self._checkpoint_lock:
-            if self._durable >= commit:
-                return
-            upto = self.commits  # commits so far are all in the WAL this checkpoint reads
-            with closing(_connect(self.path)) as conn:
-                conn.execute("PRAGMA synchronous=FULL")
-                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if busy or copied < frames:  # another checkpointer, or a reader's old snapshot
-                    self._sync_by_commit(conn)
-            self._durable = max(self._durable, upto)
-
-    @staticmethod
-    def _sync_by_commit(conn: sqlite3.Connection) -> None:
-        """Commit a rewrite of page 1 (user_version set to itself): FULL fsyncs the WAL."""
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            conn.execute(f"PRAGMA user_version={version}")
+        size = self.wal_bytes()
+        now = time.monotonic() if now is None else now
+        if size < CHECKPOINT_WAL_BYTES or (now < self._retry_at and size < self._retry_bytes):
+            return None
+        self.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            busy, frames, copied = self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.conn.execute("PRAGMA busy_timeout=30000")
+        done = not busy
+        if done:
+            self._retry_at, self._retry_bytes = 0.0, CHECKPOINT_WAL_BYTES
+        else:
+            self._retry_at = now + CHECKPOINT_RETRY_S
+            self._retry_bytes = size + CHECKPOINT_WAL_BYTES
+        return CheckpointResult(done=done, frames=max(frames, 0), copied=max(copied, 0),
+                                wal_bytes=self.wal_bytes())
 
     def close(self) -> None:
-        """Close the connection once no checkpoint runs (the caller holds ``lock``)."""
+        """Close the connection (the caller holds ``lock``)."""
         self.closed = True
-        with self._checkpoint_lock:
-            self.conn.close()  # the last connection to a DB checkpoints it and removes the WAL
+        self.conn.close()  # the last connection to a DB checkpoints it and removes the WAL
 
 
 def _batch_columns_of(table: TableSchema) -> dict[str, Column]:
@@ -526,39 +568,126 @@ def _rowid_alias(table: TableSchema) -> Column | None:
     return None
 
 
+def _remove_db_files(db: Path) -> None:
+    """Unlink a DB no connection has open, with its sidecars (unlinking opens nothing)."""
+    for name in (db, *(Path(f"{db}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        name.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the directory is opened, never a DB file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class GameMerger:
     """Merges batches into ``synced_dir/<config_key>.db``, one transaction per batch.
 
     Thread-safe; merges into the same DB are serialised, different DBs run in parallel.
-    The checkpoint after a merge runs outside the DB's write lock, overlapping the next merge.
+    With ``metrics``, the largest WAL among the open DBs is a gauge and checkpoints a
+    reader stopped are counted; a WAL above WAL_ALARM_BYTES is logged once, and once
+    more when it is back under.
     """
 
-    def __init__(self, synced_dir: Path, *, max_open: int = MAX_OPEN_TARGETS) -> None:
+    def __init__(self, synced_dir: Path, *, max_open: int = MAX_OPEN_TARGETS,
+                 metrics: Metrics | None = None) -> None:
         self.synced_dir = Path(synced_dir)
         self._lock = threading.Lock()
         self._dbs: OrderedDict[str, _TargetDB] = OrderedDict()
         self._max_open = max_open
+        self._metrics = metrics
+        self._wal_sizes: dict[str, int] = {}  # by config key, open DBs only (under _lock)
+        self._alarmed: set[str] = set()  # config keys whose WAL is above WAL_ALARM_BYTES
+        self._creating = threading.Lock()  # one new target DB at a time
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows.
 
         For games already present, child rows the DB lacks are added by key (rows a
         source adds to a finished game later); the games row itself is left alone.
-        Returns once the merge is durable.
+        Returns once the merge is durable (its commit fsynced the WAL).
         """
         key = validate_config_key(batch.config_key)
         _verify_image(batch)  # first: a bad batch creates nothing, not even the target DB
         path = self._safe_path(key)
         with _sqlite_errors(path):
+            if not path.exists():
+                created = self._merge_creating(path, batch)
+                if created is not None:
+                    return created
             while True:
                 target = self._target(key, path)
                 with target.lock:
                     if target.closed:  # evicted between lookup and lock: reopen
                         continue
                     result = target.merge(batch)
-                    commit = target.commits
-                target.make_durable(commit)  # before the peer is told: an ack means on disk
+                    checkpoint = self._checkpoint(key, target)
+                self._watch_wal(key, target, checkpoint)
                 return result
+
+    def _merge_creating(self, path: Path, batch: GameBatch) -> MergeResult | None:
+        """Create ``path`` by merging its first batch under a hidden name, then renaming it.
+
+        Nobody ever sees the DB without its tables (a trainer would read "no such table",
+        a RingRift reader would take a DB without schema_metadata for v1 and migrate it),
+        and a first batch that fails leaves no file behind. None if another merge created
+        it meanwhile. Durable before it returns: checkpointed into the file (fsynced), the
+        rename fsynced in the directory.
+        """
+        with self._creating:
+            if path.exists():
+                return None
+            tmp = path.with_name(f".{path.name}.creating")  # not *.db: no scan or status sees it
+            _remove_db_files(tmp)  # a leftover of a crash mid-creation; never renamed, never read
+            target = _TargetDB(tmp)
+            try:
+                with target.lock:
+                    result = target.merge(batch)
+                    target.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+                    target.close()  # the last connection: the WAL and -shm go away
+                os.rename(tmp, path)
+            except BaseException:
+                if not target.closed:
+                    target.close()
+                _remove_db_files(tmp)
+                raise
+            _fsync_dir(path.parent)
+            return result
+
+    def _checkpoint(self, key: str, target: _TargetDB) -> CheckpointResult | None:
+        """A due checkpoint after a committed merge; its failure never fails the merge."""
+        try:
+            return target.checkpoint_if_due()
+        except sqlite3.Error as exc:  # the batch is committed and durable all the same
+            log.warning("%s: checkpoint failed (%s: %s); the WAL keeps growing until one succeeds",
+                        target.path, type(exc).__name__, exc)
+            return None
+
+    def _watch_wal(self, key: str, target: _TargetDB, checkpoint: CheckpointResult | None) -> None:
+        size = checkpoint.wal_bytes if checkpoint is not None else target.wal_bytes()
+        if checkpoint is not None and not checkpoint.done and self._metrics is not None:
+            self._metrics.checkpoints_blocked.inc()
+        with self._lock:
+            if key in self._dbs:
+                self._wal_sizes[key] = size
+            self._report_wal(key, target.path, size)
+
+    def _report_wal(self, key: str, path: Path, size: int) -> None:
+        """Gauge the largest WAL; log a crossing of WAL_ALARM_BYTES (caller holds _lock)."""
+        if size >= WAL_ALARM_BYTES and key not in self._alarmed:
+            self._alarmed.add(key)
+            log.warning("%s: WAL is %d MiB (alarm at %d MiB): a reader's open transaction keeps "
+                        "checkpoints from finishing; it shrinks once readers allow",
+                        path, size >> 20, WAL_ALARM_BYTES >> 20)
+        elif size < WAL_ALARM_BYTES and key in self._alarmed:
+            self._alarmed.discard(key)
+            log.warning("%s: WAL back to %d MiB (under the %d MiB alarm)",
+                        path, size >> 20, WAL_ALARM_BYTES >> 20)
+        if self._metrics is not None:
+            self._metrics.merged_wal_bytes.set(max(self._wal_sizes.values(), default=0))
 
     def _target(self, key: str, path: Path) -> _TargetDB:
         with self._lock:
@@ -584,6 +713,7 @@ class GameMerger:
                 finally:
                     db.lock.release()
                 del self._dbs[key]
+                self._wal_sizes.pop(key, None)
 
     def _safe_path(self, key: str) -> Path:
         root = self.synced_dir.resolve()

@@ -37,7 +37,7 @@ class GameReceiver:
     def __init__(self, synced_dir: Path, *, refuse_reason: str | None = None,
                  manifest: DataManifest | None = None, metrics: Metrics | None = None,
                  max_configs: int = DEFAULT_MAX_CONFIGS, ledger: Path | None = None) -> None:
-        self._merger = GameMerger(synced_dir)
+        self._merger = GameMerger(synced_dir, metrics=metrics)
         self._configs = ReceivedConfigs(synced_dir, max_configs=max_configs, ledger=ledger,
                                         metrics=metrics)
         self._refuse_reason = refuse_reason

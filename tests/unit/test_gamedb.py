@@ -8,7 +8,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -391,103 +390,19 @@ def test_merged_schema_keeps_primary_keys(
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def file_game_ids(db: Path) -> set[str]:
-    """The games in the DB file itself, ignoring its WAL: what a checkpoint has copied."""
-    with closing(sqlite3.connect(f"{db.resolve().as_uri()}?immutable=1", uri=True)) as conn:
-        return {r[0] for r in conn.execute("SELECT game_id FROM games")}
-
-
-def test_merged_batch_is_checkpointed_before_merge_returns(
+def test_merged_batch_is_durable_when_merge_returns(
         writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path) -> None:
+    """The commit itself fsyncs the WAL (synchronous=FULL); no checkpoint is needed for the ack."""
     ids = [writer.write_game() for _ in range(3)]
     source.scan()
-    merger.merge(one_batch(source, ids))
-    target = tmp_path / "synced" / "hex8_2p.db"
-    # In the DB file itself: the checkpoint (which fsyncs the WAL first) ran before the ack.
-    assert file_game_ids(target) == set(ids)
-    with closing(sqlite3.connect(target)) as conn:
+    merger.merge(one_batch(source, ids[:1]))  # the first creates the DB (checkpointed, renamed)
+    merger.merge(one_batch(source, ids[1:]))
+    (target,) = merger._dbs.values()
+    assert target.conn.execute("PRAGMA main.synchronous").fetchone()[0] == 2  # FULL
+    assert target.wal_bytes() > 0  # in the WAL, not yet checkpointed: CHECKPOINT_WAL_BYTES
+    assert game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
+    with closing(sqlite3.connect(tmp_path / "synced" / "hex8_2p.db")) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == gamemerge.TARGET_PAGE_SIZE
-
-
-def test_merge_behind_a_reader_snapshot_is_synced_by_a_commit(
-        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reader's old snapshot stops the checkpoint; a FULL-synced commit makes it durable."""
-    first, second = writer.write_game(), writer.write_game()
-    source.scan()
-    merger.merge(one_batch(source, [first]))
-    target = tmp_path / "synced" / "hex8_2p.db"
-    synced: list[int] = []
-    real = gamemerge._TargetDB._sync_by_commit
-    monkeypatch.setattr(gamemerge._TargetDB, "_sync_by_commit",
-                        staticmethod(lambda conn: (synced.append(1), real(conn))))
-    with closing(sqlite3.connect(target, isolation_level=None)) as reader:
-        reader.execute("BEGIN")
-        assert reader.execute("SELECT count(*) FROM games").fetchone()[0] == 1
-        merger.merge(one_batch(source, [second]))
-        assert synced == [1]
-        assert file_game_ids(target) == {first}  # not copied yet: the reader still reads it
-        reader.execute("COMMIT")
-    assert game_ids(target) == {first, second}
-    with closing(sqlite3.connect(target)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
-
-
-def test_merge_committed_during_a_checkpoint_waits_for_its_own(
-        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A merge that commits while a checkpoint runs is not acknowledged on that one."""
-    ids = [writer.write_game() for _ in range(2)]
-    source.scan()
-    merger.merge(one_batch(source, ids[:1]))
-    (db,) = merger._dbs.values()
-    checkpointed, release = threading.Event(), threading.Event()
-    real_connect = gamemerge._connect
-    order: list[str] = []
-
-    class _PausesAfterCheckpoint:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
-
-        def execute(self, sql: str) -> sqlite3.Cursor:
-            cur = self.conn.execute(sql)
-            if "wal_checkpoint" in sql:
-                rows = cur.fetchall()
-                checkpointed.set()
-                release.wait(10)
-                return self.conn.execute("SELECT ?, ?, ?", rows[0])
-            return cur
-
-        def close(self) -> None:
-            self.conn.close()
-
-    def connect(path: Path) -> Any:
-        conn = real_connect(path)
-        paused = threading.current_thread().name == "first" and not checkpointed.is_set()
-        return _PausesAfterCheckpoint(conn) if paused else conn
-
-    monkeypatch.setattr(gamemerge, "_connect", connect)
-    db.commits += 1  # as if a merge had committed before this checkpoint
-    first = threading.Thread(target=db.make_durable, args=(db.commits,), name="first")
-    first.start()
-    assert checkpointed.wait(10)
-
-    def second_merge() -> None:
-        merger.merge(one_batch(source, ids[1:]))
-        order.append("merged")
-
-    second = threading.Thread(target=second_merge)
-    second.start()
-    deadline = time.monotonic() + 10
-    while db.commits < 3 and time.monotonic() < deadline:  # the second merge has committed
-        time.sleep(0.01)
-    time.sleep(0.2)  # it would have returned by now if it did not wait
-    order.append("released")
-    release.set()
-    first.join(10)
-    second.join(10)
-    assert order == ["released", "merged"]
-    assert file_game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
 
 
 def tampered(batch: GameBatch, *statements: str) -> GameBatch:

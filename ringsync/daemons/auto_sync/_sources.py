@@ -274,8 +274,7 @@ class LocalSources:
     def _save_state(self, key: str, source: GameSource) -> None:
         """Durable only after the scan's games were queued (a crash before re-finds them):
         a restart reads neither the file's history again nor misses later rows."""
-        # With the file's inode: a file that replaces it starts afresh, not from its rowids.
-        saved = {"inode": self._inodes[key], "scan": source.state().to_json()}
+        saved = saved_scan(self._inodes[key], source.state())
         if saved != self._saved_states.get(key):
             self._ctx.manifest.save_scan_cursor(key, saved)
             self._saved_states[key] = saved
@@ -374,6 +373,12 @@ class LocalSources:
 
 
 _INODE = ""  # saved beside the child cursors; no table has an empty name
+
+
+def saved_scan(inode: int, state: ScanState) -> dict[str, object]:
+    """What the manifest keeps per source: the scan state, with the file's inode (a file
+    that replaces it under the same name starts afresh, not from the old file's rowids)."""
+    return {"inode": inode, "scan": state.to_json()}
 
 
 def _inode(path: Path) -> int:

@@ -103,6 +103,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_ACTIVE_GAME_TIMEOUT", "21600", "Seconds a game may stay unfinished in a "
            "local selfplay DB before it is no longer re-checked (a killed writer's placeholder; "
            "> 0); a game finishing later is not shipped"),
+    EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
+           "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
+           "being read"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -133,6 +136,7 @@ class Settings:
     game_sources: tuple[str, ...] = DEFAULT_INCLUDE
     game_sources_exclude: tuple[str, ...] = ()
     active_game_timeout: float = 21600.0
+    scan_chunk_rows: int = 10_000
 
     @property
     def state_root(self) -> Path:
@@ -220,6 +224,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         game_sources_exclude=parse_patterns("RINGRIFT_GAME_SOURCES_EXCLUDE",
                                             env.get("RINGRIFT_GAME_SOURCES_EXCLUDE"), ()),
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
+        scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
     )
 
 

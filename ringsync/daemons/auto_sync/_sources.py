@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 # Shipped games checked for deletion at the source per forced scan: a few tenths of a ms
 # (500 cost 4 ms of the idle cycle's 10 ms budget); 100 a minute cover 144,000 games a day.
 DELETED_CHECK_SLICE = 100
-# New games rows read per source and cycle: a first scan of a large backlog ships its first
-# chunk (≈ 0.5 s of reading) while the rest waits for the next cycles, and the games found
-# at once stay bounded in memory.
-SCAN_CHUNK_ROWS = 10_000
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
 Source = GameSource | JsonlSource
@@ -108,7 +104,10 @@ class LocalSources:
         self._errors: dict[str, str] = {}  # source key -> why its last read failed
         self._saved_states: dict[str, dict[str, object]] = {}
         self._more: set[str] = set()  # sources whose scan stopped at its chunk
-        self.scan_chunk_rows = SCAN_CHUNK_ROWS
+        # New games rows read per source and cycle: a first scan of a large backlog ships
+        # its first chunk (10,000 rows: ≈ 0.5 s) while the rest waits for the next cycles,
+        # and the games found at once stay bounded in memory.
+        self.scan_chunk_rows = ctx.settings.scan_chunk_rows
         self._dirty: set[str] = set()  # sources inotify saw change since the last scan
         self._patterns = ctx.settings.source_patterns  # compiled once, not on every rescan
         self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after

@@ -335,3 +335,26 @@ async def test_batches_are_cut_to_the_byte_budget(
         assert batches > 300 / 64  # more than the count limit alone would make
         assert sent / batches < 2 * 64 * 1024
         await daemon.close()
+
+
+async def test_fresh_games_go_before_a_backlog_in_one_budget_of_rows(
+        node_factory: Callable[..., NodeContext], tmp_path: Path,
+        receivers: dict[str, GameReceiver]) -> None:
+    transport = MemoryTransport()
+    transport.receivers.update(receivers)
+    ctx = node_factory("selfplay-1", scan_chunk_rows=15)
+    backlog, _ = write_games(ctx.settings.games_dir / "big.db", 40)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    await daemon.sync_once("startup")
+    assert sample(ctx, "ringsync_source_rows_scanned_total") == 15
+    fresh, _ = write_games(ctx.settings.games_dir / "new.db", 2, seed=5)
+    await daemon.sync_once("backlog")
+    got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
+    assert set(fresh) <= got  # not after the 25 rows left of the backlog
+    assert sample(ctx, "ringsync_source_rows_scanned_total") == 15 + 2 + 15  # a turn reads >= 15
+    assert sample(ctx, "ringsync_source_scan_backlog") == 1
+    while await daemon._backlog_waiting():
+        await daemon.sync_once("backlog")
+    got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
+    assert got == set(backlog) | set(fresh)
+    await daemon.close()

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Shipped games checked for deletion at the source per forced scan: a few tenths of a ms
 # (500 cost 4 ms of the idle cycle's 10 ms budget); 100 a minute cover 144,000 games a day.
 DELETED_CHECK_SLICE = 100
+MIN_CHUNK_ROWS = 500  # a source due for a scan reads at least this many rows when it gets a turn
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
 Source = GameSource | JsonlSource
@@ -173,9 +174,20 @@ class LocalSources:
         names = [h.name for h in self._ctx.router.game_targets()]
         dirty, self._dirty = self._dirty, set()  # events from now on mark sources again
         more, self._more = self._more, set()
-        for key, source in list(self._open.items()):
-            if force or key in dirty or key in more or source.changed():
-                await self._scan(key, source, names, force=force)
+        due = [key for key, source in self._open.items()
+               if force or key in dirty or key in more or source.changed()]
+        # Fresh changes first, backlogs after: all share one budget of rows per cycle, so
+        # a first start with many large sources still delivers after one chunk's reading.
+        budget = self.scan_chunk_rows
+        for key in sorted(due, key=lambda k: k in more):
+            source = self._open.get(key)
+            if source is None:
+                continue
+            if budget <= 0:
+                self._more.add(key)  # read next cycle
+                continue
+            budget -= await self._scan(key, source, names, force=force,
+                                       max_rows=max(budget, min(MIN_CHUNK_ROWS, self.scan_chunk_rows)))
         self._ctx.metrics.source_scan_backlog.set(len(self._more))
 
     def _open_saved(self, file: SourceFile, inode: int) -> Source:
@@ -218,19 +230,21 @@ class LocalSources:
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: Source, targets: list[str], *, force: bool) -> None:
+    async def _scan(self, key: str, source: Source, targets: list[str], *, force: bool,
+                    max_rows: int) -> int:
+        """Scan one source and queue what it found; returns the games rows it read."""
         reconnects = source.reconnects if isinstance(source, GameSource) else 0
         rescanned = source.rows_below_cursor if isinstance(source, GameSource) else 0
         try:
             if isinstance(source, GameSource):
-                scan = await asyncio.to_thread(source.scan_all, self.scan_chunk_rows)
+                scan = await asyncio.to_thread(source.scan_all, max_rows)
                 if force:
                     await self._check_deleted(key, source)
             else:
                 scan = Scan(await asyncio.to_thread(source.scan), [], 0)
         except _READ_ERRORS as exc:
             await self._failed(key, source, exc)
-            return
+            return 0
         self._recovered(key)
         m = self._ctx.metrics
         if isinstance(source, GameSource):
@@ -242,8 +256,9 @@ class LocalSources:
         await asyncio.to_thread(self._record, key, scan, targets)
         if isinstance(source, GameSource):
             await asyncio.to_thread(self._save_state, key, source)
-        else:
-            self._jsonl_scanned(source)
+            return source.last_scan_rows
+        self._jsonl_scanned(source)
+        return 0
 
     def _record(self, key: str, scan: Scan, targets: list[str]) -> None:
         """Queue the scan's new games for every target, and its changed games again."""

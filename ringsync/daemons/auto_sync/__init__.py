@@ -266,7 +266,7 @@ class AutoSyncDaemon(Daemon):
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
             raise TransportError(target.name, f"acknowledged {settled} of {len(game_ids)} games")
         if refused:
-            await asyncio.to_thread(self._refused, target.name, sorted(refused))
+            await self._refused(target.name, sorted(refused))
         await asyncio.to_thread(self._ctx.manifest.ack, target.name,
                                 [g for g in game_ids if g not in refused])
         self._acked_in_cycle += 1
@@ -277,9 +277,9 @@ class AutoSyncDaemon(Daemon):
         m.games_shipped.labels(peer=target.name).inc(result.inserted)
         m.games_already_present.labels(peer=target.name).inc(result.duplicates)
 
-    def _refused(self, peer: str, game_ids: list[str]) -> None:
+    async def _refused(self, peer: str, game_ids: list[str]) -> None:
         """Games the target's RingRift triggers refuse: settled, so the outbox moves on."""
-        self._ctx.manifest.ack(peer, game_ids, note="refused")
+        await asyncio.to_thread(self._ctx.manifest.ack, peer, game_ids, note="refused")
         self._ctx.metrics.games_refused_by_peer.labels(peer=peer).inc(len(game_ids))
         if peer not in self._refused_warned:
             self._refused_warned.add(peer)

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moves", type=int, default=20, help="moves per game")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sscale"), help="where the DB is kept")
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound for the whole sync (s)")
+    parser.add_argument("--scan-chunk-rows", type=int, default=None,
+                        help="the sender's RINGRIFT_SCAN_CHUNK_ROWS (default: its own default)")
     args = parser.parse_args(argv)
 
     db = cached_source_db(args.cache, args.backlog, args.moves)
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                           [(SENDER, "gpu_selfplay"), *((t, "gpu_training_primary") for t in TARGETS)],
                           sync_interval=5.0)
         sender = cluster.nodes[SENDER]
+        if args.scan_chunk_rows is not None:
+            sender.extra_env["RINGRIFT_SCAN_CHUNK_ROWS"] = str(args.scan_chunk_rows)
         (sender.data_dir / "games").mkdir(parents=True)
         shutil.copyfile(db, sender.data_dir / "games" / "hex8_2p.db")
         synced = {t: cluster.nodes[t].data_dir / "games" / "synced" / t for t in TARGETS}

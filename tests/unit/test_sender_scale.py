@@ -164,18 +164,17 @@ async def test_a_restarted_sender_scans_no_rows_below_its_saved_cursor(
     transport = MemoryTransport()
     transport.receivers.update(receivers)
     if True:
-        ctx = node_factory("selfplay-1")
+        ctx = node_factory("selfplay-1", scan_chunk_rows=10)
         db = ctx.settings.games_dir / "sp.db"
         done, _ = write_games(db, 40)
-        daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-        daemon._sources.scan_chunk_rows = 15  # a "large" first scan: three chunks
+        daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)  # a "large" first scan
         cycles = 0
         while True:
             await daemon.sync_once("startup" if cycles == 0 else "backlog")
             cycles += 1
             if not await daemon._backlog_waiting():
                 break
-        assert cycles == 3
+        assert cycles == 3  # chunks of 10, 20 (doubled), then the 10 rows left
         assert sample(ctx, "ringsync_source_rows_scanned_total") == 40
         await daemon.close()
         ctx.close()
@@ -353,15 +352,15 @@ async def test_fresh_games_go_before_a_backlog_in_one_budget_of_rows(
     transport = MemoryTransport()
     transport.receivers.update(receivers)
     ctx = node_factory("selfplay-1", scan_chunk_rows=15)
-    backlog, _ = write_games(ctx.settings.games_dir / "big.db", 40)
+    backlog, _ = write_games(ctx.settings.games_dir / "big.db", 80)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
     await daemon.sync_once("startup")
     assert sample(ctx, "ringsync_source_rows_scanned_total") == 15
     fresh, _ = write_games(ctx.settings.games_dir / "new.db", 2, seed=5)
     await daemon.sync_once("backlog")
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
-    assert set(fresh) <= got  # not after the 25 rows left of the backlog
-    assert sample(ctx, "ringsync_source_rows_scanned_total") == 15 + 2 + 15  # a turn reads >= 15
+    assert set(fresh) <= got  # not after the 65 rows left of the backlog
+    assert sample(ctx, "ringsync_source_rows_scanned_total") == 15 + 2 + 28  # the budget doubled
     assert sample(ctx, "ringsync_source_scan_backlog") == 1
     while await daemon._backlog_waiting():
         await daemon.sync_once("backlog")

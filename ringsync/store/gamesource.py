@@ -340,7 +340,7 @@ class GameSource:
         back_to = cur.tail[-1][0] if cur.tail else 0
         if back_to < cur.max_rowid:
             self.rows_below_cursor += int(conn.execute(
-                f"SELECT count(*) FROM src.{_q(GAMES)} WHERE rowid > ? AND rowid <= ?",
+                f"SELECT count(*) FROM src.{_q(GAMES)} NOT INDEXED WHERE rowid > ? AND rowid <= ?",
                 (back_to, cur.max_rowid)).fetchone()[0])
             cur.max_rowid = back_to
             for rowid in [r for r in cur.pending if r > back_to]:
@@ -394,6 +394,8 @@ class GameSource:
 
         One rowid cursor per child table: the first scan starts at the end (rows present
         then ship with their games), so the cost is proportional to the rows added.
+        NOT INDEXED: for DISTINCT, SQLite otherwise walks the whole game_id index (1.4 s at
+        5M move rows, on every scan that found a new game) instead of the rowid range.
         """
         cur = self._cursor
         first = cur.children is None
@@ -406,7 +408,8 @@ class GameSource:
             since = cursors.get(name, 0 if not first else top)
             if top > since:
                 touched.update(str(r[0]) for r in conn.execute(
-                    f"SELECT DISTINCT {_q(GAME_ID)} FROM src.{_q(name)} WHERE rowid > ?", (since,))
+                    f"SELECT DISTINCT {_q(GAME_ID)} FROM src.{_q(name)} NOT INDEXED WHERE rowid > ?",
+                    (since,))
                     if isinstance(r[0], str))
             cursors[name] = top
         cur.children = cursors

@@ -367,3 +367,26 @@ async def test_fresh_games_go_before_a_backlog_in_one_budget_of_rows(
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
     assert got == set(backlog) | set(fresh)
     await daemon.close()
+
+
+def test_a_scan_after_new_rows_costs_the_new_rows_not_the_history(tmp_path: Path) -> None:
+    """The late-rows check must walk the child tables' new rowids, not their game_id index."""
+    db = tmp_path / "sp.db"
+    write_games(db, 1500, pattern="long-lived")
+    source = GameSource(db)
+    try:
+        source.scan_all()
+        write_games(db, 1, seed=3)
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        with source._connection() as conn:
+            conn.set_progress_handler(count, 1000)
+        scan = source.scan_all()
+        assert len(scan.completed) == 1
+        assert steps[0] < 20  # 0 here; walking the history's move index instead: ~125
+    finally:
+        source.close()

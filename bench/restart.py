@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": round(ours["cpu_s"], 2), "hwm_mb": round(ours["hwm_mb"], 1),
         "resumed_s": round(ours["resumed_s"], 2), "ready_s": round(ours["ready_s"], 2),
         "ready_cpu_s": round(ours["ready_cpu_s"], 2),
-        "ref_cpu_s": round(ref.get("cpu_s", float("nan")), 2),
-        "ref_hwm_mb": round(ref.get("hwm_mb", float("nan")), 1),
-        "ref_resumed_s": round(ref.get("resumed_s", float("nan")), 2),
+        "ref_cpu_s": round(ref["cpu_s"], 2) if ref else None,
+        "ref_hwm_mb": round(ref["hwm_mb"], 1) if ref else None,
+        "ref_resumed_s": round(ref["resumed_s"], 2) if ref else None,
         "manifest_bytes_per_game": round(per_game, 1),
         "target_cpu_s": TARGET_CPU_S, "target_mb": TARGET_MB, "target_met": met,
     })

@@ -126,6 +126,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_MAX_CONFIGS", "256", "Most config DBs (board type and player count, e.g. "
            "hex8_2p) this node merges received games into; a batch for one more is refused "
            "(1-100000)"),
+    EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
+           "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
+           "being read"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -164,6 +167,7 @@ class Settings:
     max_upload_bytes_in_flight: int | None = None  # None: 4 times max_batch_bytes
     max_merges_in_flight: int = 2
     max_configs: int = 256
+    scan_chunk_rows: int = 10_000
 
     @property
     def state_root(self) -> Path:
@@ -260,6 +264,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
         **_http_limits(env),
         max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
+        scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
     )
 
 

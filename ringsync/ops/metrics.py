@@ -227,6 +227,23 @@ class Metrics:
             "(the WAL keeps growing until readers allow one).",
             registry=r,
         )
+        # -- sender scale (issue 7: A4, A7)
+        self.source_rows_scanned = Counter(
+            "ringsync_source_rows_scanned_total",
+            "Rows of local games tables read by scans (new and in-progress rows only).",
+            registry=r,
+        )
+        self.source_rows_rescanned = Counter(
+            "ringsync_source_rows_rescanned_total",
+            "Rows read again below a scan cursor because SQLite handed out their rowids again "
+            "(the newest games were deleted and others inserted).",
+            registry=r,
+        )
+        self.source_scan_backlog = Gauge(
+            "ringsync_source_scan_backlog",
+            "Local sources whose scan stopped at its row chunk and continues next cycle.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

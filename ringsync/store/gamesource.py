@@ -64,15 +64,62 @@ class _Pending:
 
     game_id: str
     since: float
+    wall: float = 0.0  # the same moment on the wall clock (saved across restarts)
+
+
+# Rows remembered at the top of the scanned range, to find rowids SQLite handed out again.
+TAIL_ROWS = 16
 
 
 @dataclass(slots=True)
 class _Cursor:
-    """Where the last scan stopped: highest rowid seen per table, and the games in progress."""
+    """Where the last scan stopped: highest rowid seen per table, and the games in progress.
+
+    ``tail``: (rowid, game_id) of the last rows read, highest last. Without AUTOINCREMENT,
+    SQLite gives a new row max(rowid) + 1, so a new row can only take a rowid at or below
+    the cursor once every row from there up was deleted (aborted games at the top). While
+    the row at the cursor is still the game we read there, nothing new is below it; when it
+    is not, the scan goes back to the highest tail row still in place (to the start when
+    none is: one full rescan, which the manifest de-duplicates). Rows deleted in the middle
+    never give their rowids again (AUTOINCREMENT tables never reuse any).
+    """
 
     max_rowid: int = 0
     pending: dict[int, _Pending] = field(default_factory=dict)
     children: dict[str, int] | None = None  # per child table; None until the first scan
+    tail: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanState:
+    """A GameSource's cursor as plain data, to save (JSON) and resume from after a restart.
+
+    Save it only after the games its scans found are durably queued: a crash in between
+    then re-finds them (the manifest ignores known games) instead of losing them.
+    """
+
+    max_rowid: int
+    pending: tuple[tuple[int, str, float], ...]  # (rowid, game_id, wall-clock first seen)
+    children: dict[str, int] | None
+    tail: tuple[tuple[int, str], ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"rowid": self.max_rowid, "pending": [list(p) for p in self.pending],
+                "children": self.children, "tail": [list(t) for t in self.tail]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> ScanState | None:
+        """The state saved by ``to_json``, or None when it is not one (scan from the start)."""
+        try:
+            rowid, children = data["rowid"], data.get("children")
+            pending = tuple((int(r), str(g), float(t)) for r, g, t in data["pending"])  # type: ignore[attr-defined]
+            tail = tuple((int(r), str(g)) for r, g in data["tail"])  # type: ignore[attr-defined]
+            if not isinstance(rowid, int) or not (children is None or isinstance(children, dict)):
+                return None
+            kids = None if children is None else {str(k): int(v) for k, v in children.items()}
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(rowid, pending, kids, tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +135,7 @@ class Scan:
     completed: list[SourceGame]
     changed: list[SourceGame]
     given_up: int = 0
+    more: bool = False  # the scan stopped at its row limit: call again for the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,20 +163,28 @@ class GameSource:
 
     def __init__(self, path: Path, *, active_timeout: float = ACTIVE_GAME_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic,
-                 child_cursors: dict[str, int] | None = None) -> None:
-        """``child_cursors``: the per-table cursors a previous process saved (see
-        ``child_cursors``), so rows added to finished games while it was down are found."""
+                 child_cursors: dict[str, int] | None = None,
+                 resume: ScanState | None = None) -> None:
+        """``resume``: the state a previous process saved (see ``state``), so a restart
+        neither reads the file's history again nor misses rows added while it was down.
+        ``child_cursors``: only the per-table cursors of such a state (older manifests)."""
         self.path = Path(path)
         self.last_scan_rows = 0  # rows examined by the last scan (cost accounting)
+        self.rows_below_cursor = 0  # rows read again below a cursor (rowids reused; counted)
         self.active_timeout = active_timeout
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        if resume is not None:
+            child_cursors = resume.children
         self._cursor = _Cursor(children=dict(child_cursors) if child_cursors is not None else None)
-        # Resumed from saved cursors, the first scan finds every game again as "new": games
-        # among them that gained rows since the save must still be reported as changed.
-        self._resumed = child_cursors is not None
+        if resume is not None:
+            self._resume(resume)
+        # Resumed from child cursors alone, the first scan finds every game again as "new":
+        # games among them that gained rows since the save must still be reported as changed.
+        self._resumed = child_cursors is not None and resume is None
         self._stamp: tuple[object, ...] | None = None
+        self._data_version: int | None = None
         self._layout: tuple[int, _Layout] | None = None
         self._wal_ino: int | None = None
         self.reconnects = 0  # stale views healed by reopening (see _lost_locks)
@@ -139,10 +195,47 @@ class GameSource:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+                self._data_version = None  # a version is only comparable on one connection
+
+    def _resume(self, state: ScanState) -> None:
+        cur, now, wall = self._cursor, self._clock(), time.time()
+        cur.max_rowid = state.max_rowid
+        cur.tail = list(state.tail)
+        cur.pending = {r: _Pending(g, now - max(0.0, wall - t), t) for r, g, t in state.pending}
+
+    def state(self) -> ScanState:
+        """The cursor as plain data (see ScanState); pass it as ``resume`` after a restart."""
+        with self._lock:
+            cur = self._cursor
+            return ScanState(cur.max_rowid,
+                             tuple((r, p.game_id, p.wall) for r, p in cur.pending.items()),
+                             None if cur.children is None else dict(cur.children), tuple(cur.tail))
 
     def changed(self) -> bool:
-        """True when the DB or its WAL changed since the last scan (a few stat calls)."""
-        return self._stat() != self._stamp
+        """True when another connection committed to the DB since the last scan.
+
+        ``PRAGMA data_version`` on our own connection is exact (it changes on every commit
+        of any other connection, whatever the files' stat says); the stat of the DB and its
+        WAL is checked as well, for a file replaced under the same name. While a scan or an
+        extract holds the connection, the answer is "changed" (scan and see).
+        """
+        if self._stat() != self._stamp:
+            return True
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            if self._conn is None or self._data_version is None:
+                return False  # closed (after a failure): its versions are gone; stat decides
+            try:
+                return self._read_data_version(self._conn) != self._data_version
+            except sqlite3.Error:
+                return True
+        finally:
+            self._lock.release()
+
+    @staticmethod
+    def _read_data_version(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA src.data_version").fetchone()[0])
 
     def _stat(self) -> tuple[object, ...]:
         return tuple(stat_key(self.path.with_name(self.path.name + s)) for s in ("", "-wal"))
@@ -178,6 +271,7 @@ class GameSource:
                   "dropped by an open()/close() of the file in this process); reopening", self.path)
         self._conn.close()
         self._conn = None
+        self._data_version = None
 
     def _schema(self, conn: sqlite3.Connection) -> _Layout:
         version = int(conn.execute("PRAGMA src.schema_version").fetchone()[0])
@@ -189,40 +283,68 @@ class GameSource:
         """Games completed since the previous scan, each reported once per GameSource."""
         return self.scan_all().completed
 
-    def scan_all(self) -> Scan:
-        """Completed games, and finished games that gained rows, since the previous scan."""
+    def scan_all(self, max_rows: int | None = None) -> Scan:
+        """Completed games, and finished games that gained rows, since the previous scan.
+
+        ``max_rows`` bounds the new games rows read by this call (a large first scan is
+        then shipped chunk by chunk); ``Scan.more`` says rows were left for the next call.
+        """
         with self._connection() as conn:
             stamp = self._stat()  # before reading: a commit during the scan triggers another
+            version = self._read_data_version(conn)
             with _transaction(conn):
                 layout = self._schema(conn)
                 self.last_scan_rows = 0
                 if not layout.games:
+                    self._stamp, self._data_version = stamp, version
                     return Scan([], [])
                 select = _scan_select(layout)
                 # Re-check first: rows added by this scan need no second look.
-                found = self._recheck(conn, select) + self._scan_new(conn, select)
+                found = self._recheck(conn, select)
+                new, more = self._scan_new(conn, select, max_rows)
+                found += new
                 given_up = self._give_up()
                 changed = self._changed_games(conn, layout, select, {g.game_id for g in found})
-        self._stamp = stamp
-        return Scan(found, changed, given_up)
+        self._stamp, self._data_version = stamp, version
+        return Scan(found, changed, given_up, more)
 
-    def _scan_new(self, conn: sqlite3.Connection, select: str) -> list[SourceGame]:
+    def _scan_new(self, conn: sqlite3.Connection, select: str,
+                  max_rows: int | None) -> tuple[list[SourceGame], bool]:
         cur = self._cursor
-        # Deleting the newest rows (an aborted game) lets SQLite hand their rowids to the
-        # next inserts: go back so those are not below the cursor, unseen. Rows read again
-        # are reported again; the manifest ignores games it knows.
-        top = conn.execute(f"SELECT max(rowid) FROM src.{_q(GAMES)}").fetchone()[0] or 0
-        cur.max_rowid = min(cur.max_rowid, top)
-        rows = conn.execute(f"{select} WHERE rowid > ? ORDER BY rowid", (cur.max_rowid,))
+        self._step_back(conn)
+        limit = -1 if max_rows is None else max(1, max_rows)
+        rows = conn.execute(f"{select} WHERE rowid > ? ORDER BY rowid LIMIT ?", (cur.max_rowid, limit))
         found, examined = [], 0
         for rowid, gid, status, board, players, moves in rows:
             examined += 1
             cur.max_rowid = rowid
+            cur.tail.append((rowid, str(gid)))
             game = self._classify(rowid, gid, status, board, players, moves)
             if game is not None:
                 found.append(game)
+        del cur.tail[:-TAIL_ROWS]
         self.last_scan_rows += examined
-        return found
+        return found, examined == limit
+
+    def _step_back(self, conn: sqlite3.Connection) -> None:
+        """Go back below rowids SQLite may have handed out again (see _Cursor); rows read
+        again are reported again, and the manifest ignores games it knows."""
+        cur = self._cursor
+        if not cur.tail or cur.tail[-1][0] != cur.max_rowid:
+            return  # nothing read yet (or an old saved state): nothing to check
+        marks = _marks(len(cur.tail))
+        now = dict(conn.execute(f"SELECT rowid, {_q(GAME_ID)} FROM src.{_q(GAMES)} "
+                                f"WHERE rowid IN ({marks})", [r for r, _ in cur.tail]).fetchall())
+        while cur.tail and str(now.get(cur.tail[-1][0])) != cur.tail[-1][1]:
+            cur.tail.pop()
+        back_to = cur.tail[-1][0] if cur.tail else 0
+        if back_to < cur.max_rowid:
+            self.rows_below_cursor += int(conn.execute(
+                f"SELECT count(*) FROM src.{_q(GAMES)} NOT INDEXED WHERE rowid > ? AND rowid <= ?",
+                (back_to, cur.max_rowid)).fetchone()[0])
+            cur.max_rowid = back_to
+            for rowid in [r for r in cur.pending if r > back_to]:
+                del cur.pending[rowid]  # read again below, with the row there now
 
     def _recheck(self, conn: sqlite3.Connection, select: str) -> list[SourceGame]:
         """Re-read only the rows that were in progress before this scan."""
@@ -255,7 +377,7 @@ class GameSource:
         if state in _ABANDONED or truncated or not isinstance(gid, str):
             pending.pop(rowid, None)
         elif rowid not in pending:
-            pending[rowid] = _Pending(gid, self._clock())
+            pending[rowid] = _Pending(gid, self._clock(), time.time())
         return None
 
     def _give_up(self) -> int:
@@ -272,6 +394,8 @@ class GameSource:
 
         One rowid cursor per child table: the first scan starts at the end (rows present
         then ship with their games), so the cost is proportional to the rows added.
+        NOT INDEXED: for DISTINCT, SQLite otherwise walks the whole game_id index (1.4 s at
+        5M move rows, on every scan that found a new game) instead of the rowid range.
         """
         cur = self._cursor
         first = cur.children is None
@@ -284,7 +408,8 @@ class GameSource:
             since = cursors.get(name, 0 if not first else top)
             if top > since:
                 touched.update(str(r[0]) for r in conn.execute(
-                    f"SELECT DISTINCT {_q(GAME_ID)} FROM src.{_q(name)} WHERE rowid > ?", (since,))
+                    f"SELECT DISTINCT {_q(GAME_ID)} FROM src.{_q(name)} NOT INDEXED WHERE rowid > ?",
+                    (since,))
                     if isinstance(r[0], str))
             cursors[name] = top
         cur.children = cursors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -9,38 +10,63 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ringsync.errors import CorruptDataError
 
 log = logging.getLogger(__name__)
 
+# One row per local game, whoever holds it: the targets holding a game are bits of ``held``
+# (target ids 0..62; later ids in ``overflow``), so a game delivered everywhere costs one
+# small row, not one row per target forever (304 -> ~70 bytes per game at 2 targets).
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS games (
+CREATE TABLE IF NOT EXISTS targets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    complete INTEGER NOT NULL DEFAULT 0  -- every known game is queued or held for it
+);
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    is_log INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS local_games (
     game_id TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
+    source_id INTEGER NOT NULL,
     config_key TEXT NOT NULL,
-    discovered_at REAL NOT NULL
+    held INTEGER NOT NULL DEFAULT 0,     -- bit t: target t holds it
+    shared INTEGER NOT NULL DEFAULT 0,   -- ... through shared storage (not a transfer)
+    refused INTEGER NOT NULL DEFAULT 0   -- ... refused it (its RingRift trigger)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    target TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS overflow (
+    target_id INTEGER NOT NULL,
     game_id TEXT NOT NULL,
-    PRIMARY KEY (target, game_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS deliveries (
-    target TEXT NOT NULL,
-    game_id TEXT NOT NULL,
-    delivered_at REAL NOT NULL,
     note TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (target, game_id)
+    PRIMARY KEY (target_id, game_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_by_game ON deliveries (game_id);
+CREATE TABLE IF NOT EXISTS queue (
+    target_id INTEGER NOT NULL,
+    game_id TEXT NOT NULL,
+    PRIMARY KEY (target_id, game_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS source_cursors (
     source TEXT NOT NULL,
     tbl TEXT NOT NULL,
     max_rowid INTEGER NOT NULL,
     PRIMARY KEY (source, tbl)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scan_cursors (
+    source TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+) WITHOUT ROWID;
 """
+BITS = 63  # target ids with a bit in held/shared/refused; later ones go to overflow
+
+
+def _holds(tid: str, game: str = "k") -> str:
+    """SQL: target id ``tid`` holds the local_games row ``game``."""
+    return (f"(CASE WHEN {tid} < {BITS} THEN ({game}.held >> {tid}) & 1 ELSE EXISTS "
+            f"(SELECT 1 FROM overflow o WHERE o.target_id = {tid} AND o.game_id = {game}.game_id) END)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +94,21 @@ class DataManifest:
     only when the target acknowledges the merge, in one transaction with the
     delivery record. A crash anywhere therefore re-sends at most one batch, which
     the receiver de-duplicates, and never skips a game.
+
+    Thread-safe: every call holds one lock, so async code runs them in worker threads
+    (a million-game manifest must not stall the event loop).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
         try:
             self._db = self._open(path)
         except sqlite3.DatabaseError as exc:
             self._db = self._quarantine_and_reopen(path, exc)
+        self._target_ids: dict[str, int] = {}
+        self._source_ids: dict[str, int] = {}
         # Games merged from peers, written by the receiver's worker threads: a connection
         # of its own, opened on first use.
         self._received_lock = threading.Lock()
@@ -84,16 +116,22 @@ class DataManifest:
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None)
+        # A clean close leaves no WAL behind: the full check (O(games), 0.25 s at a million)
+        # runs only after a crash, and a restart after a clean stop costs milliseconds.
+        crashed = _nonempty(Path(f"{path}-wal"))
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
+            if crashed:
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("quick_check failed")
+            else:
+                db.execute("PRAGMA schema_version").fetchone()  # garbage: 'not a database'
             db.executescript(_SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
-            if "note" not in columns:  # a manifest from before shared-storage notes
-                db.execute("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
+                with _Transaction(db):
+                    _migrate_v1(db)
         except BaseException:
             db.close()
             raise
@@ -122,33 +160,65 @@ class DataManifest:
             if self._received_db is not None:
                 self._received_db.close()
                 self._received_db = None
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    # -- ids (interned: a game row carries small integers, not names) ------------------------
+
+    def _target(self, name: str) -> int:
+        tid = self._target_ids.get(name)
+        if tid is None:
+            row = self._db.execute("SELECT id FROM targets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                nxt = self._db.execute("SELECT coalesce(max(id) + 1, 0) FROM targets").fetchone()[0]
+                self._db.execute("INSERT INTO targets (id, name) VALUES (?, ?)", (nxt, name))
+                row = (nxt,)
+            tid = self._target_ids[name] = int(row[0])
+        return tid
+
+    def _known_target(self, name: str) -> int | None:
+        if name in self._target_ids:
+            return self._target_ids[name]
+        row = self._db.execute("SELECT id FROM targets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _source(self, name: str) -> int:
+        sid = self._source_ids.get(name)
+        if sid is None:
+            self._db.execute("INSERT OR IGNORE INTO sources (name, is_log) VALUES (?, ?)",
+                             (name, int(is_log_source(name))))
+            sid = self._source_ids[name] = int(self._db.execute(
+                "SELECT id FROM sources WHERE name = ?", (name,)).fetchone()[0])
+        return sid
+
+    # -- local games ------------------------------------------------------------------------
 
     def record_discovered(self, games: Sequence[DiscoveredGame], targets: Iterable[str]) -> int:
         """Record completed games and queue each for every target; returns how many were new."""
-        now = time.time()
-        rows = [(g.game_id, g.source, g.config_key, now) for g in games]
-        ids = [(g.game_id,) for g in games]
-        with self._transaction():
+        with self._lock, self._transaction():
+            rows = [(g.game_id, self._source(g.source), g.config_key) for g in games]
+            tids = [self._target(t) for t in targets]
             before = self._db.total_changes
-            self._db.executemany("INSERT OR IGNORE INTO games VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR IGNORE INTO local_games (game_id, source_id, config_key) "
+                                 "VALUES (?, ?, ?)", rows)
             new = self._db.total_changes - before
             upgraded = self._from_log_to_db(games)
             # A game found again elsewhere (a rotated or renamed file) is read from there now,
             # but never from a JSONL line once a DB row has it: the row is the richer copy.
             self._db.executemany(
-                f"UPDATE games SET source = ?2, config_key = ?3 WHERE game_id = ?1 AND source <> ?2 "
-                f"AND NOT ({_is_log('?2')} AND NOT {_is_log('source')})",
-                [(g.game_id, g.source, g.config_key) for g in games],
+                "UPDATE local_games SET source_id = ?2, config_key = ?3 WHERE game_id = ?1 "
+                "AND source_id <> ?2 AND NOT (?4 AND NOT "
+                "(SELECT is_log FROM sources s WHERE s.id = local_games.source_id))",
+                [(gid, sid, key, int(is_log_source(g.source)))
+                 for (gid, sid, key), g in zip(rows, games, strict=True)],
             )
             # Targets that got only the line get the game again; they merge its other rows by key.
-            self._db.executemany("INSERT OR IGNORE INTO outbox SELECT target, game_id FROM deliveries "
-                                 "WHERE game_id = ?", [(gid,) for gid in upgraded])
-            for target in targets:
+            self._requeue(upgraded)
+            for tid in tids:
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO outbox SELECT ?1, ?2 WHERE NOT EXISTS "
-                    "(SELECT 1 FROM deliveries WHERE target = ?1 AND game_id = ?2)",
-                    [(target, gid) for (gid,) in ids],
+                    f"INSERT OR IGNORE INTO queue SELECT ?1, k.game_id FROM local_games k "
+                    f"WHERE k.game_id = ?2 AND NOT {_holds('?1')}",
+                    [(tid, gid) for gid, _, _ in rows],
                 )
         return new
 
@@ -159,22 +229,31 @@ class DataManifest:
         for i in range(0, len(in_db), 500):
             chunk = in_db[i:i + 500]
             found += [r[0] for r in self._db.execute(
-                f"SELECT game_id FROM games WHERE game_id IN ({','.join('?' * len(chunk))}) "
-                f"AND {_is_log('source')}", chunk)]
+                f"SELECT k.game_id FROM local_games k JOIN sources s ON s.id = k.source_id "
+                f"WHERE k.game_id IN ({','.join('?' * len(chunk))}) AND s.is_log", chunk)]
         return found
 
     def ensure_targets(self, targets: Iterable[str]) -> int:
-        """Queue every known game not yet delivered to each target (new targets, lost outbox)."""
+        """Queue every known game not yet delivered to each target (a new or returning target).
+
+        A target that already had everything queued costs nothing (restarts stay O(1));
+        targets no longer listed are marked, so the games found while they were gone are
+        queued for them when they come back.
+        """
+        names = list(dict.fromkeys(targets))
         added = 0
-        with self._transaction():
-            for target in targets:
+        with self._lock, self._transaction():
+            tids = [self._target(t) for t in names]
+            self._db.execute(f"UPDATE targets SET complete = 0 WHERE id NOT IN ({_marks(len(tids))})",
+                             tids)
+            for tid in tids:
+                if self._db.execute("SELECT complete FROM targets WHERE id = ?", (tid,)).fetchone()[0]:
+                    continue
                 before = self._db.total_changes
-                self._db.execute(
-                    "INSERT OR IGNORE INTO outbox SELECT ?1, g.game_id FROM games g WHERE NOT EXISTS "
-                    "(SELECT 1 FROM deliveries d WHERE d.target = ?1 AND d.game_id = g.game_id)",
-                    (target,),
-                )
+                self._db.execute(f"INSERT OR IGNORE INTO queue SELECT ?1, k.game_id FROM local_games k "
+                                 f"WHERE NOT {_holds('?1')}", (tid,))
                 added += self._db.total_changes - before
+                self._db.execute("UPDATE targets SET complete = 1 WHERE id = ?", (tid,))
         return added
 
     def pending(self, target: str, limit: int, *, after: str = "") -> list[PendingGame]:
@@ -183,36 +262,52 @@ class DataManifest:
         Keyset paging lets a sender walk a large outbox once while earlier pages are
         still in flight (and so still in the outbox).
         """
-        rows = self._db.execute(
-            "SELECT o.game_id, g.source, g.config_key FROM outbox o JOIN games g USING (game_id) "
-            "WHERE o.target = ? AND o.game_id > ? ORDER BY o.game_id LIMIT ?",
-            (target, after, limit),
-        ).fetchall()
+        with self._lock:
+            tid = self._known_target(target)
+            if tid is None:
+                return []
+            rows = self._db.execute(
+                "SELECT q.game_id, s.name, k.config_key FROM queue q "
+                "JOIN local_games k ON k.game_id = q.game_id JOIN sources s ON s.id = k.source_id "
+                "WHERE q.target_id = ? AND q.game_id > ? ORDER BY q.game_id LIMIT ?",
+                (tid, after, limit),
+            ).fetchall()
         return [PendingGame(*row) for row in rows]
 
     def ack(self, target: str, game_ids: Sequence[str], *, note: str = "") -> None:
         """The target holds these games: record the delivery and clear the outbox, atomically.
 
-        ``note`` says how, when not by a transfer ("shared": it sees our data dir).
+        ``note`` says how, when not by a transfer ("shared": it sees our data dir;
+        "refused": its RingRift trigger refused it). The first acknowledgement's note stays.
         """
-        now = time.time()
-        with self._transaction():
-            self._db.executemany(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
-                [(target, gid, now, note) for gid in game_ids],
-            )
-            self._db.executemany(
-                "DELETE FROM outbox WHERE target = ? AND game_id = ?",
-                [(target, gid) for gid in game_ids],
-            )
+        with self._lock, self._transaction():
+            tid = self._target(target)
+            if tid < BITS:
+                bit = 1 << tid
+                shared, refused = (bit if note == "shared" else 0), (bit if note == "refused" else 0)
+                self._db.executemany(
+                    "UPDATE local_games SET held = held | ?1, "
+                    "shared = shared | (CASE WHEN held & ?1 THEN 0 ELSE ?2 END), "
+                    "refused = refused | (CASE WHEN held & ?1 THEN 0 ELSE ?3 END) WHERE game_id = ?4",
+                    [(bit, shared, refused, gid) for gid in game_ids])
+            else:
+                self._db.executemany("INSERT OR IGNORE INTO overflow VALUES (?, ?, ?)",
+                                     [(tid, gid, note) for gid in game_ids])
+            self._db.executemany("DELETE FROM queue WHERE target_id = ? AND game_id = ?",
+                                 [(tid, gid) for gid in game_ids])
 
     def held_by(self, target: str, holders: Sequence[str], limit: int) -> list[str]:
         """Up to ``limit`` games owed to ``target`` that one of ``holders`` acknowledged."""
-        marks = ",".join("?" * len(holders))
-        rows = self._db.execute(
-            f"SELECT DISTINCT o.game_id FROM outbox o JOIN deliveries d ON d.game_id = o.game_id "
-            f"AND d.target IN ({marks}) WHERE o.target = ? ORDER BY o.game_id LIMIT ?",
-            (*holders, target, limit)).fetchall()
+        with self._lock:
+            tid = self._known_target(target)
+            hids = [h for h in (self._known_target(n) for n in holders) if h is not None]
+            if tid is None or not hids:
+                return []
+            rows = self._db.execute(
+                f"SELECT q.game_id FROM queue q JOIN local_games k ON k.game_id = q.game_id "
+                f"WHERE q.target_id = ? AND EXISTS (SELECT 1 FROM targets t WHERE "
+                f"t.id IN ({_marks(len(hids))}) AND {_holds('t.id')}) ORDER BY q.game_id LIMIT ?",
+                (tid, *hids, limit)).fetchall()
         return [str(r[0]) for r in rows]
 
     def requeue(self, game_ids: Sequence[str]) -> int:
@@ -221,67 +316,114 @@ class DataManifest:
         For games that gained rows at the source after they were shipped: the receiver
         merges the game's rows by key, so the new rows arrive exactly once.
         """
-        with self._transaction():
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO outbox SELECT target, game_id FROM deliveries WHERE game_id = ?",
-                [(gid,) for gid in game_ids],
-            )
-            return self._db.total_changes - before
+        with self._lock, self._transaction():
+            return self._requeue(game_ids)
+
+    def _requeue(self, game_ids: Sequence[str]) -> int:
+        before = self._db.total_changes
+        self._db.executemany(
+            f"INSERT OR IGNORE INTO queue SELECT t.id, k.game_id FROM local_games k JOIN targets t "
+            f"ON {_holds('t.id')} WHERE k.game_id = ?",
+            [(gid,) for gid in game_ids],
+        )
+        return self._db.total_changes - before
+
+    # -- scan cursors -----------------------------------------------------------------------
 
     def child_cursors(self, source: str) -> dict[str, int] | None:
         """The per-table cursors saved for ``source`` (None if none were saved)."""
-        rows = self._db.execute("SELECT tbl, max_rowid FROM source_cursors WHERE source = ?",
-                                (source,)).fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT tbl, max_rowid FROM source_cursors WHERE source = ?",
+                                    (source,)).fetchall()
         return {str(t): int(r) for t, r in rows} if rows else None
 
     def save_child_cursors(self, source: str, cursors: dict[str, int]) -> None:
         """Remember how far ``source``'s child tables were scanned (after queueing what changed)."""
-        with self._transaction():
+        with self._lock, self._transaction():
             self._db.execute("DELETE FROM source_cursors WHERE source = ?", (source,))
             self._db.executemany("INSERT INTO source_cursors VALUES (?, ?, ?)",
                                  [(source, t, r) for t, r in cursors.items()])
 
+    def scan_cursor(self, source: str) -> dict[str, Any] | None:
+        """The scan state saved for ``source`` by ``save_scan_cursor`` (None if none)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM scan_cursors WHERE source = ?",
+                                   (source,)).fetchone()
+        if row is None:
+            return None
+        try:
+            state = json.loads(row[0])
+        except ValueError:
+            return None  # rescanning from the start is always safe
+        return state if isinstance(state, dict) else None
+
+    def save_scan_cursor(self, source: str, state: dict[str, Any]) -> None:
+        """Remember where ``source``'s scan stopped; call only after its games are recorded."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO scan_cursors VALUES (?, ?)",
+                             (source, json.dumps(state, separators=(",", ":"))))
+
+    # -- queries ----------------------------------------------------------------------------
+
     def delivered_from(self, source: str, limit: int, *, after: str = "") -> list[str]:
         """Up to ``limit`` games of ``source`` delivered somewhere, in game-id order after ``after``."""
-        rows = self._db.execute(
-            "SELECT g.game_id FROM games g WHERE g.source = ? AND g.game_id > ? AND EXISTS "
-            "(SELECT 1 FROM deliveries d WHERE d.game_id = g.game_id) ORDER BY g.game_id LIMIT ?",
-            (source, after, limit),
-        ).fetchall()
+        with self._lock:
+            row = self._db.execute("SELECT id FROM sources WHERE name = ?", (source,)).fetchone()
+            if row is None:
+                return []
+            rows = self._db.execute(
+                "SELECT k.game_id FROM local_games k WHERE k.source_id = ? AND k.game_id > ? AND "
+                "(k.held <> 0 OR EXISTS (SELECT 1 FROM overflow o WHERE o.game_id = k.game_id)) "
+                "ORDER BY k.game_id LIMIT ?", (row[0], after, limit)).fetchall()
         return [r[0] for r in rows]
 
     def outbox_size(self, target: str) -> int:
-        row = self._db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)).fetchone()
-        return int(row[0])
+        with self._lock:
+            tid = self._known_target(target)
+            if tid is None:
+                return 0
+            return int(self._db.execute("SELECT count(*) FROM queue WHERE target_id = ?",
+                                        (tid,)).fetchone()[0])
 
     def has_pending(self, target: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM outbox WHERE target = ? LIMIT 1", (target,)).fetchone()
-        return row is not None
+        with self._lock:
+            tid = self._known_target(target)
+            return tid is not None and self._db.execute(
+                "SELECT 1 FROM queue WHERE target_id = ? LIMIT 1", (tid,)).fetchone() is not None
 
     def holders(self, game_id: str) -> list[str]:
-        rows = self._db.execute(
-            "SELECT target FROM deliveries WHERE game_id = ? ORDER BY target", (game_id,)
-        ).fetchall()
+        """The targets that hold ``game_id`` (acknowledged it), by name."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT t.name FROM local_games k JOIN targets t ON {_holds('t.id')} "
+                f"WHERE k.game_id = ? ORDER BY t.name", (game_id,)).fetchall()
         return [r[0] for r in rows]
 
     def summary(self) -> dict[str, object]:
         """Counts for status views: games known, delivered and pending per target."""
-        games = self._db.execute("SELECT count(*) FROM games").fetchone()[0]
-        delivered = dict(
-            self._db.execute("SELECT target, count(*) FROM deliveries GROUP BY target").fetchall()
-        )
-        pending = dict(
-            self._db.execute("SELECT target, count(*) FROM outbox GROUP BY target").fetchall()
-        )
-        shared = dict(self._db.execute(
-            "SELECT target, count(*) FROM deliveries WHERE note = 'shared' GROUP BY target"
-        ).fetchall())
+        with self._lock:
+            games = int(self._db.execute("SELECT count(*) FROM local_games").fetchone()[0])
+            names = dict(self._db.execute("SELECT id, name FROM targets").fetchall())
+            delivered: dict[str, int] = {}
+            shared: dict[str, int] = {}
+            for held, sh, n in self._db.execute(
+                    "SELECT held, shared, count(*) FROM local_games WHERE held <> 0 GROUP BY held, shared"):
+                for tid in range(min(BITS, max(names, default=-1) + 1)):
+                    if held >> tid & 1:
+                        delivered[names[tid]] = delivered.get(names[tid], 0) + n
+                    if sh >> tid & 1:
+                        shared[names[tid]] = shared.get(names[tid], 0) + n
+            for tid, note, n in self._db.execute(
+                    "SELECT target_id, note, count(*) FROM overflow GROUP BY target_id, note"):
+                delivered[names[tid]] = delivered.get(names[tid], 0) + n
+                if note == "shared":
+                    shared[names[tid]] = shared.get(names[tid], 0) + n
+            pending = {names[t]: n for t, n in self._db.execute(
+                "SELECT target_id, count(*) FROM queue GROUP BY target_id")}
         return {"games": games, "delivered": delivered, "pending": pending, "shared": shared}
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
-
 
     # -- games received from peers (never pushed on as this node's own)
 
@@ -353,3 +495,38 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _migrate_v1(db: sqlite3.Connection) -> None:
+    """Fold a manifest of one row per (target, game) into one row per game, in one transaction."""
+    db.execute("INSERT OR IGNORE INTO targets (name) SELECT target FROM deliveries "
+               "UNION SELECT target FROM outbox")
+    db.execute("INSERT OR IGNORE INTO sources (name, is_log) SELECT DISTINCT source, "
+               f"{_is_log('source')} FROM games")
+    db.execute(
+        "INSERT OR IGNORE INTO local_games SELECT g.game_id, s.id, g.config_key, "
+        "coalesce((SELECT sum(1 << t.id) FROM deliveries d JOIN targets t ON t.name = d.target "
+        f"  WHERE d.game_id = g.game_id AND t.id < {BITS}), 0), "
+        "coalesce((SELECT sum(1 << t.id) FROM deliveries d JOIN targets t ON t.name = d.target "
+        f"  WHERE d.game_id = g.game_id AND t.id < {BITS} AND d.note = 'shared'), 0), "
+        "coalesce((SELECT sum(1 << t.id) FROM deliveries d JOIN targets t ON t.name = d.target "
+        f"  WHERE d.game_id = g.game_id AND t.id < {BITS} AND d.note = 'refused'), 0) "
+        "FROM games g JOIN sources s ON s.name = g.source")
+    db.execute("INSERT OR IGNORE INTO overflow SELECT t.id, d.game_id, d.note FROM deliveries d "
+               f"JOIN targets t ON t.name = d.target WHERE t.id >= {BITS}")
+    db.execute("INSERT OR IGNORE INTO queue SELECT t.id, o.game_id FROM outbox o "
+               "JOIN targets t ON t.name = o.target")
+    for table in ("deliveries", "outbox", "games"):
+        db.execute(f"DROP TABLE {table}")
+    log.info("manifest converted to one row per game (targets as bits)")

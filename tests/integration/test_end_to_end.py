@@ -107,7 +107,7 @@ def test_games_flow_exactly_once_to_both_trainers_and_never_to_the_coordinator(c
     # Trainers never push received games on as if they had generated them.
     for trainer in TRAINERS:
         manifest = cluster.nodes[trainer].data_dir / ".ringsync" / trainer / "manifest.db"
-        assert read_count(manifest, "games") == 0
+        assert read_count(manifest, "local_games") == 0
 
     for name in cluster.nodes:
         assert cluster.terminate(name) == 0, cluster.nodes[name].log_tail()

@@ -309,7 +309,7 @@ async def test_unreadable_owed_games_stay_queued_without_spinning(
     transport.down.clear()
     await daemon.sync_once("interval")
     assert ctx.manifest.outbox_size("train-1") == 4  # kept, not dropped
-    assert not daemon._backlog_waiting()  # and no hot loop while they cannot be read
+    assert not await daemon._backlog_waiting()  # and no hot loop while they cannot be read
     db.with_name("parked.bin").rename(db)
     await daemon.sync_once("interval")
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
@@ -465,10 +465,10 @@ async def test_any_failure_of_one_source_is_that_source_s_problem(
     write_games(ctx.settings.games_dir / "bad.db", 2, seed=4)
     original = GameSource.scan_all
 
-    def scan_all(self: GameSource) -> object:
+    def scan_all(self: GameSource, max_rows: int | None = None) -> object:
         if self.path.name == "bad.db":
             raise RecursionError("maximum recursion depth exceeded")
-        return original(self)
+        return original(self, max_rows)
 
     monkeypatch.setattr(GameSource, "scan_all", scan_all)
     daemon = daemon_for(ctx, transport)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ringsync.daemons.auto_sync._sharing import StorageSharing
-from ringsync.daemons.auto_sync._sources import LocalSources, Prepared, PreparedCache
+from ringsync.daemons.auto_sync._sources import BATCH_BYTES, LocalSources, Prepared, PreparedCache
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_sources
 from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
@@ -54,6 +54,8 @@ class AutoSyncDaemon(Daemon):
         self._health = Health(HealthState.STARTING)
         self._acked_in_cycle = 0
         self._refused_warned: set[str] = set()
+        self._bytes_per_game: float | None = None  # learnt by a cycle, used by the next
+        self._batch_bytes = min(BATCH_BYTES, s.max_batch_bytes // 2)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -64,7 +66,7 @@ class AutoSyncDaemon(Daemon):
                 await self._run_excluded(ready, excluded)
                 return
             targets = [h.name for h in self._ctx.router.game_targets()]
-            queued = self._ctx.manifest.ensure_targets(targets)
+            queued = await asyncio.to_thread(self._ctx.manifest.ensure_targets, targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
             self._sharing.log_storage()
             await self._sharing.elect()  # our heartbeat is visible to the other sharers before we are ready
@@ -113,14 +115,20 @@ class AutoSyncDaemon(Daemon):
         trigger = "startup"
         while not self._stopping:
             await self.sync_once(trigger)
-            trigger = "backlog" if self._backlog_waiting() else await self._wait_for_trigger()
+            trigger = "backlog" if await self._backlog_waiting() else await self._wait_for_trigger()
 
-    def _backlog_waiting(self) -> bool:
-        """Games arrived during the cycle for a target that is not backing off."""
+    async def _backlog_waiting(self) -> bool:
+        """A large first scan goes on, or games arrived during the cycle for a target that
+        is not backing off."""
+        if self._sources.scanning:
+            return True
         if self._acked_in_cycle == 0:  # owed games that could not be read: wait, don't spin
             return False
-        return any(self._peers.ready(h.name) and self._ctx.manifest.has_pending(h.name)
-                   for h in self._ctx.router.game_targets())
+        for h in self._ctx.router.game_targets():
+            if self._peers.ready(h.name) and await asyncio.to_thread(
+                    self._ctx.manifest.has_pending, h.name):
+                return True
+        return False
 
     async def _wait_for_trigger(self) -> str:
         """Sleep until an event or the (jittered) interval; coalesce a burst of events."""
@@ -150,11 +158,12 @@ class AutoSyncDaemon(Daemon):
             if await self._sharing.elect():
                 await self._sources.discover(force=trigger != "event")
             targets = [h for h in self._ctx.router.game_targets() if self._peers.ready(h.name)]
-            cache = PreparedCache()
+            cache = PreparedCache(2 * self._batch_bytes, self._bytes_per_game)
             siblings = await self._sharing.siblings(targets)
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
                     tg.create_task(self._deliver(target, cache, siblings.get(target.name)))
+            self._bytes_per_game = cache.bytes_per_game
             self._sharing.warn_if_all_shared()
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
@@ -194,15 +203,19 @@ class AutoSyncDaemon(Daemon):
                 self._update_health()
         finally:
             self._ctx.metrics.outbox_games.labels(peer=target.name).set(
-                self._ctx.manifest.outbox_size(target.name))
+                await asyncio.to_thread(self._ctx.manifest.outbox_size, target.name))
 
     async def _produce(self, target: str, queue: asyncio.Queue[Prepared | None],
                        cache: PreparedCache) -> None:
-        """Walk ``target``'s whole outbox once, a batch at a time, in game-id order."""
+        """Walk ``target``'s whole outbox once, a batch at a time, in game-id order.
+
+        A batch is at most RINGRIFT_SYNC_BATCH_GAMES games and about ``_batch_bytes``.
+        """
         batch_games = self._ctx.settings.batch_games
         after = ""
         while not self._stopping:
-            page = self._ctx.manifest.pending(target, batch_games, after=after)
+            size = cache.page_size(batch_games, self._batch_bytes)
+            page = await asyncio.to_thread(self._ctx.manifest.pending, target, size, after=after)
             if not page:
                 break
             after = page[-1].game_id
@@ -253,8 +266,9 @@ class AutoSyncDaemon(Daemon):
             m.batches_sent.labels(peer=target.name, outcome="failed").inc()
             raise TransportError(target.name, f"acknowledged {settled} of {len(game_ids)} games")
         if refused:
-            self._refused(target.name, sorted(refused))
-        self._ctx.manifest.ack(target.name, [g for g in game_ids if g not in refused])
+            await self._refused(target.name, sorted(refused))
+        await asyncio.to_thread(self._ctx.manifest.ack, target.name,
+                                [g for g in game_ids if g not in refused])
         self._acked_in_cycle += 1
         m.push_duration.observe(time.perf_counter() - started)
         m.batches_sent.labels(peer=target.name, outcome="ok").inc()
@@ -263,9 +277,9 @@ class AutoSyncDaemon(Daemon):
         m.games_shipped.labels(peer=target.name).inc(result.inserted)
         m.games_already_present.labels(peer=target.name).inc(result.duplicates)
 
-    def _refused(self, peer: str, game_ids: list[str]) -> None:
+    async def _refused(self, peer: str, game_ids: list[str]) -> None:
         """Games the target's RingRift triggers refuse: settled, so the outbox moves on."""
-        self._ctx.manifest.ack(peer, game_ids, note="refused")
+        await asyncio.to_thread(self._ctx.manifest.ack, peer, game_ids, note="refused")
         self._ctx.metrics.games_refused_by_peer.labels(peer=peer).inc(len(game_ids))
         if peer not in self._refused_warned:
             self._refused_warned.add(peer)

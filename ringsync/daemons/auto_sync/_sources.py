@@ -1,7 +1,7 @@
 """The local generators' source files: found, scanned into the manifest, extracted as batches.
 
-Blocking SQLite and file work runs in worker threads; the manifest's connection is
-used on the event loop's thread only.
+Blocking SQLite and file work runs in worker threads, the manifest's calls included
+(a million-game manifest must not stall the event loop; it serialises its own calls).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ringsync.policy.sources import SourceKind
 from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.discovery import SourceFile, discover_sources
 from ringsync.store.gamedb import GameSource
-from ringsync.store.gamesource import Scan
+from ringsync.store.gamesource import Scan, ScanState
 from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
 from ringsync.store.manifest import DiscoveredGame
 
@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 # Shipped games checked for deletion at the source per forced scan: a few tenths of a ms
 # (500 cost 4 ms of the idle cycle's 10 ms budget); 100 a minute cover 144,000 games a day.
 DELETED_CHECK_SLICE = 100
+MIN_CHUNK_ROWS = 500  # a source due for a scan reads at least this many rows when it gets a turn
+# A backlog's chunks double from RINGRIFT_SCAN_CHUNK_ROWS up to this many times it: each
+# chunk is delivered in game-id order, so fewer, larger chunks keep a receiver's index
+# writes local (a 200k backlog in fixed 10k-row chunks cost the receivers 73 CPU-s against
+# 53 in one pass, one loaded run), while the rows held at once stay bounded (~600 bytes
+# each while they are queued).
+MAX_CHUNK_GROWTH = 5
 Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
 CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
 Source = GameSource | JsonlSource
@@ -37,25 +44,52 @@ Source = GameSource | JsonlSource
 _READ_ERRORS = (Exception,)
 
 
+# Batches are sized to about this many payload bytes (fewer games than RINGRIFT_SYNC_BATCH_GAMES
+# when games are large): memory is bounded by bytes, not by a game count (issue 7, A6).
+BATCH_BYTES = 8 * 1024 * 1024
+FIRST_PAGE = 64  # games in a cycle's first batch, before their size is known
+
+
+def prepared_bytes(prepared: Prepared) -> int:
+    return sum(len(payload) for payload, _, _ in prepared)
+
+
 @dataclass
 class PreparedCache:
-    """The last few batches extracted in a cycle, shared by the targets that owe them.
+    """The last batches extracted in a cycle, shared by the targets that owe them.
 
     Targets walk their outboxes in the same order, so they usually ask for the same
-    batch moments apart; a window of ``capacity`` keeps memory bounded when they drift
-    apart (a late target then extracts again, which costs time, not correctness).
+    batch moments apart; a window of ``capacity_bytes`` (at least the newest batch)
+    keeps memory bounded when they drift apart (a late target then extracts again,
+    which costs time, not correctness). ``bytes_per_game`` is learnt from the cycle's
+    first batch (or carried over from the last cycle) and fixed for the cycle, so that
+    every target pages its outbox the same way and asks for the same batches.
     """
 
-    capacity: int = 2
+    capacity_bytes: int = 2 * BATCH_BYTES
+    bytes_per_game: float | None = None
     done: OrderedDict[CacheKey, Prepared] = field(default_factory=OrderedDict)
     locks: dict[CacheKey, asyncio.Lock] = field(default_factory=dict)
+    held: int = 0
+
+    def page_size(self, batch_games: int, budget: int) -> int:
+        """Games per outbox page: the configured count, cut to the byte budget."""
+        if self.bytes_per_game is None:
+            return min(batch_games, FIRST_PAGE)
+        return max(1, min(batch_games, int(budget // max(1.0, self.bytes_per_game))))
 
     async def get(self, key: CacheKey, make: Callable[[], Awaitable[Prepared]]) -> Prepared:
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key not in self.done:
-                self.done[key] = await make()
-                while len(self.done) > self.capacity:
-                    evicted, _ = self.done.popitem(last=False)
+                made = self.done[key] = await make()
+                nbytes = prepared_bytes(made)
+                self.held += nbytes
+                games = sum(len(ids) for _, _, ids in made)
+                if self.bytes_per_game is None and games:
+                    self.bytes_per_game = nbytes / games
+                while len(self.done) > 1 and self.held > self.capacity_bytes:
+                    evicted, old = self.done.popitem(last=False)
+                    self.held -= prepared_bytes(old)
                     self.locks.pop(evicted, None)
             return self.done[key]
 
@@ -75,7 +109,13 @@ class LocalSources:
         self._jsonl: JsonlIndex | None = None
         self._rescan = True
         self._errors: dict[str, str] = {}  # source key -> why its last read failed
-        self._saved_cursors: dict[str, dict[str, int]] = {}
+        self._saved_states: dict[str, dict[str, object]] = {}
+        self._more: set[str] = set()  # sources whose scan stopped at its chunk
+        # New games rows read per source and cycle: a first scan of a large backlog ships
+        # its first chunk (10,000 rows: ≈ 0.5 s) while the rest waits for the next cycles,
+        # and the games found at once stay bounded in memory.
+        self.scan_chunk_rows = ctx.settings.scan_chunk_rows
+        self._budget = self.scan_chunk_rows  # rows this cycle may read (grows in a backlog)
         self._dirty: set[str] = set()  # sources inotify saw change since the last scan
         self._patterns = ctx.settings.source_patterns  # compiled once, not on every rescan
         self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
@@ -86,6 +126,11 @@ class LocalSources:
     def errors(self) -> Mapping[str, str]:
         """Why each unreadable source's last read failed, by source key."""
         return self._errors
+
+    @property
+    def scanning(self) -> bool:
+        """A source has rows left that the next cycle's scan reads (a large first scan)."""
+        return bool(self._more)
 
     def request_rescan(self) -> None:
         """Look for new, moved and replaced source files before the next scan."""
@@ -131,26 +176,49 @@ class LocalSources:
             for file in found:  # keys: paths under the data dir, stable across restarts
                 if file.key not in self._open:
                     inode = _inode(file.path)
-                    cursors = self._saved_for(file.key, inode)
-                    self._open[file.key] = await asyncio.to_thread(self._open_source, file, cursors)
+                    self._open[file.key] = await asyncio.to_thread(self._open_saved, file, inode)
                     self._inodes[file.key] = inode
         names = [h.name for h in self._ctx.router.game_targets()]
         dirty, self._dirty = self._dirty, set()  # events from now on mark sources again
-        for key, source in list(self._open.items()):
-            if force or key in dirty or source.changed():
-                await self._scan(key, source, names, force=force)
+        more, self._more = self._more, set()
+        due = [key for key, source in self._open.items()
+               if force or key in dirty or key in more or source.changed()]
+        # Fresh changes first, backlogs after: all share one budget of rows per cycle, so
+        # a first start with many large sources still delivers after one chunk's reading.
+        budget = self._budget
+        for key in sorted(due, key=lambda k: k in more):
+            source = self._open.get(key)
+            if source is None:
+                continue
+            if budget <= 0:
+                self._more.add(key)  # read next cycle
+                continue
+            budget -= await self._scan(key, source, names, force=force,
+                                       max_rows=max(budget, min(MIN_CHUNK_ROWS, self.scan_chunk_rows)))
+        self._ctx.metrics.source_scan_backlog.set(len(self._more))
+        grown = min(2 * self._budget, MAX_CHUNK_GROWTH * self.scan_chunk_rows)
+        self._budget = grown if self._more else self.scan_chunk_rows
 
-    def _saved_for(self, key: str, inode: int) -> dict[str, int] | None:
-        """The child cursors saved for this very file (not for one it replaced) or None."""
-        saved = self._ctx.manifest.child_cursors(key)  # the manifest is used on the loop only
-        if saved is None or saved.pop(_INODE, None) != inode:
-            return None
-        return saved
+    def _open_saved(self, file: SourceFile, inode: int) -> Source:
+        """Open a source where the saved scan of this very file (not of one it replaced) stopped."""
+        manifest = self._ctx.manifest
+        state, cursors = None, None
+        saved = manifest.scan_cursor(file.key)
+        if saved is not None and saved.get("inode") == inode and isinstance(saved.get("scan"), dict):
+            state = ScanState.from_json(saved["scan"])
+            if state is not None:
+                self._saved_states[file.key] = saved
+        if state is None:  # a manifest from before the games cursor was saved
+            cursors = manifest.child_cursors(file.key)
+            if cursors is not None and cursors.pop(_INODE, None) != inode:
+                cursors = None
+        return self._open_source(file, cursors, state)
 
-    def _open_source(self, file: SourceFile, cursors: dict[str, int] | None) -> Source:
+    def _open_source(self, file: SourceFile, cursors: dict[str, int] | None,
+                     state: ScanState | None = None) -> Source:
         if file.kind is SourceKind.DB:
             return GameSource(file.path, active_timeout=self._ctx.settings.active_game_timeout,
-                              child_cursors=cursors)
+                              child_cursors=cursors, resume=state)
         if self._jsonl is None:
             self._jsonl = JsonlIndex(self._ctx.settings.state_dir / "jsonl.db")
         return JsonlSource(file.path, file.key, self._jsonl, node_id=self._ctx.settings.node_id)
@@ -164,33 +232,42 @@ class LocalSources:
                 self._inodes.pop(key, None)
                 if self._errors.pop(key, None) is not None:
                     self._errors_changed()
-                self._saved_cursors.pop(key, None)
+                self._saved_states.pop(key, None)
+                self._more.discard(key)
                 self._deleted_after.pop(key, None)
                 self._missing_reported.discard(key)
                 await asyncio.to_thread(source.close)
                 log.info("source %s was moved or replaced; rescanning", key)
 
-    async def _scan(self, key: str, source: Source, targets: list[str], *, force: bool) -> None:
+    async def _scan(self, key: str, source: Source, targets: list[str], *, force: bool,
+                    max_rows: int) -> int:
+        """Scan one source and queue what it found; returns the games rows it read."""
         reconnects = source.reconnects if isinstance(source, GameSource) else 0
+        rescanned = source.rows_below_cursor if isinstance(source, GameSource) else 0
         try:
             if isinstance(source, GameSource):
-                scan = await asyncio.to_thread(source.scan_all)
+                scan = await asyncio.to_thread(source.scan_all, max_rows)
                 if force:
                     await self._check_deleted(key, source)
             else:
                 scan = Scan(await asyncio.to_thread(source.scan), [], 0)
         except _READ_ERRORS as exc:
             await self._failed(key, source, exc)
-            return
+            return 0
         self._recovered(key)
         m = self._ctx.metrics
         if isinstance(source, GameSource):
             m.source_lost_locks.inc(source.reconnects - reconnects)
-        self._record(key, scan, targets)
+            m.source_rows_scanned.inc(source.last_scan_rows)
+            m.source_rows_rescanned.inc(source.rows_below_cursor - rescanned)
+            if scan.more:
+                self._more.add(key)
+        await asyncio.to_thread(self._record, key, scan, targets)
         if isinstance(source, GameSource):
-            self._save_cursors(key, source)
-        else:
-            self._jsonl_scanned(source)
+            await asyncio.to_thread(self._save_state, key, source)
+            return source.last_scan_rows
+        self._jsonl_scanned(source)
+        return 0
 
     def _record(self, key: str, scan: Scan, targets: list[str]) -> None:
         """Queue the scan's new games for every target, and its changed games again."""
@@ -217,18 +294,19 @@ class LocalSources:
                 m.jsonl_games_skipped.labels(reason=reason).inc(n)
         source.commit()
 
-    def _save_cursors(self, key: str, source: GameSource) -> None:
-        """Durable after the changed games were queued: a restart re-finds later late rows."""
-        cursors = source.child_cursors
-        if cursors is not None and cursors != self._saved_cursors.get(key):
-            # With the file's inode: a file that replaces it starts afresh, not from its rowids.
-            self._ctx.manifest.save_child_cursors(key, {**cursors, _INODE: self._inodes[key]})
-            self._saved_cursors[key] = cursors
+    def _save_state(self, key: str, source: GameSource) -> None:
+        """Durable only after the scan's games were queued (a crash before re-finds them):
+        a restart reads neither the file's history again nor misses later rows."""
+        saved = saved_scan(self._inodes[key], source.state())
+        if saved != self._saved_states.get(key):
+            self._ctx.manifest.save_scan_cursor(key, saved)
+            self._saved_states[key] = saved
 
     async def _check_deleted(self, key: str, source: GameSource) -> None:
         """Look for a slice of this source's shipped games that were deleted there since."""
         after = self._deleted_after.get(key, "")
-        ids = self._ctx.manifest.delivered_from(key, DELETED_CHECK_SLICE, after=after)
+        ids = await asyncio.to_thread(self._ctx.manifest.delivered_from, key, DELETED_CHECK_SLICE,
+                                      after=after)
         self._deleted_after[key] = ids[-1] if len(ids) == DELETED_CHECK_SLICE else ""
         gone = [g for g in await asyncio.to_thread(source.missing, ids)
                 if g not in self._deleted_seen]
@@ -318,6 +396,12 @@ class LocalSources:
 
 
 _INODE = ""  # saved beside the child cursors; no table has an empty name
+
+
+def saved_scan(inode: int, state: ScanState) -> dict[str, object]:
+    """What the manifest keeps per source: the scan state, with the file's inode (a file
+    that replaces it under the same name starts afresh, not from the old file's rowids)."""
+    return {"inode": inode, "scan": state.to_json()}
 
 
 def _inode(path: Path) -> int:

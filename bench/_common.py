@@ -208,18 +208,27 @@ def prefill_receiver(db: Path, template_db: Path, games: int) -> float:
 PREFILL_CHUNK = 10_000
 
 
-def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | None) -> str:
+def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | None,
+                    *, in_place: bool = False) -> str:
     """Put a merged DB holding ``games`` copies of the template's first game at ``merged``.
 
     With ``cache``, the DB is built once as ``cache/prefill-<games>.db`` and copied from
     there on later runs (a 1M-game DB of 80-move games is ~30 GB and takes long to build).
-    Returns a one-line description for the output.
+    With ``in_place``, the cached DB is hard-linked instead of copied (when a copy would not
+    fit on the disk): the run then adds its games to the cached DB, which goes on growing
+    like a long-running node's, so callers count the games held before they start. A
+    ``.in-use`` marker is left while a node may write it; a cache found marked (a run that
+    did not end cleanly, so its WAL may be lost) is rebuilt. Returns a one-line description.
     """
     if cache is None:
         seconds = prefill_receiver(merged, template_db, games)
         evict_from_page_cache(merged)
         return f"built in {fmt(seconds)} s, {fmt(merged.stat().st_size / MB)} MB"
     cached = cache / f"prefill-{games}.db"
+    marker = cached.with_name(cached.name + ".in-use")
+    if marker.exists():  # an in-place run did not end cleanly: the DB may miss its WAL
+        cached.unlink(missing_ok=True)
+        marker.unlink()
     built = ""
     if not cached.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -231,10 +240,27 @@ def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | N
         built = f"built in {fmt(seconds)} s, "
     started = time.perf_counter()
     merged.parent.mkdir(parents=True, exist_ok=True)
+    if in_place:
+        marker.write_text(str(merged))
+        os.link(cached, merged)
+        evict_from_page_cache(merged)
+        return f"{built}linked in place from {cached} (grows by each run's games)"
     shutil.copyfile(cached, merged)
     evict_from_page_cache(merged)
     return (f"{built}copied from {cached} in {fmt(time.perf_counter() - started)} s, "
             f"{fmt(merged.stat().st_size / MB)} MB")
+
+
+def stopped_cleanly(cluster: Cluster, name: str) -> bool:
+    """True if node ``name`` exited with status 0 (drained; its DBs' WALs folded in)."""
+    proc = cluster.nodes[name].process
+    return proc is not None and proc.poll() == 0
+
+
+def release_in_place(cache: Path | None, games: int) -> None:
+    """After a clean stop of the nodes: the in-place cached DB is whole again (WAL folded in)."""
+    if cache is not None:
+        (cache / f"prefill-{games}.db.in-use").unlink(missing_ok=True)
 
 
 def evict_from_page_cache(db: Path) -> None:

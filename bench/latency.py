@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import emit_result, parse_counts, percentile, place_prefilled, print_table, running, temp_root
+from _common import (
+    emit_result,
+    parse_counts,
+    percentile,
+    place_prefilled,
+    print_table,
+    release_in_place,
+    running,
+    stopped_cleanly,
+    temp_root,
+)
 
 from ringsync.localcluster import Cluster
 from ringsync.protocol.batch import config_key_for
@@ -137,7 +147,8 @@ def run_case(root: Path, args: argparse.Namespace, prefill: int) -> Case:
             tpl.write_game()
         print(f"pre-filling the receiver's merged DB with {prefill:,} games ...", flush=True)
         case.prefill_note = place_prefilled(synced / f"{config_key_for('hex8', 2)}.db", template,
-                                            prefill, args.prefill_cache)
+                                            prefill, args.prefill_cache,
+                                            in_place=args.prefill_in_place)
         print(f"  {case.prefill_note}", flush=True)
         os.sync()
     timings, stop = case.timings, threading.Event()
@@ -162,6 +173,8 @@ def run_case(root: Path, args: argparse.Namespace, prefill: int) -> Case:
             stop.set()
             watcher.join(10)
         case.sender_log = cluster.nodes[SENDER].log_tail(5)
+    if prefill and args.prefill_in_place and stopped_cleanly(cluster, RECEIVER):
+        release_in_place(args.prefill_cache, prefill)
     shutil.rmtree(root, ignore_errors=True)  # a 1M-game merged DB is ~30 GB: one at a time
     return case
 
@@ -189,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-cache", type=Path, default=None,
                         help="directory keeping each pre-filled merged DB between runs (a "
                              "1M-game one is ~30 GB); copied per run")
+    parser.add_argument("--prefill-in-place", action="store_true",
+                        help="hard-link the cached pre-filled DB instead of copying it (when two "
+                             "~30 GB copies do not fit on the disk); each run adds its games to it")
     args = parser.parse_args(argv)
 
     with temp_root("latency") as root:

@@ -25,9 +25,11 @@ from _common import (
     place_prefilled,
     prefill_receiver,
     print_table,
+    release_in_place,
     run_bounded,
     running,
     status_kb,
+    stopped_cleanly,
     synced_count,
     temp_root,
 )
@@ -184,8 +186,10 @@ def run_case(root: Path, backlog: Path, args: argparse.Namespace, prefill: int) 
     merged = synced / f"{config_key_for('hex8', 2)}.db"
     if prefill:
         print(f"pre-filling the receiver's {merged.name} with {prefill:,} games ...", flush=True)
-        case.prefill_note = place_prefilled(merged, backlog, prefill, args.prefill_cache)
+        case.prefill_note = place_prefilled(merged, backlog, prefill, args.prefill_cache,
+                                            in_place=args.prefill_in_place)
         print(f"  {case.prefill_note}", flush=True)
+    base = synced_count(synced)  # the prefill, or more: an in-place cache grows run by run
     os.sync()  # the copies' dirty pages are flushed now, not during the measurement
     with running(cluster):
         cluster.start(RECEIVER)
@@ -202,7 +206,7 @@ def run_case(root: Path, backlog: Path, args: argparse.Namespace, prefill: int) 
         case.trace = [(0.0, 0)]  # (seconds since READY, games held)
         done, deadline = None, ready + args.timeout
         while time.perf_counter() < deadline:
-            case.held = synced_count(synced) - prefill
+            case.held = synced_count(synced) - base
             now = time.perf_counter()
             if case.held != case.trace[-1][1]:
                 case.trace.append((now - ready, case.held))
@@ -218,6 +222,8 @@ def run_case(root: Path, backlog: Path, args: argparse.Namespace, prefill: int) 
         case.recv_hwm_kib = status_kb(recv_pid, "VmHWM")
         case.sender_log = cluster.nodes[SENDER].log_tail(8)
     case.done, case.elapsed, case.from_launch = done is not None, end - ready, end - launched
+    if prefill and args.prefill_in_place and stopped_cleanly(cluster, RECEIVER):
+        release_in_place(args.prefill_cache, prefill)
     shutil.rmtree(root, ignore_errors=True)  # a 1M-game merged DB is ~30 GB: one at a time
     return case
 
@@ -247,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-cache", type=Path, default=None,
                         help="directory keeping each pre-filled merged DB between runs (a "
                              "1M-game one is ~30 GB and takes a while to build); copied per run")
+    parser.add_argument("--prefill-in-place", action="store_true",
+                        help="hard-link the cached pre-filled DB instead of copying it (when two "
+                             "~30 GB copies do not fit on the disk); each run adds its games to it")
     parser.add_argument("--batch-games", type=int, default=500,
                         help="games per batch for the payload figure: the nodes' "
                              "RINGRIFT_SYNC_BATCH_GAMES (default 500)")

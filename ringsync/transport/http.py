@@ -12,6 +12,7 @@ from yarl import URL
 
 from ringsync.errors import PeerRejectedError, TransportError
 from ringsync.inventory import Host
+from ringsync.ops.logsafe import bounded
 from ringsync.transport.base import PushResult
 
 GAMES_PATH = "/v1/games"
@@ -21,6 +22,9 @@ DATA_DIR_HEADER = "X-Ringsync-Data-Dir-Id"
 STORAGE_PATH = "/v1/storage"
 _DATA_DIR_ID = re.compile(r"^[0-9a-f]{32}$")
 BATCH_CONTENT_TYPE = "application/vnd.ringsync.games+msgpack"
+# A peer's answer is small JSON (an ack lists at most a batch's refused ids): a larger one
+# is refused unread rather than held in memory, whatever the peer sends.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 def peer_url(peer: Host, path: str) -> URL:
@@ -68,7 +72,7 @@ class HttpTransport:
         """The body of a 200 answer; any other answer or failure is a typed error."""
         try:
             async with self._client().request(method, peer_url(peer, path), **kwargs) as resp:
-                body = await resp.read()
+                body = await _read_answer(peer.name, resp)
                 if resp.status != 200:
                     raise _rejection(peer.name, resp.status, body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -81,8 +85,19 @@ class HttpTransport:
             self._session = None
 
 
+async def _read_answer(peer: str, resp: aiohttp.ClientResponse) -> bytes:
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TransportError(peer, f"HTTP {resp.status}: answer longer than "
+                                       f"{MAX_ANSWER_BYTES} bytes, not read further")
+    return bytes(body)
+
+
 def _rejection(peer: str, status: int, body: bytes) -> TransportError:
-    reason = body[:300].decode("utf-8", "replace").strip() or "no reason given"
+    # The peer's text, escaped and cut: a hostile peer cannot forge or flood our log lines.
+    reason = bounded(body[:300].decode("utf-8", "replace").strip(), 300) or "no reason given"
     if 400 <= status < 500:
         return PeerRejectedError(peer, status, reason)
     return TransportError(peer, f"HTTP {status}: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -119,11 +120,14 @@ class _TargetDB:
     its column order; the cache is dropped whenever SQLite's schema cookie moves.
 
     Durability: every commit fsyncs the WAL (synchronous=FULL), so a merge that returned
-    survives a power cut. Checkpoints are decoupled from acks: ``checkpoint_if_due()`` copies
-    the WAL into the DB once it holds CHECKPOINT_WAL_BYTES, as a TRUNCATE checkpoint that
-    never waits (busy timeout 0): with no reader in the WAL it empties the WAL file; a
-    reader's open snapshot stops it part-way (counted), and it is tried again shortly, so
-    the WAL grows only while a reader pins it and shrinks as soon as readers allow.
+    survives a power cut. Checkpoints are decoupled from acks: once the WAL holds
+    CHECKPOINT_WAL_BYTES (``checkpoint_due``), ``checkpoint()`` copies it into the DB on a
+    connection of its own, in the merger's checkpoint thread, while merges go on: a
+    TRUNCATE checkpoint that never waits (busy timeout 0). With no reader in the WAL it
+    copies every frame, and the WAL file is emptied (at once, or by the next commit when a
+    merge was running); a reader's open snapshot stops it part-way (counted), and it is
+    tried again shortly, so the WAL grows only while a reader pins it and shrinks as soon
+    as readers allow.
     Nothing here opens the DB's files outside SQLite (the WAL's size comes from stat):
     closing any descriptor of a file drops every POSIX lock this process holds on it,
     its SQLite connections' included.
@@ -161,6 +165,8 @@ class _TargetDB:
         self.wal_path = Path(f"{path}-wal")
         self._retry_at = 0.0  # monotonic time before which a stopped checkpoint is not retried
         self._retry_bytes = CHECKPOINT_WAL_BYTES  # ... unless the WAL has grown past this
+        self._checkpointer: sqlite3.Connection | None = None  # the checkpoint thread's
+        self._checkpoint_lock = threading.Lock()  # held by a checkpoint, and by close()
         self.closed = False
 
     def merge(self, batch: GameBatch) -> MergeResult:
@@ -399,24 +405,34 @@ class _TargetDB:
         except FileNotFoundError:
             return 0
 
-    def checkpoint_if_due(self, *, now: float | None = None) -> CheckpointResult | None:
-        """Checkpoint if the WAL holds CHECKPOINT_WAL_BYTES; the caller holds ``lock``.
-
-        TRUNCATE with busy timeout 0: it never waits for a reader, and copies what no
-        reader's snapshot still needs. With every frame copied and no reader in the WAL it
-        empties the WAL file; otherwise it is retried after CHECKPOINT_RETRY_S or once the
-        WAL has grown by another CHECKPOINT_WAL_BYTES. None when no checkpoint was due.
-        """
-        size = self.wal_bytes()
+    def checkpoint_due(self, size: int, *, now: float | None = None) -> bool:
+        """True once the WAL holds CHECKPOINT_WAL_BYTES, unless a reader stopped the last
+        checkpoint less than CHECKPOINT_RETRY_S ago and the WAL has not grown by as much again."""
         now = time.monotonic() if now is None else now
-        if size < CHECKPOINT_WAL_BYTES or (now < self._retry_at and size < self._retry_bytes):
-            return None
-        self.conn.execute("PRAGMA busy_timeout=0")
-        try:
-            busy, frames, copied = self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            self.conn.execute("PRAGMA busy_timeout=30000")
-        done = not busy
+        return size >= CHECKPOINT_WAL_BYTES and (now >= self._retry_at or size >= self._retry_bytes)
+
+    def checkpoint(self, *, now: float | None = None) -> CheckpointResult | None:
+        """Copy the WAL into the DB on a connection of its own, without waiting for anyone.
+
+        TRUNCATE with busy timeout 0: it copies what no reader's snapshot still needs and,
+        when it can take the write lock with no reader in the WAL, empties the WAL file;
+        while a merge holds the write lock it copies every frame and the merge's commit
+        restarts the WAL. ``done`` when every frame was copied; otherwise it is retried after
+        CHECKPOINT_RETRY_S or once the WAL has grown by another CHECKPOINT_WAL_BYTES.
+        None if the DB was closed meanwhile.
+        """
+        with self._checkpoint_lock:
+            if self.closed:
+                return None
+            size = self.wal_bytes()
+            now = time.monotonic() if now is None else now
+            if self._checkpointer is None:
+                self._checkpointer = _connect(self.path)
+                self._checkpointer.execute("PRAGMA busy_timeout=0")
+                self._checkpointer.execute("PRAGMA journal_size_limit=0")
+            _, frames, copied = self._checkpointer.execute(
+                "PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()
+        done = copied >= frames  # frames -1: not in WAL mode, nothing to copy
         if done:
             self._retry_at, self._retry_bytes = 0.0, CHECKPOINT_WAL_BYTES
         else:
@@ -426,8 +442,11 @@ class _TargetDB:
                                 wal_bytes=self.wal_bytes())
 
     def close(self) -> None:
-        """Close the connection (the caller holds ``lock``)."""
+        """Close the connections once no checkpoint runs (the caller holds ``lock``)."""
         self.closed = True
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
         self.conn.close()  # the last connection to a DB checkpoints it and removes the WAL
 
 
@@ -587,6 +606,8 @@ class GameMerger:
     """Merges batches into ``synced_dir/<config_key>.db``, one transaction per batch.
 
     Thread-safe; merges into the same DB are serialised, different DBs run in parallel.
+    Checkpoints run in a thread of their own (started with the first one due), never on
+    a merge's path to its ack: at a million games held, one copies ~100 MB of random pages.
     With ``metrics``, the largest WAL among the open DBs is a gauge and checkpoints a
     reader stopped are counted; a WAL above WAL_ALARM_BYTES is logged once, and once
     more when it is back under.
@@ -602,6 +623,11 @@ class GameMerger:
         self._wal_sizes: dict[str, int] = {}  # by config key, open DBs only (under _lock)
         self._alarmed: set[str] = set()  # config keys whose WAL is above WAL_ALARM_BYTES
         self._creating = threading.Lock()  # one new target DB at a time
+        self._due: queue.SimpleQueue[tuple[str, _TargetDB] | None] = queue.SimpleQueue()
+        self._queued: set[str] = set()  # config keys waiting for the checkpoint thread
+        self._checkpointing = threading.Condition()  # guards _queued, _running, _thread
+        self._running = False
+        self._thread: threading.Thread | None = None
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows.
@@ -624,8 +650,10 @@ class GameMerger:
                     if target.closed:  # evicted between lookup and lock: reopen
                         continue
                     result = target.merge(batch)
-                    checkpoint = self._checkpoint(key, target)
-                self._watch_wal(key, target, checkpoint)
+                size = target.wal_bytes()
+                if target.checkpoint_due(size):
+                    self._schedule(key, target)
+                self._watch_wal(key, target, size)
                 return result
 
     def _merge_creating(self, path: Path, batch: GameBatch) -> MergeResult | None:
@@ -657,19 +685,52 @@ class GameMerger:
             _fsync_dir(path.parent)
             return result
 
-    def _checkpoint(self, key: str, target: _TargetDB) -> CheckpointResult | None:
-        """A due checkpoint after a committed merge; its failure never fails the merge."""
+    # -- checkpoints, in a thread of their own
+
+    def _schedule(self, key: str, target: _TargetDB) -> None:
+        with self._checkpointing:
+            if key in self._queued:
+                return
+            self._queued.add(key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._checkpoint_loop,
+                                                name="ringsync-checkpoint", daemon=True)
+                self._thread.start()
+        self._due.put((key, target))
+
+    def _checkpoint_loop(self) -> None:
+        while (item := self._due.get()) is not None:
+            key, target = item
+            with self._checkpointing:
+                self._queued.discard(key)
+                self._running = True
+            try:
+                checkpoint = self._checkpoint(target)
+                if checkpoint is not None:
+                    if not checkpoint.done and self._metrics is not None:
+                        self._metrics.checkpoints_blocked.inc()
+                    self._watch_wal(key, target, checkpoint.wal_bytes)
+            finally:
+                with self._checkpointing:
+                    self._running = False
+                    self._checkpointing.notify_all()
+
+    def _checkpoint(self, target: _TargetDB) -> CheckpointResult | None:
+        """A due checkpoint; its failure fails nothing (the merges are durable already)."""
         try:
-            return target.checkpoint_if_due()
-        except sqlite3.Error as exc:  # the batch is committed and durable all the same
+            return target.checkpoint()
+        except sqlite3.Error as exc:
             log.warning("%s: checkpoint failed (%s: %s); the WAL keeps growing until one succeeds",
                         target.path, type(exc).__name__, exc)
             return None
 
-    def _watch_wal(self, key: str, target: _TargetDB, checkpoint: CheckpointResult | None) -> None:
-        size = checkpoint.wal_bytes if checkpoint is not None else target.wal_bytes()
-        if checkpoint is not None and not checkpoint.done and self._metrics is not None:
-            self._metrics.checkpoints_blocked.inc()
+    def wait_checkpoints(self, timeout: float | None = None) -> bool:
+        """Wait until no checkpoint is queued or running; False on timeout."""
+        with self._checkpointing:
+            return self._checkpointing.wait_for(
+                lambda: not self._queued and not self._running, timeout)
+
+    def _watch_wal(self, key: str, target: _TargetDB, size: int) -> None:
         with self._lock:
             if key in self._dbs:
                 self._wal_sizes[key] = size
@@ -724,7 +785,12 @@ class GameMerger:
         return path
 
     def close(self) -> None:
-        """Close every cached connection."""
+        """Stop the checkpoint thread (a running checkpoint ends first); close every connection."""
+        with self._checkpointing:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._due.put(None)
+            thread.join()
         with self._lock:
             dbs, self._dbs = list(self._dbs.values()), OrderedDict()
         for db in dbs:

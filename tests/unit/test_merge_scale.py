@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +130,7 @@ def test_wal_stays_bounded_while_a_reader_comes_and_goes(
                 ids = [writer.write_game() for _ in range(4)]
                 source.scan()
                 merger.merge(one_batch(source, ids))
+                assert merger.wait_checkpoints(30)  # checkpoints run in a thread of their own
                 peak = max(peak, os.stat(f"{target}-wal").st_size)
                 assert reader.execute("SELECT game_id, total_moves FROM games "
                                       "ORDER BY game_id").fetchall() == snapshot
@@ -141,6 +143,7 @@ def test_wal_stays_bounded_while_a_reader_comes_and_goes(
             ids = [writer.write_game() for _ in range(4)]
             source.scan()
             merger.merge(one_batch(source, ids))
+            assert merger.wait_checkpoints(30)
         assert os.stat(f"{target}-wal").st_size < limit
         assert (metrics.registry.get_sample_value("ringsync_merged_wal_bytes") or 0) < limit
         assert len(game_ids(target)) == 5 + 12 * 4 + 2 * 4
@@ -163,8 +166,10 @@ def test_a_failed_checkpoint_does_not_fail_the_durable_merge(
     ids = [writer.write_game() for _ in range(3)]
     source.scan()
     merger.merge(one_batch(source, ids[:1]))  # creates the DB
-    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint_if_due", broken)
+    monkeypatch.setattr(gamemerge, "CHECKPOINT_WAL_BYTES", 1)  # due after every merge
+    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint", broken)
     result = merger.merge(one_batch(source, ids[1:]))
+    assert merger.wait_checkpoints(30)
     assert result.inserted == 2
     assert game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)
     assert any("checkpoint failed" in r.getMessage() for r in caplog.records)
@@ -204,3 +209,32 @@ def test_a_new_db_appears_whole_and_a_failed_first_batch_leaves_nothing(
     assert problems == []
     assert len(game_ids(target)) == 40
     assert sorted(p.name for p in target.parent.iterdir() if "creating" in p.name) == []
+
+
+def test_a_checkpoint_never_holds_up_a_merge_or_its_ack(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a million games held a checkpoint copies ~100 MB of random pages: it runs in the
+    merger's checkpoint thread while merges return (and are acknowledged) meanwhile."""
+    release, finished = threading.Event(), threading.Event()
+    real = gamemerge._TargetDB.checkpoint
+
+    def slow(self: gamemerge._TargetDB, **kwargs: Any) -> gamemerge.CheckpointResult | None:
+        release.wait(20)
+        try:
+            return real(self, **kwargs)
+        finally:
+            finished.set()
+
+    ids = [writer.write_game() for _ in range(6)]
+    source.scan()
+    merger.merge(one_batch(source, ids[:2]))  # creates the DB
+    monkeypatch.setattr(gamemerge, "CHECKPOINT_WAL_BYTES", 1)  # due after every merge
+    monkeypatch.setattr(gamemerge._TargetDB, "checkpoint", slow)
+    assert merger.merge(one_batch(source, ids[2:4])).inserted == 2
+    assert merger.merge(one_batch(source, ids[4:])).inserted == 2
+    assert not finished.is_set()  # both merges returned while the checkpoint was held up
+    release.set()
+    assert merger.wait_checkpoints(30)
+    assert finished.is_set()
+    assert game_ids(tmp_path / "synced" / "hex8_2p.db") == set(ids)

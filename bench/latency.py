@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,16 @@ def write_games(db: Path, games: int, rate: float, seed: int, timings: Timings,
             stop.wait(max(0.0, started + n / rate - time.monotonic()))
 
 
+def top_rowid(db: Path) -> int:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)) as conn:
+        return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM games").fetchone()[0])
+
+
 def watch_receiver(synced_dir: Path, timings: Timings, stop: threading.Event) -> None:
     """Poll the receiver's merged DBs every POLL_INTERVAL for rows beyond the last rowid seen."""
     conns: dict[Path, sqlite3.Connection] = {}
     last_rowid: dict[Path, int] = {}
+    held_rowid = {db: top_rowid(db) for db in synced_dir.glob("*.db")}  # before any write
     next_glob = 0.0
     first_poll = time.monotonic()
     try:
@@ -82,7 +89,9 @@ def watch_receiver(synced_dir: Path, timings: Timings, stop: threading.Event) ->
                 for db in synced_dir.glob("*.db"):
                     if db not in conns:
                         conns[db] = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
-                        last_rowid[db] = 0
+                        # A pre-filled DB's rows are history, not arrivals: reading a million
+                        # of them in the first poll would delay the first games' detection.
+                        last_rowid[db] = held_rowid.get(db, 0)
             for db, conn in conns.items():
                 try:
                     rows = conn.execute("SELECT rowid, game_id FROM games WHERE rowid > ?",
@@ -206,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hard-link the cached pre-filled DB instead of copying it (when two "
                              "~30 GB copies do not fit on the disk); each run adds its games to it")
     args = parser.parse_args(argv)
+    if args.prefill_in_place:  # the cached DB keeps earlier runs' games: this run's are new to it
+        args.seed += time.time_ns() % 1_000_000_007
 
     with temp_root("latency") as root:
         cases = [run_case(root / f"prefill-{n}", args, n) for n in args.prefill]

@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                              "ADDED games added, rsync again (e.g. 200000,2000; a 200k-game DB is "
                              "~7 GB); compared with ringsync's payload for the ADDED games")
     args = parser.parse_args(argv)
+    if args.prefill_in_place:  # the cached DB keeps earlier runs' games: this run's are new to it
+        args.seed += time.time_ns() % 1_000_000_007
     if args.rsync_incremental is not None and len(args.rsync_incremental) != 2:
         parser.error("--rsync-incremental takes BASE,ADDED, e.g. 200000,2000")
 

@@ -144,8 +144,11 @@ def test_wal_stays_bounded_while_a_reader_comes_and_goes(
             source.scan()
             merger.merge(one_batch(source, ids))
             assert merger.wait_checkpoints(30)
-        assert os.stat(f"{target}-wal").st_size < limit
-        assert (metrics.registry.get_sample_value("ringsync_merged_wal_bytes") or 0) < limit
+        # The WAL restarted and its file was cut back (to wal_size_limit()): it holds at most
+        # the last merge's frames now, a fraction of what the reader had pinned.
+        size = os.stat(f"{target}-wal").st_size
+        assert size < peak // 4, (size, peak)
+        assert (metrics.registry.get_sample_value("ringsync_merged_wal_bytes") or 0) < peak // 4
         assert len(game_ids(target)) == 5 + 12 * 4 + 2 * 4
         with closing(sqlite3.connect(target)) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

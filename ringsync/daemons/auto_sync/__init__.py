@@ -180,14 +180,14 @@ class AutoSyncDaemon(Daemon):
         (``siblings``) only one is sent games, and each counts what the others hold.
         """
         if await self._sharing.shares(target):
-            self._sharing.skip_all(target.name)
+            await self._sharing.skip_all(target.name)
             self._ctx.metrics.outbox_games.labels(peer=target.name).set(0)
             return
         if siblings is not None:
-            self._sharing.held_with(target.name, siblings.others)
+            await self._sharing.held_with(target.name, siblings.others)
             if siblings.pusher != target.name:
-                self._ctx.metrics.outbox_games.labels(peer=target.name).set(
-                    self._ctx.manifest.outbox_size(target.name))
+                owed = await asyncio.to_thread(self._ctx.manifest.outbox_size, target.name)
+                self._ctx.metrics.outbox_games.labels(peer=target.name).set(owed)
                 return
         queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         try:
@@ -258,7 +258,7 @@ class AutoSyncDaemon(Daemon):
             self._sharing.push_failed(target.name)
             raise
         if result.shared_storage and marker is not None:  # it told us: it uses our data dir
-            self._sharing.held_there(target.name, marker, game_ids)
+            await self._sharing.held_there(target.name, marker, game_ids)
             return
         refused = set(result.refused)
         settled = result.inserted + result.duplicates + len(refused)

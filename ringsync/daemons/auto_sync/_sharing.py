@@ -114,10 +114,11 @@ class StorageSharing:
         self._siblings = groups
         return groups
 
-    def held_with(self, target: str, others: Sequence[str]) -> None:
+    async def held_with(self, target: str, others: Sequence[str]) -> None:
         """Games the other targets on ``target``'s data dir acknowledged are held by it too."""
-        while ids := self._ctx.manifest.held_by(target, others, _ACK_PAGE):
-            self._ack_shared(target, ids)
+        manifest = self._ctx.manifest  # in a worker thread: a large manifest must not stall the loop
+        while ids := await asyncio.to_thread(manifest.held_by, target, others, _ACK_PAGE):
+            await self._ack_shared(target, ids)
 
     def marker_for(self, target: str) -> str | None:
         """Our data dir id, sent with a push to a target that may share it (None: never skipped)."""
@@ -127,16 +128,17 @@ class StorageSharing:
     def push_failed(self, target: str) -> None:
         self._ctx.shared.forget(target)  # it may come back with another data dir
 
-    def held_there(self, target: str, marker: str, game_ids: Sequence[str]) -> None:
+    async def held_there(self, target: str, marker: str, game_ids: Sequence[str]) -> None:
         """``target`` answered a push: it uses our data dir, so it holds these games already."""
         self._ctx.shared.learned(target, marker, time.monotonic())
         self._note_sharing(target)
-        self._ack_shared(target, game_ids)
+        await self._ack_shared(target, game_ids)
 
-    def skip_all(self, target: str) -> None:
+    async def skip_all(self, target: str) -> None:
         """Everything owed to a target that sees our data dir is held by it already."""
-        while page := self._ctx.manifest.pending(target, _ACK_PAGE):
-            self._ack_shared(target, [g.game_id for g in page])
+        manifest = self._ctx.manifest
+        while page := await asyncio.to_thread(manifest.pending, target, _ACK_PAGE):
+            await self._ack_shared(target, [g.game_id for g in page])
 
     def warn_if_all_shared(self) -> None:
         targets = [h.name for h in self._ctx.router.game_targets()]
@@ -155,8 +157,8 @@ class StorageSharing:
             log.info("%s uses this node's data dir %s (shared storage): its games are recorded as "
                      "held there, not sent", target, self._ctx.settings.data_dir)
 
-    def _ack_shared(self, target: str, game_ids: Sequence[str]) -> None:
-        self._ctx.manifest.ack(target, game_ids, note=_SHARED)
+    async def _ack_shared(self, target: str, game_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self._ctx.manifest.ack, target, game_ids, note=_SHARED)
         self._ctx.shared.skipped(target, len(game_ids))
         self._ctx.metrics.shared_storage_skips.labels(peer=target).inc(len(game_ids))
 

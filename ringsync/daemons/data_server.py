@@ -197,13 +197,6 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
-def held_games(ctx: NodeContext) -> dict[str, int]:
-    """Games merged here, per config DB, as the receiver counted them: no merged DB is
-    opened (a scan each, and a read-only open leaves -wal/-shm files behind). Lists the
-    synced dir: run it in a worker thread."""
-    return ctx.receiver.held_games()
-
-
 def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
     """This node's view of itself: daemons, routing, outbox, games held."""
     host = ctx.host
@@ -223,7 +216,9 @@ def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
 
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[_CTX]
-    held = await asyncio.to_thread(held_games, ctx)
+    # As the receiver counted them: no merged DB is opened (a scan each, and a read-only
+    # open leaves -wal/-shm behind); it lists the synced dir, so in a worker thread.
+    held = await asyncio.to_thread(ctx.receiver.held_games)
     return web.json_response(node_status(ctx, held), dumps=lambda d: json.dumps(d, sort_keys=True))
 
 

@@ -331,18 +331,12 @@ class DataManifest:
     # -- scan cursors -----------------------------------------------------------------------
 
     def child_cursors(self, source: str) -> dict[str, int] | None:
-        """The per-table cursors saved for ``source`` (None if none were saved)."""
+        """The per-table cursors an older ringsync saved for ``source`` (None if none): read
+        once, when no scan cursor (``save_scan_cursor``, which holds them now) exists yet."""
         with self._lock:
             rows = self._db.execute("SELECT tbl, max_rowid FROM source_cursors WHERE source = ?",
                                     (source,)).fetchall()
         return {str(t): int(r) for t, r in rows} if rows else None
-
-    def save_child_cursors(self, source: str, cursors: dict[str, int]) -> None:
-        """Remember how far ``source``'s child tables were scanned (after queueing what changed)."""
-        with self._lock, self._transaction():
-            self._db.execute("DELETE FROM source_cursors WHERE source = ?", (source,))
-            self._db.executemany("INSERT INTO source_cursors VALUES (?, ?, ?)",
-                                 [(source, t, r) for t, r in cursors.items()])
 
     def scan_cursor(self, source: str) -> dict[str, Any] | None:
         """The scan state saved for ``source`` by ``save_scan_cursor`` (None if none)."""

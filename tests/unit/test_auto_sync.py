@@ -316,7 +316,9 @@ async def test_unreadable_owed_games_stay_queued_without_spinning(
     await daemon.close()
 
 
-class _SizeRecorder(MemoryTransport):
+class SizeRecorder(MemoryTransport):
+    """Records the size of every pushed payload."""
+
     def __init__(self) -> None:
         super().__init__()
         self.sizes: list[int] = []
@@ -336,7 +338,7 @@ async def test_batches_over_the_byte_limit_are_split_not_refused_forever(
     db.parent.mkdir(parents=True, exist_ok=True)
     with SelfplayWriter(db, seed=4, moves_per_game=80) as writer:  # ~26 KB per game
         done = [writer.write_game() for _ in range(40)]
-    transport = _SizeRecorder()
+    transport = SizeRecorder()
     transport.receivers.update(receivers)
     await daemon_for(ctx, transport).sync_once()
     assert sorted(held(tmp_path, "train-1")) == sorted(done)

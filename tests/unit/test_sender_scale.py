@@ -12,15 +12,14 @@ import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.auto_sync._sources import PreparedCache
-from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import GameSource, game_ids
 from ringsync.store.gamesource import ScanState
 from ringsync.store.manifest import DataManifest, DiscoveredGame
 from ringsync.store.receiver import GameReceiver
-from ringsync.transport.base import PushResult
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
+from tests.unit.test_auto_sync import SizeRecorder
 
 
 @pytest.fixture
@@ -317,22 +316,9 @@ async def test_the_batch_cache_is_bounded_by_bytes() -> None:
     assert list(cache.done) == [("s", ("big",))]  # the newest stays, whatever its size
 
 
-class SizedTransport(MemoryTransport):
-    """Records the size of every pushed payload."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: list[int] = []
-
-    async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
-        self.sizes.append(len(payload))
-        return await super().push_games(peer, payload, digest, data_dir_id=data_dir_id)
-
-
 async def test_batches_are_cut_to_the_byte_budget(
         node_factory: Callable[..., NodeContext], receivers: dict[str, GameReceiver]) -> None:
-    transport = SizedTransport()
+    transport = SizeRecorder()
     transport.receivers.update(receivers)
     ctx = node_factory("selfplay-1", batch_games=500)
     write_games(ctx.settings.games_dir / "sp.db", 120)

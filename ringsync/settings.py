@@ -126,6 +126,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_MAX_CONFIGS", "256", "Most config DBs (board type and player count, e.g. "
            "hex8_2p) this node merges received games into; a batch for one more is refused "
            "(1-100000)"),
+    EnvVar("RINGRIFT_MERGED_SHARD_MB", "512", "A received config's merged DB takes new games "
+           "until it holds this many MiB; then <config>+2.db beside it does, and so on (RingRift's "
+           "discovery reads them all). Small DBs keep merges cheap: RingRift's random game_id "
+           "index pages make a merge into a 35 GB DB write 16 times the payload. 0: one DB, "
+           "never bounded"),
     EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
            "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
            "being read"),
@@ -167,6 +172,7 @@ class Settings:
     max_upload_bytes_in_flight: int | None = None  # None: 4 times max_batch_bytes
     max_merges_in_flight: int = 2
     max_configs: int = 256
+    merged_shard_mb: int = 512
     scan_chunk_rows: int = 10_000
 
     @property
@@ -264,6 +270,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
         **_http_limits(env),
         max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
+        merged_shard_mb=env.integer("RINGRIFT_MERGED_SHARD_MB", 512, minimum=0),
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
     )
 

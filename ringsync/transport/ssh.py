@@ -97,6 +97,10 @@ class SshTransport:
 
     def __init__(self, node_id: str, token: str | None, options: SshOptions, *,
                  read_timeout: float = 120.0) -> None:
+        asyncssh_log = logging.getLogger("asyncssh")
+        if asyncssh_log.level == logging.NOTSET:
+            # asyncssh logs every channel at INFO; our own lines say what an operator needs.
+            asyncssh_log.setLevel(logging.WARNING)
         self._options = options
         self._http = HttpTransport(node_id, token, read_timeout=read_timeout)
         self._tunnels: dict[str, _Tunnel] = {}

@@ -60,6 +60,7 @@ async def test_push_over_ssh_merges_each_game_once_through_one_connection(
     ctx = receiver
     payload, n = payload_of(tmp_path, 8)
     transport = SshTransport("selfplay-1", TOKEN, SshOptions(known_hosts=sshd.known_hosts, max_channels=3))
+    counted = transport._http = _Concurrency(transport._http)  # type: ignore[assignment]
     peer = ssh_peer(sshd, ctx.settings.p2p_port)
     try:
         results = await asyncio.gather(*(transport.push_games(peer, payload, content_digest(payload))
@@ -68,6 +69,7 @@ async def test_push_over_ssh_merges_each_game_once_through_one_connection(
         assert sum(r.duplicates for r in results) == 5 * n
         assert len(await transport.peer_data_dir_id(peer)) == 32
         assert len(transport._tunnels) == 1  # one SSH connection served every request
+        assert counted.peak == 3  # never more requests on the connection than channels allowed
         assert transport._tunnels["train-1"].channels._value == 3  # every channel given back
     finally:
         await transport.close()
@@ -141,6 +143,28 @@ class _Redirect:
 
     async def peer_data_dir_id(self, peer: Host) -> str:
         return str(await self._http.peer_data_dir_id(self._target))
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+class _Concurrency:
+    """Counts the requests in flight through the wrapped HTTP client."""
+
+    def __init__(self, http: HttpTransport) -> None:
+        self._http, self.now, self.peak = http, 0, 0
+
+    async def push_games(self, peer: Host, payload: bytes, digest: str, **kw: Any) -> Any:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(0.05)  # let every waiting request try to get in
+            return await self._http.push_games(peer, payload, digest, **kw)
+        finally:
+            self.now -= 1
+
+    async def peer_data_dir_id(self, peer: Host) -> str:
+        return await self._http.peer_data_dir_id(peer)
 
     async def close(self) -> None:
         await self._http.close()

@@ -102,6 +102,44 @@ def test_loopback_only_training_host_gets_every_game_exactly_once_over_ssh(
     assert cluster.terminate("selfplay-1") == 0, cluster.nodes["selfplay-1"].log_tail()
 
 
+def test_an_ssh_peer_cut_off_mid_stream_catches_up_exactly_once_while_the_other_keeps_receiving(
+        lab: NetnsLab, tmp_path: Path) -> None:
+    cluster = ssh_cluster(lab, tmp_path / "nodes", RINGRIFT_SSH_KEEPALIVE_INTERVAL="1",
+                          RINGRIFT_SSH_KEEPALIVE_COUNT_MAX="2")
+    source = cluster.nodes["selfplay-1"].data_dir / SOURCE_DB
+    train1, train2 = cluster.nodes["train-1"], cluster.nodes["train-2"]
+    try:
+        cluster.start_all()
+        writer = subprocess.Popen([sys.executable, "-m", "ringsync.selfplay_sim", str(source), "--games",
+                                   str(GAMES), "--rate", "12", "--moves", "20", "--seed", "13"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: len(held_game_ids(train1)) >= 20, 30, "the first games at train-1")
+            lab.cut(lab.hosts[1])
+            at_cut = len(held_game_ids(train2))
+            time.sleep(8)
+            during = len(held_game_ids(train1))
+            assert len(held_game_ids(train2)) > at_cut + 40  # the other trainer kept receiving
+            time.sleep(3)
+            assert len(held_game_ids(train1)) == during  # nothing reaches a cut-off host
+            log = cluster.nodes["selfplay-1"].log_path.read_text()
+            assert "delivery to train-1 failing" in log, log[-3000:]
+            lab.heal(lab.hosts[1])
+            assert writer.wait(60) == 0
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait(10)
+        completed = read_game_ids(source, "WHERE game_status = 'completed'")
+        assert len(completed) == GAMES
+        wait_until(lambda: all(len(held_game_ids(n)) >= GAMES for n in (train1, train2)), 40,
+                   "every game at both trainers after the heal")
+        for trainer in ("train-1", "train-2"):
+            assert_holds_exactly(cluster, trainer, completed)
+    finally:
+        cluster.stop_all()
+
+
 @pytest.fixture
 def wrong_key(lab: NetnsLab, tmp_path: Path) -> Path:
     """A known_hosts that holds another key for train-1's address (a rebuilt or spoofed host)."""

@@ -20,7 +20,7 @@ from ringsync.policy.peers import PeerDelivery
 from ringsync.policy.shared_storage import Siblings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.http import HttpTransport
+from ringsync.transport.select import build_transport
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class AutoSyncDaemon(Daemon):
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
+        self._transport = transport or build_transport(s)
         self._peers = PeerDelivery(retry_initial, max(1.0, min(60.0, s.sync_interval)))
         self._sources = LocalSources(ctx, on_change=self._update_health)
         self._sharing = StorageSharing(ctx, self._transport)

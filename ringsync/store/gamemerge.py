@@ -10,8 +10,8 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from contextlib import closing, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from ringsync.store._sqlite import (
     _sqlite_errors,
     _transaction,
 )
-from ringsync.store.shards import parse_shard, shard_path, shard_paths
+from ringsync.store.shards import HeldFilter, parse_shard, shard_path, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,22 @@ class _TargetDB:
         try:
             return [str(r[0]) for r in self.conn.execute(_PRESENT_OF, (json.dumps(list(ids)),))]
         except sqlite3.OperationalError:
-            if self.conn.execute(f"SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND "
-                                 f"lower(name) = '{GAMES}'").fetchone() is None:
-                return []  # no games table (yet): it holds none of them
-            raise
+            if self._has_games():
+                raise
+            return []  # no games table: it holds none of them
+
+    def present_all(self) -> list[str]:
+        """Every game id this DB holds (none without a games table)."""
+        try:
+            return [str(r[0]) for r in self.conn.execute(f"SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)}")]
+        except sqlite3.OperationalError:
+            if self._has_games():
+                raise
+            return []
+
+    def _has_games(self) -> bool:
+        return self.conn.execute(f"SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND "
+                                 f"lower(name) = '{GAMES}'").fetchone() is not None
 
     def _merge_attached(self, batch: GameBatch, games: int, *, whole: bool) -> MergeResult:
         try:
@@ -643,6 +655,9 @@ class _Shards:
 
     lock: threading.Lock
     paths: list[Path]
+    sealed: Path | None = None  # the newest, once found full: it stays full in this process
+    held: HeldFilter | None = None  # the ids of the full ones, once built
+    building: threading.Thread | None = None  # building ``held`` in the background
 
 
 class GameMerger:
@@ -675,6 +690,7 @@ class GameMerger:
         self._checkpointing = threading.Condition()  # guards _queued, _running, _thread
         self._running = False
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def merge(self, batch: GameBatch) -> MergeResult:
         """Insert the games of ``batch`` not already present, with their child rows.
@@ -691,14 +707,21 @@ class GameMerger:
         with _sqlite_errors(base), shards.lock:
             if not all(path.exists() for path in shards.paths):  # an operator removed one
                 shards.paths = shard_paths(self.synced_dir, key)
-            full = bool(shards.paths) and self._is_full(shards.paths[-1])
+            full = bool(shards.paths) and (shards.sealed == shards.paths[-1]
+                                           or self._is_full(shards.paths[-1]))
+            if full:  # sticky: its WAL file going away on close must not reopen it to new games
+                shards.sealed = shards.paths[-1]
             older = shards.paths if full else shards.paths[:-1]
             ids, held, updated = list(batch.game_ids), 0, 0
-            for path in older:
-                found, rows = self._merge_held(path, batch, ids)
-                if found:
-                    held, updated = held + len(found), updated + rows
-                    ids = [i for i in ids if i not in found]
+            if older:
+                maybe = self._held_filter(shards, older)
+                candidates = ids if maybe is None else [i for i in ids if maybe.may_hold(i)]
+                for path in older if candidates else ():
+                    found, rows = self._merge_held(path, batch, candidates)
+                    if found:
+                        held, updated = held + len(found), updated + rows
+                        candidates = [i for i in candidates if i not in found]
+                        ids = [i for i in ids if i not in found]
             if not ids:
                 return MergeResult(0, held, (), updated)
             subset = None if held == 0 else ids
@@ -717,6 +740,65 @@ class GameMerger:
                 self._shards[key] = _Shards(threading.Lock(), shard_paths(self.synced_dir, key))
             return self._shards[key]
 
+    def _held_filter(self, shards: _Shards, older: list[Path]) -> HeldFilter | None:
+        """The filter of the ids in ``older`` (the full shards; the caller holds
+        ``shards.lock``), or None while it is being built: then every id is looked up.
+
+        Built in a thread of its own (reading a million ids and adding them takes ~3 s,
+        which would hold up the first merge after a start); a shard found full later is
+        added here (~50 ms for 15k ids). Past its capacity it is built again, twice as big.
+        """
+        held = shards.held
+        new = [] if held is None else [path for path in older if path not in held.covered]
+        if held is not None and new:
+            ids = {path: self._game_ids(path) for path in new}
+            if held.count + sum(map(len, ids.values())) <= held.capacity:
+                for path, some in ids.items():
+                    held.add(some)
+                    held.covered.add(path)
+            else:
+                shards.held = held = None
+        if held is None and shards.building is None and not self._closed:
+            shards.building = threading.Thread(target=self._build_filter, args=(shards, list(older)),
+                                               name="ringsync-held-filter", daemon=True)
+            shards.building.start()
+        return held
+
+    def _build_filter(self, shards: _Shards, older: list[Path]) -> None:
+        try:
+            ids: dict[Path, list[str]] = {}
+            for path in older:
+                if self._closed:
+                    return
+                ids[path] = self._game_ids(path) if path.exists() else []  # removed: none
+            held = HeldFilter(2 * sum(map(len, ids.values())))
+            for path, some in ids.items():
+                held.add(some)
+                held.covered.add(path)
+            with shards.lock:
+                shards.held = held
+        except sqlite3.Error as exc:  # merges go on looking every id up; tried again later
+            log.warning("could not read the game ids of the full merged DBs (%s: %s); each "
+                        "merge looks its games up in all of them", type(exc).__name__, exc)
+        finally:
+            with shards.lock:
+                shards.building = None
+
+    def _game_ids(self, path: Path) -> list[str]:
+        with self._locked(path) as target:
+            return target.present_all()
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[_TargetDB]:
+        """The open target DB at ``path``, its lock held."""
+        while True:
+            target = self._target(path)
+            with target.lock:
+                if target.closed:  # evicted between lookup and lock: reopen
+                    continue
+                yield target
+                return
+
     def _is_full(self, path: Path) -> bool:
         """The DB and its WAL hold ``shard_bytes`` (by stat: no descriptor opened)."""
         if not self._shard_bytes:
@@ -729,27 +811,19 @@ class GameMerger:
 
     def _merge_held(self, path: Path, batch: GameBatch, ids: list[str]) -> tuple[set[str], int]:
         """The games of ``ids`` a full shard holds, and the late child rows merged into it."""
-        while True:
-            target = self._target(path)
-            with target.lock:
-                if target.closed:  # evicted between lookup and lock: reopen
-                    continue
-                found = target.present(ids)
-                if not found or len(batch.tables) == 1:  # games rows only: nothing to add
-                    return set(found), 0
-                result = target.merge(batch, found)
-            self._after_merge(path, target)
-            return set(found), result.rows_updated
+        with self._locked(path) as target:
+            found = target.present(ids)
+            if not found or len(batch.tables) == 1:  # games rows only: nothing to add
+                return set(found), 0
+            result = target.merge(batch, found)
+        self._after_merge(path, target)
+        return set(found), result.rows_updated
 
     def _merge_into(self, path: Path, batch: GameBatch, ids: Sequence[str] | None) -> MergeResult:
-        while True:
-            target = self._target(path)
-            with target.lock:
-                if target.closed:  # evicted between lookup and lock: reopen
-                    continue
-                result = target.merge(batch, ids)
-            self._after_merge(path, target)
-            return result
+        with self._locked(path) as target:
+            result = target.merge(batch, ids)
+        self._after_merge(path, target)
+        return result
 
     def _after_merge(self, path: Path, target: _TargetDB) -> None:
         size = target.wal_bytes()
@@ -884,7 +958,13 @@ class GameMerger:
         return path
 
     def close(self) -> None:
-        """Stop the checkpoint thread (a running checkpoint ends first); close every connection."""
+        """Stop the checkpoint thread (a running checkpoint ends first) and any filter
+        being built; close every connection."""
+        self._closed = True
+        with self._lock:
+            builders = [s.building for s in self._shards.values() if s.building is not None]
+        for builder in builders:
+            builder.join()
         with self._checkpointing:
             thread, self._thread = self._thread, None
         if thread is not None:

@@ -13,6 +13,7 @@ merge as cheap as into a small DB. RingRift's discovery reads every DB under
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 _SHARD_RE = re.compile(r"(?P<key>[^+/]+?)(?:\+(?P<n>[1-9][0-9]{0,8}))?\.db")
@@ -49,3 +50,42 @@ def config_keys(directory: Path) -> set[str]:
 
 def _names(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir()]
+
+
+class HeldFilter:
+    """The game ids a config's full shards hold, as a Bloom filter in memory.
+
+    A merge looks up in the full shards only the ids this says may be there: duplicates,
+    and about 1 new id in 400 (16 bits and 4 probes per id). Without it every id of every
+    batch was looked up in every full shard: at a million games held in 65 shards, 30 ms
+    per 500-game batch, growing with the shards. Built in this process from the shards
+    (Python's salted str hash, never stored); grown to twice the ids it holds whenever
+    it is full, so its false positives stay near that rate.
+    """
+
+    BITS_PER_ID = 16
+    PROBES = 4
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = max(capacity, 4096)
+        self._bits = bytearray(self.capacity * self.BITS_PER_ID // 8)
+        self._m = len(self._bits) * 8
+        self.count = 0
+        self.covered: set[Path] = set()  # the shards whose ids were added
+
+    def add(self, ids: Iterable[str]) -> None:
+        bits, m = self._bits, self._m
+        for game_id in ids:
+            h = hash(game_id)
+            step = ((h >> 32) & 0xFFFFFFFF) | 1
+            for i in range(self.PROBES):
+                pos = (h + i * step) % m
+                bits[pos >> 3] |= 1 << (pos & 7)
+            self.count += 1
+
+    def may_hold(self, game_id: str) -> bool:
+        bits, m = self._bits, self._m
+        h = hash(game_id)
+        step = ((h >> 32) & 0xFFFFFFFF) | 1
+        return all(bits[(pos := (h + i * step) % m) >> 3] & (1 << (pos & 7))
+                   for i in range(self.PROBES))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
@@ -14,7 +15,7 @@ import pytest
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import GameMerger, GameSource
 from ringsync.store.received_configs import ReceivedConfigs
-from ringsync.store.shards import config_keys, parse_shard, shard_paths
+from ringsync.store.shards import HeldFilter, config_keys, parse_shard, shard_paths
 from tests.unit.test_gamedb import one_batch
 from tests.unit.test_merge_scale import plan_problems
 
@@ -49,6 +50,14 @@ def games_per_shard(synced: Path) -> dict[str, Counter[str]]:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             held[path.name] = Counter(r[0] for r in conn.execute("SELECT game_id FROM games"))
     return held
+
+
+def filter_built(merger: GameMerger) -> None:
+    """Wait for the filter of the full shards' ids, built in a thread of its own."""
+    for shards in merger._shards.values():
+        if (builder := shards.building) is not None:
+            builder.join(30)
+    assert all(shards.held is not None for shards in merger._shards.values())
 
 
 def every_game(held: dict[str, Counter[str]]) -> Counter[str]:
@@ -158,22 +167,58 @@ def test_status_counts_every_shard_of_a_config(
         configs.close()
 
 
-def test_the_lookup_in_a_full_shard_is_keyed(
+def test_full_shards_are_looked_up_only_for_ids_that_may_be_there_and_by_key(
         writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path) -> None:
-    ids = written(writer, source, 6)
+    ids = written(writer, source, 8)
     merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[7:]))  # the first DB is full: a second one starts
+    filter_built(merger)  # ... and the filter of the first one's ids is built meanwhile
     full = merger._target(synced / f"{KEY}.db")
     statements: list[str] = []
     full.conn.set_trace_callback(statements.append)
     try:
-        merger.merge(one_batch(source, ids[3:]))
+        merger.merge(one_batch(source, ids[3:6]))  # new games only: the filter says so
+        new_only = list(statements)
+        merger.merge(one_batch(source, [ids[0], ids[6]]))  # one of them is held there
     finally:
         full.conn.set_trace_callback(None)
-    lookups = [s for s in statements if s.startswith("SELECT") and 'main."games"' in s]
+    lookups = [s for s in statements if "json_each" in s]
     assert lookups, statements
+    assert not [s for s in new_only if "json_each" in s]
+    # its ids were read once, for the filter, before: not again
+    assert not [s for s in statements if s.startswith("SELECT") and "json_each" not in s
+                and 'main."games"' in s]
     assert not {s: p for s in lookups if (p := plan_problems(full.conn, s))}
-    # the full shard was only read: no transaction wrote it
-    assert not any(s.startswith(("BEGIN", "INSERT INTO main")) for s in statements)
+    # new games never write a full shard (a held game's late rows do, in the second merge)
+    assert not any(s.startswith(("BEGIN", "INSERT")) for s in new_only)
+    assert every_game(games_per_shard(synced)) == Counter(ids)
+
+
+def test_a_db_found_full_stays_full_so_the_filter_never_misses_its_games(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path) -> None:
+    """Its size may drop below the bound again (the WAL file goes away when the last
+    connection closes): games merged into it then would be missing from the filter."""
+    ids = written(writer, source, 9)
+    merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[:3]))  # all held: found full, no new DB started
+    filter_built(merger)  # the filter holds the first three
+    merger._shard_bytes = 10 ** 12  # ... and under the bound again
+    merger.merge(one_batch(source, ids[3:6]))
+    merger._shard_bytes = 1
+    merger.merge(one_batch(source, ids))  # a resend of everything, with three new games
+    held = games_per_shard(synced)
+    assert set(held[f"{KEY}.db"]) == set(ids[:3])
+    assert every_game(held) == Counter(ids)
+
+
+def test_the_held_filter_never_misses_and_rarely_says_maybe() -> None:
+    held = HeldFilter(20_000)
+    ids = [uuid.uuid4().hex for _ in range(20_000)]
+    held.add(ids)
+    assert all(held.may_hold(i) for i in ids)
+    others = [uuid.uuid4().hex for _ in range(20_000)]
+    false_positives = sum(held.may_hold(i) for i in others)
+    assert false_positives < 200  # 16 bits and 4 probes per id: about 0.24 % expected
 
 
 @pytest.mark.parametrize(("name", "parsed"), [

@@ -10,10 +10,11 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ringsync.errors import BadInputError, UnsafePathError
 from ringsync.ops.logsafe import quoted
@@ -39,6 +40,7 @@ from ringsync.store._sqlite import (
 from ringsync.store.shards import HeldFilter, parse_shard, shard_path, shard_paths
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +204,17 @@ class _TargetDB:
                 raise
             return []  # no games table: it holds none of them
 
-    def present_all(self) -> list[str]:
-        """Every game id this DB holds (none without a games table)."""
-        try:
-            return [str(r[0]) for r in self.conn.execute(f"SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)}")]
-        except sqlite3.OperationalError:
-            if self._has_games():
-                raise
-            return []
+    def add_ids_to(self, held: HeldFilter) -> None:
+        """Add every game id this DB holds to ``held``, read row by row (none without a
+        games table): a million ids never sit in memory at once."""
+        if self._has_games():
+            held.add(str(r[0]) for r in self.conn.execute(f"SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)}"))
+
+    def game_count(self) -> int:
+        """Rows in games (by its primary key's index): sizes a filter before it is filled."""
+        if not self._has_games():
+            return 0
+        return int(self.conn.execute(f"SELECT count(*) FROM main.{_q(GAMES)}").fetchone()[0])
 
     def _has_games(self) -> bool:
         return self.conn.execute(f"SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND "
@@ -751,11 +756,8 @@ class GameMerger:
         held = shards.held
         new = [] if held is None else [path for path in older if path not in held.covered]
         if held is not None and new:
-            ids = {path: self._game_ids(path) for path in new}
-            if held.count + sum(map(len, ids.values())) <= held.capacity:
-                for path, some in ids.items():
-                    held.add(some)
-                    held.covered.add(path)
+            if held.count + sum(self._shard(path, _TargetDB.game_count) for path in new) <= held.capacity:
+                self._cover(held, new)
             else:
                 shards.held = held = None
         if held is None and shards.building is None and not self._closed:
@@ -766,17 +768,12 @@ class GameMerger:
 
     def _build_filter(self, shards: _Shards, older: list[Path]) -> None:
         try:
-            ids: dict[Path, list[str]] = {}
-            for path in older:
-                if self._closed:
-                    return
-                ids[path] = self._game_ids(path) if path.exists() else []  # removed: none
-            held = HeldFilter(2 * sum(map(len, ids.values())))
-            for path, some in ids.items():
-                held.add(some)
-                held.covered.add(path)
-            with shards.lock:
-                shards.held = held
+            present = [path for path in older if path.exists()]  # one removed meanwhile: none
+            held = HeldFilter(2 * sum(self._shard(path, _TargetDB.game_count) for path in present))
+            self._cover(held, present)
+            if not self._closed:
+                with shards.lock:
+                    shards.held = held
         except sqlite3.Error as exc:  # merges go on looking every id up; tried again later
             log.warning("could not read the game ids of the full merged DBs (%s: %s); each "
                         "merge looks its games up in all of them", type(exc).__name__, exc)
@@ -784,9 +781,17 @@ class GameMerger:
             with shards.lock:
                 shards.building = None
 
-    def _game_ids(self, path: Path) -> list[str]:
+    def _cover(self, held: HeldFilter, paths: list[Path]) -> None:
+        for path in paths:
+            if self._closed:
+                return
+            self._shard(path, lambda db: db.add_ids_to(held))
+            held.covered.add(path)
+
+    def _shard(self, path: Path, read: Callable[[_TargetDB], _T]) -> _T:
+        """``read`` the open DB at ``path`` under its lock."""
         with self._locked(path) as target:
-            return target.present_all()
+            return read(target)
 
     @contextmanager
     def _locked(self, path: Path) -> Iterator[_TargetDB]:

@@ -16,10 +16,10 @@ from ringsync.errors import BadInputError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.protocol.batch import decode_batch
+from ringsync.protocol.results import MergeResult
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import game_ids
 from ringsync.store.receiver import GameReceiver
-from ringsync.transport.base import PushResult
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
 
@@ -324,7 +324,7 @@ class SizeRecorder(MemoryTransport):
         self.sizes: list[int] = []
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         self.sizes.append(len(payload))
         return await super().push_games(peer, payload, digest, data_dir_id=data_dir_id)
 
@@ -353,7 +353,7 @@ class _PoisonReceiver(GameReceiver):
         super().__init__(synced)
         self.poison = poison
 
-    def receive(self, payload: bytes, digest: str) -> PushResult:
+    def receive(self, payload: bytes, digest: str) -> MergeResult:
         if self.poison in decode_batch(payload).game_ids:
             raise BadInputError("this batch is refused")
         return super().receive(payload, digest)

@@ -13,19 +13,23 @@ from ringsync.daemons.auto_sync._sharing import StorageSharing
 from ringsync.daemons.auto_sync._sources import BATCH_BYTES, LocalSources, Prepared, PreparedCache
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_sources
-from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
+from ringsync.errors import (
+    BatchRejectedError,
+    CorruptDataError,
+    PeerRejectedError,
+    TransportError,
+)
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.policy.peers import PeerDelivery
 from ringsync.policy.shared_storage import Siblings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.http import HttpTransport
+from ringsync.transport.http.client import HttpTransport
 
 log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
-_BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
 
 
 class AutoSyncDaemon(Daemon):
@@ -232,12 +236,10 @@ class AutoSyncDaemon(Daemon):
             for payload, digest, game_ids in prepared:
                 try:
                     await self._push(target, payload, digest, game_ids)
-                except PeerRejectedError as exc:
-                    if exc.status not in _BATCH_SPECIFIC:
-                        raise  # e.g. 401/403: every batch would fail; back off this peer
+                except BatchRejectedError as exc:  # other refusals fail every batch: back off
                     self._batch_rejected(target.name, exc, game_ids)
 
-    def _batch_rejected(self, peer: str, exc: PeerRejectedError, game_ids: tuple[str, ...]) -> None:
+    def _batch_rejected(self, peer: str, exc: BatchRejectedError, game_ids: tuple[str, ...]) -> None:
         """One batch refused: it stays queued and the rest of the outbox goes on."""
         self._ctx.metrics.batches_sent.labels(peer=peer, outcome="rejected").inc()
         if self._peers.rejected(peer, f"batch rejected: {exc}"):

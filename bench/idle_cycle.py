@@ -24,7 +24,7 @@ from ringsync.node import build_context
 from ringsync.protocol.batch import config_key_for
 from ringsync.selfplay_sim import SCHEMA_VERSION, create_schema
 from ringsync.settings import Settings
-from ringsync.store.manifest import DiscoveredGame
+from ringsync.store.manifest import LocalGame
 from ringsync.transport.memory import MemoryTransport
 
 NODE = "selfplay-1"
@@ -110,7 +110,7 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
     key = config_key_for(BOARD, PLAYERS)
     for start in range(0, games, CHUNK):  # everything is already delivered to both targets
         chunk = ids[start:start + CHUNK]
-        ctx.manifest.record_discovered([DiscoveredGame(g, SOURCE, key) for g in chunk], TARGETS)
+        ctx.manifest.record_discovered([LocalGame(g, SOURCE, key) for g in chunk], TARGETS)
         for target in TARGETS:
             ctx.manifest.ack(target, chunk)
     print(f"  source DB and manifest with {games:,} delivered games built in "

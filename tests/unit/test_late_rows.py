@@ -117,10 +117,10 @@ def test_truncated_games_are_not_rechecked_and_placeholders_are_given_up(tmp_pat
 
 def test_manifest_requeue_puts_delivered_games_back_for_their_holders(
         node_factory: Callable[..., NodeContext]) -> None:
-    from ringsync.store.manifest import DiscoveredGame
+    from ringsync.store.manifest import LocalGame
     manifest = node_factory("selfplay-1").manifest
-    manifest.record_discovered([DiscoveredGame("a", "s.db", "hex8_2p"),
-                                DiscoveredGame("b", "s.db", "hex8_2p")], ["t1", "t2"])
+    manifest.record_discovered([LocalGame("a", "s.db", "hex8_2p"),
+                                LocalGame("b", "s.db", "hex8_2p")], ["t1", "t2"])
     manifest.ack("t1", ["a", "b"])
     manifest.ack("t2", ["a"])
     assert manifest.requeue(["a", "unknown"]) == 2  # only where it was delivered

@@ -15,7 +15,7 @@ from ringsync.daemons.auto_sync._sources import PreparedCache
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import GameSource, game_ids
 from ringsync.store.gamesource import ScanState
-from ringsync.store.manifest import DataManifest, DiscoveredGame
+from ringsync.store.manifest import DataManifest, LocalGame
 from ringsync.store.receiver import GameReceiver
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
@@ -219,7 +219,7 @@ def test_a_delivered_game_costs_one_small_row(tmp_path: Path) -> None:
     m = DataManifest(tmp_path / "m.db")
     try:
         n = 20_000
-        games = [DiscoveredGame(f"{i:08d}-0000-4000-8000-{i:012d}", "games/hex8_2p.db", "hex8_2p")
+        games = [LocalGame(f"{i:08d}-0000-4000-8000-{i:012d}", "games/hex8_2p.db", "hex8_2p")
                  for i in range(n)]
         m.record_discovered(games, ["train-1", "train-2"])
         for target in ("train-1", "train-2"):
@@ -236,7 +236,7 @@ def test_holders_and_notes_survive_compaction_and_many_targets(tmp_path: Path) -
     m = DataManifest(tmp_path / "m.db")
     try:
         targets = [f"t{i:02d}" for i in range(70)]  # past the 63 bits: the rest in overflow
-        m.record_discovered([DiscoveredGame("a", "s.db", "k"), DiscoveredGame("b", "s.db", "k")],
+        m.record_discovered([LocalGame("a", "s.db", "k"), LocalGame("b", "s.db", "k")],
                             targets)
         m.ack("t00", ["a"])
         m.ack("t01", ["a"], note="shared")
@@ -260,9 +260,9 @@ def test_a_target_that_returns_is_owed_what_was_found_while_it_was_gone(tmp_path
     m = DataManifest(tmp_path / "m.db")
     try:
         assert m.ensure_targets(["t1", "t2"]) == 0
-        m.record_discovered([DiscoveredGame("a", "s.db", "k")], ["t1", "t2"])
+        m.record_discovered([LocalGame("a", "s.db", "k")], ["t1", "t2"])
         m.ensure_targets(["t1"])  # t2 left the routing
-        m.record_discovered([DiscoveredGame("b", "s.db", "k")], ["t1"])
+        m.record_discovered([LocalGame("b", "s.db", "k")], ["t1"])
         assert m.ensure_targets(["t1"]) == 0  # nothing to do for a complete target
         assert m.ensure_targets(["t1", "t2"]) == 1
         assert ids(m.pending("t2", 10)) == ["a", "b"]  # type: ignore[arg-type]
@@ -290,7 +290,7 @@ def test_a_manifest_of_one_row_per_delivery_is_converted(tmp_path: Path) -> None
         assert m.holders("a") == ["t1", "t2"]
         assert m.summary()["shared"] == {"t2": 1}
         assert [(p.game_id, p.source) for p in m.pending("t1", 10)] == [("b", "x.jsonl")]
-        m.record_discovered([DiscoveredGame("b", "db.db", "k")], ["t1"])  # row beats line
+        m.record_discovered([LocalGame("b", "db.db", "k")], ["t1"])  # row beats line
         assert [p.source for p in m.pending("t1", 10)] == ["db.db"]
     finally:
         m.close()

@@ -22,7 +22,7 @@ from ringsync.store.discovery import SourceFile, discover_sources
 from ringsync.store.gamedb import GameSource
 from ringsync.store.gamesource import Scan, ScanState
 from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
-from ringsync.store.manifest import DiscoveredGame
+from ringsync.store.manifest import LocalGame
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class LocalSources:
         if found:
             # A game received from a peer, wherever it was copied to here, is not ours to push.
             received = manifest.received_filter([g.game_id for g in found])
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
+            games = [LocalGame(g.game_id, key, g.config_key) for g in found
                      if g.game_id not in received]
             m.games_discovered.inc(manifest.record_discovered(games, targets))
         if scan.changed:  # rows added to shipped games: their holders get them merged by key

@@ -19,6 +19,7 @@ from _common import LOCAL_MOUNTINFO, emit_result, fmt, percentile, print_table, 
 from _sshd import sshd_server
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.inventory import Host, Inventory
 from ringsync.node import build_context
 from ringsync.protocol.batch import config_key_for
@@ -124,10 +125,10 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
 
         async def rediscover() -> None:
             daemon._sources.request_rescan()  # what a timer wake-up does (no public hook for it)
-            await daemon.sync_once("interval")
+            await daemon.sync_once(Trigger.INTERVAL)
 
-        event = await time_calls(events, lambda: daemon.sync_once("event"))
-        interval = await time_calls(intervals, lambda: daemon.sync_once("interval"))
+        event = await time_calls(events, lambda: daemon.sync_once(Trigger.EVENT))
+        interval = await time_calls(intervals, lambda: daemon.sync_once(Trigger.INTERVAL))
         timer = await time_calls(intervals, rediscover)
         owed = sum(ctx.manifest.outbox_size(t) for t in TARGETS)
         if transport.pushes or owed:

@@ -12,6 +12,7 @@ import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.auto_sync._sources import PreparedCache
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import GameSource, game_ids
 from ringsync.store.gamesource import ScanState
@@ -169,7 +170,7 @@ async def test_a_restarted_sender_scans_no_rows_below_its_saved_cursor(
         daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)  # a "large" first scan
         cycles = 0
         while True:
-            await daemon.sync_once("startup" if cycles == 0 else "backlog")
+            await daemon.sync_once(Trigger.STARTUP if cycles == 0 else Trigger.BACKLOG)
             cycles += 1
             if not await daemon._backlog_waiting():
                 break
@@ -181,7 +182,7 @@ async def test_a_restarted_sender_scans_no_rows_below_its_saved_cursor(
         later, _ = write_games(db, 4, seed=11)
         again = node_factory("selfplay-1")
         daemon = AutoSyncDaemon(again, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         assert sample(again, "ringsync_source_rows_scanned_total") == 4  # not 44
         got = [g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)]
         assert sorted(got) == sorted(done + later)
@@ -198,7 +199,7 @@ async def test_a_replaced_file_is_scanned_from_its_start(
         db = ctx.settings.games_dir / "sp.db"
         write_games(db, 5)
         daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         await daemon.close()
         ctx.close()
         for suffix in ("", "-wal", "-shm"):
@@ -206,7 +207,7 @@ async def test_a_replaced_file_is_scanned_from_its_start(
         other, _ = write_games(db, 3, seed=21)  # a new file (new inode), rowids from 1 again
         again = node_factory("selfplay-1")
         daemon = AutoSyncDaemon(again, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
         assert set(other) <= got
         await daemon.close()
@@ -324,7 +325,7 @@ async def test_batches_are_cut_to_the_byte_budget(
     write_games(ctx.settings.games_dir / "sp.db", 120)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
     daemon._batch_bytes = budget = 64 * 1024
-    await daemon.sync_once("startup")
+    await daemon.sync_once(Trigger.STARTUP)
     assert ctx.manifest.outbox_size("train-1") == 0
     rest = sorted(transport.sizes)[:-2]  # but the first batch (64 games) of each target
     assert len(rest) >= 6  # the count limit alone makes one batch per target
@@ -340,16 +341,16 @@ async def test_fresh_games_go_before_a_backlog_in_one_budget_of_rows(
     ctx = node_factory("selfplay-1", scan_chunk_rows=15)
     backlog, _ = write_games(ctx.settings.games_dir / "big.db", 80)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-    await daemon.sync_once("startup")
+    await daemon.sync_once(Trigger.STARTUP)
     assert sample(ctx, "ringsync_source_rows_scanned_total") == 15
     fresh, _ = write_games(ctx.settings.games_dir / "new.db", 2, seed=5)
-    await daemon.sync_once("backlog")
+    await daemon.sync_once(Trigger.BACKLOG)
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
     assert set(fresh) <= got  # not after the 65 rows left of the backlog
     assert sample(ctx, "ringsync_source_rows_scanned_total") == 15 + 2 + 28  # the budget doubled
     assert sample(ctx, "ringsync_source_scan_backlog") == 1
     while await daemon._backlog_waiting():
-        await daemon.sync_once("backlog")
+        await daemon.sync_once(Trigger.BACKLOG)
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
     assert got == set(backlog) | set(fresh)
     await daemon.close()

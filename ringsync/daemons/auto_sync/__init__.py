@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ringsync.daemons.auto_sync._sharing import StorageSharing
 from ringsync.daemons.auto_sync._sources import BATCH_BYTES, LocalSources, Prepared, PreparedCache
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_sources
 from ringsync.errors import (
@@ -89,7 +90,7 @@ class AutoSyncDaemon(Daemon):
         self._health = Health(HealthState.HEALTHY, f"skipping: {reason}")
         ready()
         while not self._stopping:
-            self._ctx.metrics.sync_cycles.labels(trigger="excluded_skip").inc()
+            self._ctx.metrics.sync_cycles.labels(trigger=Trigger.EXCLUDED_SKIP).inc()
             await self._wait_for_trigger()
 
     async def drain(self) -> None:
@@ -116,10 +117,10 @@ class AutoSyncDaemon(Daemon):
         self._ctx.sync_wakeup.set()
 
     async def _loop(self) -> None:
-        trigger = "startup"
+        trigger = Trigger.STARTUP
         while not self._stopping:
             await self.sync_once(trigger)
-            trigger = "backlog" if await self._backlog_waiting() else await self._wait_for_trigger()
+            trigger = Trigger.BACKLOG if await self._backlog_waiting() else await self._wait_for_trigger()
 
     async def _backlog_waiting(self) -> bool:
         """A large first scan goes on, or games arrived during the cycle for a target that
@@ -134,33 +135,30 @@ class AutoSyncDaemon(Daemon):
                 return True
         return False
 
-    async def _wait_for_trigger(self) -> str:
+    async def _wait_for_trigger(self) -> Trigger:
         """Sleep until an event or the (jittered) interval; coalesce a burst of events."""
         interval = self._ctx.settings.sync_interval * random.uniform(0.9, 1.1)
         try:
             async with asyncio.timeout(interval):
                 await self._ctx.sync_wakeup.wait()
         except TimeoutError:
-            return "interval"
+            return Trigger.INTERVAL
         await asyncio.sleep(self._ctx.settings.debounce)
         self._ctx.sync_wakeup.clear()
-        return "event"
+        return Trigger.EVENT
 
     # -- one cycle ---------------------------------------------------------------------------
 
-    async def sync_once(self, trigger: str = "manual") -> None:
-        """Discover completed games, then deliver every target's outbox.
-
-        Any trigger but "event" also looks for new source databases and rescans all.
-        """
+    async def sync_once(self, trigger: Trigger = Trigger.MANUAL) -> None:
+        """Discover completed games, then deliver every target's outbox."""
         async with self._cycle_lock:
-            if trigger != "event":
+            if trigger.rescans:
                 self._sources.request_rescan()
             self._acked_in_cycle = 0
             self._peers.new_cycle()
             started = time.perf_counter()
             if await self._sharing.elect():
-                await self._sources.discover(force=trigger != "event")
+                await self._sources.discover(force=trigger.rescans)
             targets = [h for h in self._ctx.router.game_targets() if self._peers.ready(h.name)]
             cache = PreparedCache(2 * self._batch_bytes, self._bytes_per_game)
             siblings = await self._sharing.siblings(targets)

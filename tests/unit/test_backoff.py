@@ -7,14 +7,7 @@ import random
 import pytest
 
 from ringsync.policy.backoff import Backoff, RetryPacer
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.clock import FakeClock
 
 
 def test_delays_double_from_initial_up_to_the_maximum() -> None:

@@ -88,6 +88,14 @@ class CircuitBreaker:
         """When an open breaker lets a probe through (None unless open)."""
         return self._retry_at if self.state is BreakerState.OPEN else None
 
+    def would_allow(self) -> bool:
+        """Whether ``allow`` would let an attempt through now (nothing changes)."""
+        if self.state is BreakerState.OPEN:
+            return self._clock() >= self._retry_at
+        if self.state is BreakerState.HALF_OPEN:
+            return self._probes < self._config.half_open_probes
+        return True
+
     def allow(self) -> tuple[bool, BreakerChange | None]:
         """Whether one attempt may start now (a half-open probe is then in flight)."""
         change = None
@@ -117,6 +125,11 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED and self._failures >= self._config.failure_threshold:
             return self._open(f"{self._failures} failures in a row, last: {error}")
         return None
+
+    def release(self) -> None:
+        """An attempt ``allow`` let through did nothing that tells (nothing was sent)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
 
     def _open(self, reason: str) -> BreakerChange:
         self._opened += 1

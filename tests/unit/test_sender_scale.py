@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
-from ringsync.daemons.auto_sync._sources import PreparedCache
+from ringsync.daemons.auto_sync._batches import PreparedCache
 from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import GameSource, game_ids
@@ -324,7 +324,7 @@ async def test_batches_are_cut_to_the_byte_budget(
     ctx = node_factory("selfplay-1", batch_games=500)
     write_games(ctx.settings.games_dir / "sp.db", 120)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-    daemon._batch_bytes = budget = 64 * 1024
+    daemon._batches.batch_bytes = budget = 64 * 1024
     await daemon.sync_once(Trigger.STARTUP)
     assert ctx.manifest.outbox_size("train-1") == 0
     rest = sorted(transport.sizes)[:-2]  # but the first batch (64 games) of each target

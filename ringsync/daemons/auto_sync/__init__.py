@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringsync.daemons.auto_sync._batches import BatchBuilder, Prepared
 from ringsync.daemons.auto_sync._sharing import StorageSharing
-from ringsync.daemons.auto_sync._sources import BATCH_BYTES, LocalSources, Prepared, PreparedCache
+from ringsync.daemons.auto_sync._sources import LocalSources
 from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_sources
@@ -72,8 +73,8 @@ class AutoSyncDaemon(Daemon):
         self._health = Health(HealthState.STARTING)
         self._acked_in_cycle = 0
         self._refused_warned: set[str] = set()
-        self._bytes_per_game: float | None = None  # learnt by a cycle, used by the next
-        self._batch_bytes = min(BATCH_BYTES, s.max_batch_bytes // 2)
+        self._batches = BatchBuilder(self._sources, node_id=s.node_id,
+                                     max_batch_bytes=s.max_batch_bytes, batch_games=s.batch_games)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,12 +174,12 @@ class AutoSyncDaemon(Daemon):
             if await self._sharing.elect():
                 await self._sources.discover(force=trigger.rescans)
             targets = self._choose_targets()
-            cache = PreparedCache(2 * self._batch_bytes, self._bytes_per_game)
+            self._batches.new_cycle()
             siblings = await self._sharing.siblings(targets)
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
-                    tg.create_task(self._deliver(target, cache, siblings.get(target.name)))
-            self._bytes_per_game = cache.bytes_per_game
+                    tg.create_task(self._deliver(target, siblings.get(target.name)))
+            self._batches.end_cycle()
             self._sharing.warn_if_all_shared()
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
@@ -197,7 +198,7 @@ class AutoSyncDaemon(Daemon):
                 peer=name, transport=self._policy.transport).set(self._policy.breaker(name).state.gauge)
         return [hosts[name] for name in chosen]
 
-    async def _deliver(self, target: Host, cache: PreparedCache, siblings: Siblings | None) -> None:
+    async def _deliver(self, target: Host, siblings: Siblings | None) -> None:
         """Drain ``target``'s outbox: prepare the next batch while earlier ones are in flight.
 
         Two pushes in flight let the receiver read and check one batch while it merges
@@ -207,7 +208,7 @@ class AutoSyncDaemon(Daemon):
         """
         pushed = _Pushed()
         try:
-            await self._deliver_outbox(target, cache, siblings, pushed)
+            await self._deliver_outbox(target, siblings, pushed)
         except* (TransportError, CorruptDataError) as group:
             self._report(target.name, self._policy.failed(target.name, group.exceptions[0]),
                          group.exceptions[0])
@@ -219,8 +220,8 @@ class AutoSyncDaemon(Daemon):
             self._ctx.metrics.outbox_games.labels(peer=target.name).set(
                 await asyncio.to_thread(self._ctx.manifest.outbox_size, target.name))
 
-    async def _deliver_outbox(self, target: Host, cache: PreparedCache,
-                              siblings: Siblings | None, pushed: _Pushed) -> None:
+    async def _deliver_outbox(self, target: Host, siblings: Siblings | None,
+                              pushed: _Pushed) -> None:
         if await self._sharing.shares(target):
             await self._sharing.skip_all(target.name)
             return
@@ -233,20 +234,19 @@ class AutoSyncDaemon(Daemon):
         in_flight = 1 if self._policy.probing(target.name) else PUSHES_IN_FLIGHT
         queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._produce(target.name, queue, cache, in_flight))
+            tg.create_task(self._produce(target.name, queue, in_flight))
             for _ in range(in_flight):
                 tg.create_task(self._consume(target, queue, pushed))
 
     async def _produce(self, target: str, queue: asyncio.Queue[Prepared | None],
-                       cache: PreparedCache, consumers: int) -> None:
+                       consumers: int) -> None:
         """Walk ``target``'s whole outbox once, a batch at a time, in game-id order.
 
-        A batch is at most RINGRIFT_SYNC_BATCH_GAMES games and about ``_batch_bytes``.
+        A batch is at most RINGRIFT_SYNC_BATCH_GAMES games and about the builder's bytes.
         """
-        batch_games = self._ctx.settings.batch_games
         after = ""
         while not self._stopping:
-            size = cache.page_size(batch_games, self._batch_bytes)
+            size = self._batches.page_size()
             page = await asyncio.to_thread(self._ctx.manifest.pending, target, size, after=after)
             if not page:
                 break
@@ -255,7 +255,7 @@ class AutoSyncDaemon(Daemon):
             for game in page:
                 by_source.setdefault(game.source, []).append(game.game_id)
             for source, ids in by_source.items():
-                await queue.put(await self._sources.prepared(source, tuple(ids), target, cache))
+                await queue.put(await self._batches.batches(source, tuple(ids), target))
         for _ in range(consumers):
             await queue.put(None)  # one end marker per consumer
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ringsync.localcluster import Cluster
 from ringsync.store import ringrift_schema
-from ringsync.store.gamemerge import TARGET_PAGE_SIZE
+from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES, TARGET_PAGE_SIZE
+from ringsync.store.shards import parse_shard, shard_path, shard_paths
 
 # One local ext4 root mount: AutoSyncDaemon must not take the data dir for shared storage.
 LOCAL_MOUNTINFO = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
@@ -208,47 +209,78 @@ def prefill_receiver(db: Path, template_db: Path, games: int) -> float:
 PREFILL_CHUNK = 10_000
 
 
-def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | None,
-                    *, in_place: bool = False) -> str:
-    """Put a merged DB holding ``games`` copies of the template's first game at ``merged``.
+def prefill_shards(directory: Path, key: str, template_db: Path, games: int,
+                   shard_bytes: int) -> float:
+    """``games`` pre-filled games laid out as the receiver lays them out: ``<key>.db``,
+    ``<key>+2.db`` ... each full at ``shard_bytes`` (0: one DB), the last one part-full.
+    Returns the seconds taken."""
+    started = time.perf_counter()
+    per_shard = games
+    if shard_bytes:
+        probe = directory / ".probe.db"
+        prefill_receiver(probe, template_db, 1000)
+        per_shard = max(1, -(-shard_bytes * 1000 // probe.stat().st_size))  # full, as merges leave it
+        for leftover in directory.glob(".probe.db*"):
+            leftover.unlink()
+    number, left = 1, games
+    while left > 0:
+        n = min(per_shard, left)
+        prefill_receiver(shard_path(directory, key, number), template_db, n)
+        number, left = number + 1, left - n
+    return time.perf_counter() - started
 
-    With ``cache``, the DB is built once as ``cache/prefill-<games>.db`` and copied from
-    there on later runs (a 1M-game DB of 80-move games is ~30 GB and takes long to build).
-    With ``in_place``, the cached DB is hard-linked instead of copied (when a copy would not
-    fit on the disk): the run then adds its games to the cached DB, which goes on growing
-    like a long-running node's, so callers count the games held before they start. A
-    ``.in-use`` marker is left while a node may write it; a cache found marked (a run that
-    did not end cleanly, so its WAL may be lost) is rebuilt. Returns a one-line description.
+
+def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | None,
+                    *, in_place: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+    """Put merged DBs holding ``games`` copies of the template's first game beside ``merged``
+    (the config's first DB), in shards of ``shard_bytes`` as the receiver makes them.
+
+    With ``cache``, the DBs are built once in ``cache/prefill-<games>[-shard<MiB>]/`` and
+    copied from there on later runs (a 1M-game set of 80-move games is ~35 GB). With
+    ``in_place``, the cached DBs are hard-linked instead of copied (when a copy would not
+    fit on the disk): the run then adds its games to them, and they go on growing like a
+    long-running node's, so callers count the games held before they start. A ``.in-use``
+    marker is left while a node may write them; a cache found marked (a run that did not
+    end cleanly, so a WAL may be lost) is rebuilt. Returns a one-line description.
     """
+    parsed = parse_shard(merged.name)
+    if parsed is None or parsed[1] != 1:
+        raise ValueError(f"{merged} is not a config's first merged DB")
+    key, synced = parsed[0], merged.parent
+    synced.mkdir(parents=True, exist_ok=True)
+    layout = f"{key} in shards of {shard_bytes >> 20} MiB" if shard_bytes else f"{key}.db"
     if cache is None:
-        seconds = prefill_receiver(merged, template_db, games)
-        evict_from_page_cache(merged)
-        return f"built in {fmt(seconds)} s, {fmt(merged.stat().st_size / MB)} MB"
-    cached = cache / f"prefill-{games}.db"
+        seconds = prefill_shards(synced, key, template_db, games, shard_bytes)
+        made = shard_paths(synced, key)
+        for db in made:
+            evict_from_page_cache(db)
+        return (f"built in {fmt(seconds)} s: {len(made)} DBs ({layout}), "
+                f"{fmt(sum(db.stat().st_size for db in made) / MB)} MB")
+    cached = cache / (f"prefill-{games}" + (f"-shard{shard_bytes >> 20}" if shard_bytes else ""))
     marker = cached.with_name(cached.name + ".in-use")
-    if marker.exists():  # an in-place run did not end cleanly: the DB may miss its WAL
-        cached.unlink(missing_ok=True)
+    if marker.exists():  # an in-place run did not end cleanly: a DB may miss its WAL
+        shutil.rmtree(cached, ignore_errors=True)
         marker.unlink()
     built = ""
     if not cached.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".partial")
-        for leftover in cache.glob(partial.name + "*"):
-            leftover.unlink()
-        seconds = prefill_receiver(partial, template_db, games)
+        partial = cached.with_name(cached.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        seconds = prefill_shards(partial, key, template_db, games, shard_bytes)
         partial.rename(cached)  # whole or absent: an interrupted build is not reused
         built = f"built in {fmt(seconds)} s, "
     started = time.perf_counter()
-    merged.parent.mkdir(parents=True, exist_ok=True)
+    dbs = shard_paths(cached, key)
     if in_place:
-        marker.write_text(str(merged))
-        os.link(cached, merged)
-        evict_from_page_cache(merged)
-        return f"{built}linked in place from {cached} (grows by each run's games)"
-    shutil.copyfile(cached, merged)
-    evict_from_page_cache(merged)
-    return (f"{built}copied from {cached} in {fmt(time.perf_counter() - started)} s, "
-            f"{fmt(merged.stat().st_size / MB)} MB")
+        marker.write_text(str(synced))
+    for db in dbs:
+        (os.link if in_place else shutil.copyfile)(db, synced / db.name)
+        evict_from_page_cache(synced / db.name)
+    size = fmt(sum(db.stat().st_size for db in dbs) / MB)
+    if in_place:
+        return f"{built}linked in place from {cached}: {len(dbs)} DBs ({layout}), {size} MB"
+    return (f"{built}copied from {cached} in {fmt(time.perf_counter() - started)} s: "
+            f"{len(dbs)} DBs ({layout}), {size} MB")
 
 
 def stopped_cleanly(cluster: Cluster, name: str) -> bool:
@@ -257,10 +289,12 @@ def stopped_cleanly(cluster: Cluster, name: str) -> bool:
     return proc is not None and proc.poll() == 0
 
 
-def release_in_place(cache: Path | None, games: int) -> None:
-    """After a clean stop of the nodes: the in-place cached DB is whole again (WAL folded in)."""
+def release_in_place(cache: Path | None, games: int,
+                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """After a clean stop of the nodes: the in-place cached DBs are whole again (WALs folded in)."""
     if cache is not None:
-        (cache / f"prefill-{games}.db.in-use").unlink(missing_ok=True)
+        name = f"prefill-{games}" + (f"-shard{shard_bytes >> 20}" if shard_bytes else "")
+        (cache / f"{name}.in-use").unlink(missing_ok=True)
 
 
 def evict_from_page_cache(db: Path) -> None:

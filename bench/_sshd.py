@@ -19,7 +19,7 @@ SSHD = "/usr/sbin/sshd"
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
-__all__ = ["SshServer", "sshd_server"]
+__all__ = ["SshServer", "keygen", "sshd_config", "sshd_server", "stop_process"]
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _keygen(path: Path) -> str:
+def keygen(path: Path) -> str:
+    """A fresh passphrase-less ed25519 key pair at ``path``; returns the public key line."""
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ringsync-bench", "-f", str(path)],
                    check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=30)
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
-def _config(tmp: Path, port: int) -> Path:
+def sshd_config(tmp: Path, port: int, *, listen: str = "127.0.0.1", authorized_keys: Path | None = None,
+                extra: tuple[str, ...] = ()) -> Path:
+    """An sshd_config for a throwaway server whose files all live in ``tmp``."""
     config = tmp / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}",
-        "ListenAddress 127.0.0.1",
+        f"ListenAddress {listen}",
         f"HostKey {tmp / 'host_ed25519'}",
         f"PidFile {tmp / 'sshd.pid'}",
-        f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
+        f"AuthorizedKeysFile {authorized_keys or tmp / 'authorized_keys'}",
         "UsePAM no",
         "StrictModes no",
         "PermitRootLogin prohibit-password",
@@ -86,6 +89,7 @@ def _config(tmp: Path, port: int) -> Path:
         "PrintMotd no",
         "LogLevel ERROR",
         "Subsystem sftp internal-sftp",
+        *extra,
         "",
     ]))
     return config
@@ -111,7 +115,8 @@ def _wait_ready(server: SshServer, proc: subprocess.Popen[bytes], log: Path) -> 
     raise RuntimeError(f"sshd on port {server.port} not ready within {READY_TIMEOUT}s: {last}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -128,8 +133,8 @@ def sshd_server() -> Iterator[SshServer]:
     tmp = Path(tempfile.mkdtemp(prefix="ringsync-bench-sshd-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
-        host_pub = _keygen(tmp / "host_ed25519")
-        client_pub = _keygen(tmp / "client_ed25519")
+        host_pub = keygen(tmp / "host_ed25519")
+        client_pub = keygen(tmp / "client_ed25519")
         (tmp / "authorized_keys").write_text(client_pub + "\n")
         port = _free_port()
         key_type, key_b64 = host_pub.split()[:2]
@@ -139,12 +144,12 @@ def sshd_server() -> Iterator[SshServer]:
                            user=getpass.getuser())
         log = tmp / "sshd.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(_config(tmp, port))],
+            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config(tmp, port))],
                                     stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env={**os.environ, "LC_ALL": "C"})
         _wait_ready(server, proc, log)
         yield server
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ from _common import (
 from ringsync.localcluster import Cluster
 from ringsync.protocol.batch import config_key_for
 from ringsync.selfplay_sim import MODES, PATTERNS, SelfplayWriter
+from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES
 
 SENDER, RECEIVER = "selfplay-1", "train-1"
 POLL_INTERVAL = 0.002
@@ -149,6 +150,7 @@ def run_case(root: Path, args: argparse.Namespace, prefill: int) -> Case:
     db = cluster.nodes[SENDER].data_dir / "games" / "selfplay.db"
     SelfplayWriter(db, pattern=args.writer).close()  # the DB exists (empty) before the nodes start
     synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
+    cluster.nodes[RECEIVER].extra_env["RINGRIFT_MERGED_SHARD_MB"] = str(args.shard_mb)
     case = Case(prefill, Timings(), args.warmup)
     if prefill:
         template = root / "template.db"
@@ -157,7 +159,8 @@ def run_case(root: Path, args: argparse.Namespace, prefill: int) -> Case:
         print(f"pre-filling the receiver's merged DB with {prefill:,} games ...", flush=True)
         case.prefill_note = place_prefilled(synced / f"{config_key_for('hex8', 2)}.db", template,
                                             prefill, args.prefill_cache,
-                                            in_place=args.prefill_in_place)
+                                            in_place=args.prefill_in_place,
+                                            shard_bytes=args.shard_mb << 20)
         print(f"  {case.prefill_note}", flush=True)
         os.sync()
     timings, stop = case.timings, threading.Event()
@@ -183,7 +186,7 @@ def run_case(root: Path, args: argparse.Namespace, prefill: int) -> Case:
             watcher.join(10)
         case.sender_log = cluster.nodes[SENDER].log_tail(5)
     if prefill and args.prefill_in_place and stopped_cleanly(cluster, RECEIVER):
-        release_in_place(args.prefill_cache, prefill)
+        release_in_place(args.prefill_cache, prefill, args.shard_mb << 20)
     shutil.rmtree(root, ignore_errors=True)  # a 1M-game merged DB is ~30 GB: one at a time
     return case
 
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-cache", type=Path, default=None,
                         help="directory keeping each pre-filled merged DB between runs (a "
                              "1M-game one is ~30 GB); copied per run")
+    parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20,
+                        help="the receiver's RINGRIFT_MERGED_SHARD_MB, and the shards the "
+                             "pre-filled games are laid out in (default %(default)s, the "
+                             "nodes' default; 0: one merged DB)")
     parser.add_argument("--prefill-in-place", action="store_true",
                         help="hard-link the cached pre-filled DB instead of copying it (when two "
                              "~30 GB copies do not fit on the disk); each run adds its games to it")

@@ -38,6 +38,7 @@ from _sshd import sshd_server
 from ringsync.localcluster import Cluster
 from ringsync.protocol.batch import config_key_for
 from ringsync.selfplay_sim import PATTERNS, SelfplayWriter
+from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES
 from ringsync.store.gamesource import GameSource
 
 SENDER, RECEIVER = "selfplay-1", "train-1"
@@ -184,10 +185,12 @@ def run_case(root: Path, backlog: Path, args: argparse.Namespace, prefill: int) 
     shutil.copyfile(backlog, db)
     synced = cluster.nodes[RECEIVER].data_dir / "games" / "synced" / RECEIVER
     merged = synced / f"{config_key_for('hex8', 2)}.db"
+    cluster.nodes[RECEIVER].extra_env["RINGRIFT_MERGED_SHARD_MB"] = str(args.shard_mb)
     if prefill:
         print(f"pre-filling the receiver's {merged.name} with {prefill:,} games ...", flush=True)
         case.prefill_note = place_prefilled(merged, backlog, prefill, args.prefill_cache,
-                                            in_place=args.prefill_in_place)
+                                            in_place=args.prefill_in_place,
+                                            shard_bytes=args.shard_mb << 20)
         print(f"  {case.prefill_note}", flush=True)
     base = synced_count(synced)  # the prefill, or more: an in-place cache grows run by run
     os.sync()  # the copies' dirty pages are flushed now, not during the measurement
@@ -223,7 +226,7 @@ def run_case(root: Path, backlog: Path, args: argparse.Namespace, prefill: int) 
         case.sender_log = cluster.nodes[SENDER].log_tail(8)
     case.done, case.elapsed, case.from_launch = done is not None, end - ready, end - launched
     if prefill and args.prefill_in_place and stopped_cleanly(cluster, RECEIVER):
-        release_in_place(args.prefill_cache, prefill)
+        release_in_place(args.prefill_cache, prefill, args.shard_mb << 20)
     shutil.rmtree(root, ignore_errors=True)  # a 1M-game merged DB is ~30 GB: one at a time
     return case
 
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-cache", type=Path, default=None,
                         help="directory keeping each pre-filled merged DB between runs (a "
                              "1M-game one is ~30 GB and takes a while to build); copied per run")
+    parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20,
+                        help="the receiver's RINGRIFT_MERGED_SHARD_MB, and the shards the "
+                             "pre-filled games are laid out in (default %(default)s, the "
+                             "nodes' default; 0: one merged DB)")
     parser.add_argument("--prefill-in-place", action="store_true",
                         help="hard-link the cached pre-filled DB instead of copying it (when two "
                              "~30 GB copies do not fit on the disk); each run adds its games to it")

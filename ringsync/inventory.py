@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ KNOWN_ROLES = (
 ROLE_KINDS = ("coordinator", "training", "selfplay", "storage", "aggregator")
 DEFAULT_ROLE = "selfplay"  # upstream's sync_router: a host without a role is a selfplay node
 ADDRESS_FIELDS = ("ssh_host", "tailscale_ip", "p2p_host")
+# How a peer can be reached, in the order tried (hosts.<name>.transport, RINGRIFT_TRANSPORT_ORDER).
+TRANSPORT_NAMES = ("http", "ssh")
 # Text a template leaves in an address until someone fills it in.
 _PLACEHOLDER = re.compile(
     r"[<>{}]|\btodo\b|\bfixme\b|\bchangeme\b|\bplaceholder\b|\.\.\.",
@@ -58,6 +60,7 @@ class Host:
     p2p_enabled: bool = True
     bandwidth_mbps: float | None = None
     nfs_enabled: bool = False  # nfs_enabled or has_nfs in the file: the host mounts shared NFS
+    transport: tuple[str, ...] = ()  # ringsync extension; empty: RINGRIFT_TRANSPORT_ORDER decides
 
     @property
     def address(self) -> str:
@@ -300,7 +303,29 @@ def _parse_host(source: str, name: str, raw: object) -> Host:
         p2p_enabled=f.flag("p2p_enabled", True),
         bandwidth_mbps=f.number("bandwidth_mbps", minimum=0.0, allow_zero=True),
         nfs_enabled=f.flag("nfs_enabled", False) or f.flag("has_nfs", False),
+        transport=_transport_order(f),
     )
+
+
+def _transport_order(f: _Fields) -> tuple[str, ...]:
+    """``transport: ssh`` or ``transport: http,ssh`` (or a YAML list): tried in this order."""
+    raw = f.raw("transport")
+    if raw is None:
+        return ()
+    names = raw if isinstance(raw, list) else str(raw).split(",")
+    try:
+        return parse_transport_order(names)
+    except ValueError as exc:
+        raise f.fail("transport", raw, str(exc)) from None
+
+
+def parse_transport_order(names: Sequence[object]) -> tuple[str, ...]:
+    """Transport names in the order to try them; ValueError says what is allowed."""
+    order = tuple(str(n).strip().lower() for n in names if str(n).strip())
+    if not order or any(n not in TRANSPORT_NAMES for n in order) or len(set(order)) < len(order):
+        raise ValueError(f"is not a list of transports; use one or more of {', '.join(TRANSPORT_NAMES)} "
+                         "without repeats, in the order to try them (e.g. http,ssh)")
+    return order
 
 
 def _role(f: _Fields) -> str:
@@ -399,6 +424,9 @@ class _Fields:
 
     def has(self, key: str) -> bool:
         return self._raw.get(key) is not None
+
+    def raw(self, key: str) -> object:
+        return self._raw.get(key)
 
     def section(self, key: str) -> _Fields:
         value = self._raw.get(key)

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class Node:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    command_prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec NS` in tests
 
     @property
     def data_dir(self) -> Path:
@@ -59,8 +60,10 @@ class Cluster:
     """Nodes described by one inventory; each runs as its own `ringsync run` process."""
 
     def __init__(self, root: Path, nodes: list[tuple[str, str]], *, sync_interval: float = 5.0,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO",
+                 host_fields: Mapping[str, Mapping[str, object]] | None = None) -> None:
         self.root = root
+        self.host_fields = host_fields or {}  # per host, inventory fields over the loopback defaults
         self.token = secrets.token_hex(24)
         self.log_level = log_level
         self.nodes = {name: Node(name, role, root) for name, role in nodes}
@@ -74,6 +77,7 @@ class Cluster:
                 "ssh_host": "127.0.0.1", "ssh_port": 22, "role": n.role, "status": "ready",
                 "p2p_host": "127.0.0.1", "p2p_port": n.port, "gpu": "none",
                 "selfplay_enabled": "selfplay" in n.role, "training_enabled": "training" in n.role,
+                **self.host_fields.get(n.name, {}),
             }
             for n in self.nodes.values()
         }
@@ -101,7 +105,8 @@ class Cluster:
             sock.bind(str(node.notify_path))
             with node.log_path.open("ab") as log:
                 node.process = subprocess.Popen(
-                    [sys.executable, "-m", "ringsync", "run", *args], env=self.env(node),
+                    [*node.command_prefix, sys.executable, "-m", "ringsync", "run", *args],
+                    env=self.env(node),
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # a terminal's Ctrl-C reaches only the harness
                 )

@@ -71,7 +71,8 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
     metrics = Metrics()
     receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router),
                             manifest=manifest, metrics=metrics, max_configs=settings.max_configs,
-                            ledger=settings.state_dir / "received_configs.db")
+                            ledger=settings.state_dir / "received_configs.db",
+                            shard_bytes=settings.merged_shard_mb << 20)
     shared = SharedStorage(settings.node_id, identity, enabled=settings.skip_nfs_sync,
                            marked_nfs=nfs_hosts(settings.inventory))
     return NodeContext(settings=settings, metrics=metrics, manifest=manifest, router=router,

@@ -18,7 +18,14 @@ from typing import TypedDict, TypeVar
 from dotenv import dotenv_values
 
 from ringsync.errors import BadInputError, ConfigError
-from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
+from ringsync.inventory import (
+    DEFAULT_P2P_PORT,
+    TRANSPORT_NAMES,
+    Host,
+    Inventory,
+    load_inventory,
+    parse_transport_order,
+)
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
 from ringsync.protocol.batch import validate_source_node
 
@@ -126,9 +133,28 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_MAX_CONFIGS", "256", "Most config DBs (board type and player count, e.g. "
            "hex8_2p) this node merges received games into; a batch for one more is refused "
            "(1-100000)"),
+    EnvVar("RINGRIFT_MERGED_SHARD_MB", "512", "A received config's merged DB takes new games "
+           "until it holds this many MiB; then <config>+2.db beside it does, and so on (RingRift's "
+           "discovery reads them all). Small DBs keep merges cheap: RingRift's random game_id "
+           "index pages make a merge into a 35 GB DB write 16 times the payload. 0: one DB, "
+           "never bounded"),
     EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
            "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
            "being read"),
+    EnvVar("RINGRIFT_TRANSPORT_ORDER", "http", "How peers are reached, in the order tried when "
+           "one cannot reach the peer: comma-separated " + ", ".join(TRANSPORT_NAMES) + " (ssh: the "
+           "same peer API through an SSH connection to the peer's ssh_host, to its data server on "
+           "127.0.0.1); a host's transport field in the inventory wins"),
+    EnvVar("RINGRIFT_SSH_KNOWN_HOSTS", "~/.ssh/known_hosts", "The known_hosts file SSH peers' host "
+           "keys are checked against; a peer whose key is missing or different is refused"),
+    EnvVar("RINGRIFT_SSH_MAX_CHANNELS", "10", "Most channels (concurrent requests) on the one SSH "
+           "connection to a peer; keep it at or below the peer sshd's MaxSessions (1-1000)"),
+    EnvVar("RINGRIFT_SSH_KEEPALIVE_INTERVAL", "3", "Seconds of silence from an SSH peer before a "
+           "keepalive is sent (> 0)"),
+    EnvVar("RINGRIFT_SSH_KEEPALIVE_COUNT_MAX", "3", "Unanswered keepalives after which an SSH "
+           "peer counts as dead and its connection is closed (>= 1)"),
+    EnvVar("RINGRIFT_SSH_CONNECT_TIMEOUT", "10", "Seconds an SSH connection and login to a peer "
+           "may take (> 0)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -167,7 +193,14 @@ class Settings:
     max_upload_bytes_in_flight: int | None = None  # None: 4 times max_batch_bytes
     max_merges_in_flight: int = 2
     max_configs: int = 256
+    merged_shard_mb: int = 512
     scan_chunk_rows: int = 10_000
+    transport_order: tuple[str, ...] = ("http",)
+    ssh_known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
+    ssh_max_channels: int = 10
+    ssh_keepalive_interval: float = 3.0
+    ssh_keepalive_count_max: int = 3
+    ssh_connect_timeout: float = 10.0
 
     @property
     def state_root(self) -> Path:
@@ -264,7 +297,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         active_game_timeout=env.number("RINGRIFT_ACTIVE_GAME_TIMEOUT", 21600.0),
         **_http_limits(env),
         max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
+        merged_shard_mb=env.integer("RINGRIFT_MERGED_SHARD_MB", 512, minimum=0),
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
+        **_ssh_settings(env, cwd),
     )
 
 
@@ -594,3 +629,30 @@ def _sendable_node_id(node_id: str) -> str:
         return validate_source_node(node_id)
     except BadInputError as exc:
         raise ConfigError(f"RINGRIFT_NODE_ID (or the hostname): {exc}") from None
+
+
+class _SshSettings(TypedDict):
+    transport_order: tuple[str, ...]
+    ssh_known_hosts: Path
+    ssh_max_channels: int
+    ssh_keepalive_interval: float
+    ssh_keepalive_count_max: int
+    ssh_connect_timeout: float
+
+
+def _ssh_settings(env: _Env, cwd: Path) -> _SshSettings:
+    """Which transports reach peers, and how the SSH one connects."""
+    order = env.get("RINGRIFT_TRANSPORT_ORDER")
+    try:
+        transport_order = parse_transport_order(order.split(",")) if order else ("http",)
+    except ValueError as exc:
+        raise env.fail("RINGRIFT_TRANSPORT_ORDER", str(exc)) from None
+    known_hosts = env.get("RINGRIFT_SSH_KNOWN_HOSTS") or "~/.ssh/known_hosts"
+    return _SshSettings(
+        transport_order=transport_order,
+        ssh_known_hosts=_resolve(known_hosts, cwd, "RINGRIFT_SSH_KNOWN_HOSTS"),
+        ssh_max_channels=env.integer("RINGRIFT_SSH_MAX_CHANNELS", 10, minimum=1, maximum=1000),
+        ssh_keepalive_interval=env.number("RINGRIFT_SSH_KEEPALIVE_INTERVAL", 3.0),
+        ssh_keepalive_count_max=env.integer("RINGRIFT_SSH_KEEPALIVE_COUNT_MAX", 3, minimum=1),
+        ssh_connect_timeout=env.number("RINGRIFT_SSH_CONNECT_TIMEOUT", 10.0),
+    )

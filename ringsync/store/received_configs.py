@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ringsync.errors import TooLargeError
 from ringsync.ops.metrics import Metrics
+from ringsync.store.shards import config_keys, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS configs (
 
 
 class ReceivedConfigs:
-    """Which ``<config_key>.db`` files the receiver holds, and how many games each has.
+    """Which configs the receiver holds merged DBs of (``<config_key>.db`` and its shards,
+    ringsync/store/shards.py), and how many games each config has.
 
     Config keys come from peers: each one is a file of its own, so their number is
     bounded (``max_configs``, RINGRIFT_MAX_CONFIGS). Counts are kept here as merges
@@ -66,15 +68,13 @@ class ReceivedConfigs:
         for key in self._files():
             games, exact = stored.get(key, (0, False))
             if not exact:
-                games = _count(self._dir / f"{key}.db")
+                games = sum(_count(path) for path in shard_paths(self._dir, key))
                 self._db.execute("INSERT OR REPLACE INTO configs VALUES (?, ?, 1)", (key, games))
             self._counts[key] = games
         self._gauge()
 
     def _files(self) -> set[str]:
-        if not self._dir.is_dir():
-            return set()
-        return {p.name[:-3] for p in self._dir.iterdir() if p.name.endswith(".db")}
+        return config_keys(self._dir)
 
     # -- the bound
 

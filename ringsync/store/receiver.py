@@ -11,6 +11,7 @@ from ringsync.ops.metrics import Metrics
 from ringsync.protocol.batch import GameBatch, content_digest, decode_batch
 from ringsync.protocol.results import MergeResult
 from ringsync.store.gamedb import GameMerger
+from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES
 from ringsync.store.manifest import DataManifest
 from ringsync.store.received_configs import DEFAULT_MAX_CONFIGS, ReceivedConfigs
 
@@ -32,8 +33,9 @@ class GameReceiver:
 
     def __init__(self, synced_dir: Path, *, refuse_reason: str | None = None,
                  manifest: DataManifest | None = None, metrics: Metrics | None = None,
-                 max_configs: int = DEFAULT_MAX_CONFIGS, ledger: Path | None = None) -> None:
-        self._merger = GameMerger(synced_dir, metrics=metrics)
+                 max_configs: int = DEFAULT_MAX_CONFIGS, ledger: Path | None = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self._merger = GameMerger(synced_dir, metrics=metrics, shard_bytes=shard_bytes)
         self._configs = ReceivedConfigs(synced_dir, max_configs=max_configs, ledger=ledger,
                                         metrics=metrics)
         self._refuse_reason = refuse_reason

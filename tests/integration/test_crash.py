@@ -76,6 +76,8 @@ def test_random_kill_9_of_sender_and_receivers(tmp_path: Path) -> None:
     rng = random.Random(seed)
     print(f"crash test seed {seed} (RINGSYNC_TEST_SEED={seed} reproduces the schedule)")
     cluster = Cluster(tmp_path, NODES, sync_interval=2.0)
+    # train-2 starts a new merged DB every MiB: kills land while shards fill up and start
+    cluster.nodes["train-2"].extra_env["RINGRIFT_MERGED_SHARD_MB"] = "1"
     source = cluster.nodes["selfplay-1"].data_dir / "games" / "hex8_2p.db"
     source.parent.mkdir(parents=True)
     writer = start_writer(source, rate=150)
@@ -89,6 +91,8 @@ def test_random_kill_9_of_sender_and_receivers(tmp_path: Path) -> None:
         wait_until(lambda: all(len(held_game_ids(cluster.nodes[t])) >= completed for t in TRAINERS),
                    120, f"{completed} games at both trainers after the crashes")
         assert_converged(cluster, source)
+        shards = list((cluster.nodes["train-2"].data_dir / "games" / "synced").rglob("*+*.db"))
+        assert shards, "train-2 never started a second merged DB: the shard case went untested"
     finally:
         if writer.poll() is None:
             writer.kill()

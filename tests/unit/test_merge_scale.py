@@ -26,19 +26,6 @@ _BATCH_ALIASES = {"b"}  # temp.batch_ids AS b
 
 
 @pytest.fixture
-def writer(tmp_path: Path) -> Iterator[SelfplayWriter]:
-    with SelfplayWriter(tmp_path / "sp.db", moves_per_game=12, seed=3, extra_tables=True) as w:
-        yield w
-
-
-@pytest.fixture
-def source(tmp_path: Path, writer: SelfplayWriter) -> Iterator[GameSource]:
-    src = GameSource(tmp_path / "sp.db")
-    yield src
-    src.close()
-
-
-@pytest.fixture
 def merger(tmp_path: Path) -> Iterator[GameMerger]:
     m = GameMerger(tmp_path / "synced")
     yield m
@@ -47,7 +34,7 @@ def merger(tmp_path: Path) -> Iterator[GameMerger]:
 
 def opened(merger: GameMerger, key: str = "hex8_2p") -> gamemerge._TargetDB:
     """The merger's open connection to ``key``'s DB (a first merge creates it and closes)."""
-    return merger._target(key, merger._safe_path(key))
+    return merger._target(merger._safe_path(key))
 
 
 def plan_problems(conn: sqlite3.Connection, sql: str) -> list[str]:

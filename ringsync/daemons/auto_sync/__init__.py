@@ -30,7 +30,7 @@ from ringsync.policy.delivery import DeliveryPolicy, Outcome
 from ringsync.policy.shared_storage import Siblings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.http.client import HttpTransport
+from ringsync.transport.select import build_transport
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class AutoSyncDaemon(Daemon):
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
+        self._transport = transport or build_transport(s)
         self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
                                       retry_max=max(1.0, min(60.0, s.sync_interval)),
                                       breaker=breaker, clock=clock)

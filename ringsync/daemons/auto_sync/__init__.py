@@ -28,6 +28,7 @@ from ringsync.policy.backoff import Clock
 from ringsync.policy.breaker import BreakerChange, BreakerConfig, BreakerState
 from ringsync.policy.delivery import DeliveryPolicy, Outcome
 from ringsync.policy.shared_storage import Siblings
+from ringsync.settings import Settings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
 from ringsync.transport.select import build_transport
@@ -42,6 +43,11 @@ class _Pushed:
     """Whether a delivery pushed anything (a probe that pushed nothing gives no verdict)."""
 
     started: bool = False
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
+                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
 
 
 class AutoSyncDaemon(Daemon):
@@ -65,7 +71,7 @@ class AutoSyncDaemon(Daemon):
         self._transport = transport or build_transport(s)
         self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
                                       retry_max=max(1.0, min(60.0, s.sync_interval)),
-                                      breaker=breaker, clock=clock)
+                                      breaker=breaker or breaker_config(s), clock=clock)
         self._sources = LocalSources(ctx, on_change=self._update_health)
         self._sharing = StorageSharing(ctx, self._transport)
         self._stopping = False

@@ -19,12 +19,13 @@ from _common import LOCAL_MOUNTINFO, emit_result, fmt, percentile, print_table, 
 from _sshd import sshd_server
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.inventory import Host, Inventory
 from ringsync.node import build_context
 from ringsync.protocol.batch import config_key_for
 from ringsync.selfplay_sim import SCHEMA_VERSION, create_schema
 from ringsync.settings import Settings
-from ringsync.store.manifest import DiscoveredGame
+from ringsync.store.manifest import LocalGame
 from ringsync.transport.memory import MemoryTransport
 
 NODE = "selfplay-1"
@@ -110,7 +111,7 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
     key = config_key_for(BOARD, PLAYERS)
     for start in range(0, games, CHUNK):  # everything is already delivered to both targets
         chunk = ids[start:start + CHUNK]
-        ctx.manifest.record_discovered([DiscoveredGame(g, SOURCE, key) for g in chunk], TARGETS)
+        ctx.manifest.record_discovered([LocalGame(g, SOURCE, key) for g in chunk], TARGETS)
         for target in TARGETS:
             ctx.manifest.ack(target, chunk)
     print(f"  source DB and manifest with {games:,} delivered games built in "
@@ -124,10 +125,10 @@ async def measure_ringsync(root: Path, games: int, events: int, intervals: int) 
 
         async def rediscover() -> None:
             daemon._sources.request_rescan()  # what a timer wake-up does (no public hook for it)
-            await daemon.sync_once("interval")
+            await daemon.sync_once(Trigger.INTERVAL)
 
-        event = await time_calls(events, lambda: daemon.sync_once("event"))
-        interval = await time_calls(intervals, lambda: daemon.sync_once("interval"))
+        event = await time_calls(events, lambda: daemon.sync_once(Trigger.EVENT))
+        interval = await time_calls(intervals, lambda: daemon.sync_once(Trigger.INTERVAL))
         timer = await time_calls(intervals, rediscover)
         owed = sum(ctx.manifest.outbox_size(t) for t in TARGETS)
         if transport.pushes or owed:

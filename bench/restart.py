@@ -28,7 +28,7 @@ from ringsync.daemons.auto_sync._sources import saved_scan
 from ringsync.localcluster import Cluster, read_game_ids
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamesource import GameSource
-from ringsync.store.manifest import DataManifest, DiscoveredGame
+from ringsync.store.manifest import DataManifest, LocalGame
 
 SENDER, TARGETS = "selfplay-1", ("train-1", "train-2")
 SOURCE_KEY = "games/hex8_2p.db"
@@ -45,7 +45,7 @@ def record_history(manifest_path: Path, db: Path) -> int:
         manifest.ensure_targets(TARGETS)
         while True:
             scan = source.scan_all(max_rows=CHUNK)
-            games = [DiscoveredGame(g.game_id, SOURCE_KEY, g.config_key) for g in scan.completed]
+            games = [LocalGame(g.game_id, SOURCE_KEY, g.config_key) for g in scan.completed]
             manifest.record_discovered(games, TARGETS)
             for target in TARGETS:
                 manifest.ack(target, [g.game_id for g in games])

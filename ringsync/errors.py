@@ -16,7 +16,11 @@ class ConfigError(RingsyncError):
 
 
 class TransportError(RingsyncError):
-    """Moving bytes to or from a peer failed; the caller retries later."""
+    """A transfer to or from a peer did not happen; the subclass says what the caller does.
+
+    Raised at the transport boundary whatever carried the bytes (HTTP, SSH, in memory):
+    callers branch on these classes, never on a wire status or a message.
+    """
 
     def __init__(self, peer: str, reason: str) -> None:
         super().__init__(f"{peer}: {reason}")
@@ -24,12 +28,30 @@ class TransportError(RingsyncError):
         self.reason = reason
 
 
-class PeerRejectedError(TransportError):
-    """The peer answered but refused the request (4xx); retrying as-is won't help."""
+class TransientError(TransportError):
+    """The peer could not take it now (busy, storage full, broken transfer): retry later.
 
-    def __init__(self, peer: str, status: int, reason: str) -> None:
-        super().__init__(peer, f"HTTP {status}: {reason}")
-        self.status = status
+    The only kind that counts against a peer's circuit breaker.
+    """
+
+
+class PeerUnreachableError(TransientError):
+    """The peer cannot be reached over this transport: try the next transport, else
+    retry later."""
+
+
+class PeerRejectedError(TransportError):
+    """The peer answered and refused; sending the same thing again will not help."""
+
+
+class BatchRejectedError(PeerRejectedError):
+    """This batch is bad (malformed, too large, corrupt): drop it from this delivery and
+    alert; the rest of the outbox goes on."""
+
+
+class PeerRefusedError(PeerRejectedError):
+    """The peer refuses this data type from us (coordinator, skip_sync_receive, wrong
+    cluster token): stop sending it until its configuration changes."""
 
 
 class AuthError(RingsyncError):
@@ -48,6 +70,10 @@ class TooLargeError(BadInputError):
     """Input exceeds a configured size bound."""
 
 
+class ReceiveRefused(BadInputError):
+    """This node does not take this data type at all (coordinator, skip_sync_receive)."""
+
+
 class StorageFullError(RingsyncError):
     """The disk (or a quota) holding the data dir is full; nothing was written."""
 
@@ -58,6 +84,25 @@ class StorageBusyError(RingsyncError):
 
 class CorruptDataError(RingsyncError):
     """Stored or received data fails verification; it is quarantined or fetched again."""
+
+
+def delivery_error(peer: str, exc: RingsyncError) -> TransportError:
+    """What a sender does about a receiver's error: the one place that decides it.
+
+    Every transport raises the result, the in-memory one directly and HTTP through its
+    status codes (``ringsync.transport.http.wire``), so a sender behaves the same
+    whichever carried the batch.
+    """
+    reason = str(exc)
+    if isinstance(exc, ReceiveRefused | AuthError):
+        return PeerRefusedError(peer, reason)
+    if isinstance(exc, BadInputError | CorruptDataError):
+        return BatchRejectedError(peer, reason)
+    if isinstance(exc, StorageFullError | StorageBusyError):
+        return TransientError(peer, reason)
+    if isinstance(exc, TransportError):
+        return exc
+    return TransientError(peer, f"{type(exc).__name__}: {reason}")
 
 
 class RestartBudgetExhausted(RingsyncError):

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ringsync.daemons.base import DaemonType, Health
+from ringsync.health import DaemonType, Health
 from ringsync.inventory import Host
 from ringsync.ops.fsdetect import mount_of
 from ringsync.ops.memory import MemoryTrimmer

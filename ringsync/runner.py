@@ -11,11 +11,11 @@ from typing import Any
 
 from ringsync.daemons.base import DaemonType
 from ringsync.daemons.catalog import default_registry
-from ringsync.daemons.data_server import check_port_free
 from ringsync.daemons.manager import DaemonManager, ManagerListenerBase
 from ringsync.node import NodeContext, build_context
 from ringsync.ops.sdnotify import SystemdNotifier
 from ringsync.settings import Settings
+from ringsync.transport.http.server import check_port_free
 
 log = logging.getLogger(__name__)
 

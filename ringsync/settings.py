@@ -155,6 +155,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "peer counts as dead and its connection is closed (>= 1)"),
     EnvVar("RINGRIFT_SSH_CONNECT_TIMEOUT", "10", "Seconds an SSH connection and login to a peer "
            "may take (> 0)"),
+    EnvVar("RINGRIFT_CIRCUIT_FAILURE_THRESHOLD", "5", "Transient delivery failures in a row (peer "
+           "unreachable, timed out, busy) that open a peer's circuit breaker: its games wait and "
+           "it is probed later (1-1000)"),
+    EnvVar("RINGRIFT_CIRCUIT_RECOVERY", "5", "Seconds an open circuit breaker leaves its peer "
+           "alone before one probe (> 0); doubles with each failed probe, with 20% jitter"),
+    EnvVar("RINGRIFT_CIRCUIT_RECOVERY_MAX", "300", "Most seconds an open circuit breaker waits "
+           "before a probe (>= RINGRIFT_CIRCUIT_RECOVERY)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -201,6 +208,9 @@ class Settings:
     ssh_keepalive_interval: float = 3.0
     ssh_keepalive_count_max: int = 3
     ssh_connect_timeout: float = 10.0
+    circuit_failure_threshold: int = 5
+    circuit_recovery: float = 5.0
+    circuit_recovery_max: float = 300.0
 
     @property
     def state_root(self) -> Path:
@@ -300,6 +310,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         merged_shard_mb=env.integer("RINGRIFT_MERGED_SHARD_MB", 512, minimum=0),
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
         **_ssh_settings(env, cwd),
+        **_circuit_settings(env),
     )
 
 
@@ -655,4 +666,25 @@ def _ssh_settings(env: _Env, cwd: Path) -> _SshSettings:
         ssh_keepalive_interval=env.number("RINGRIFT_SSH_KEEPALIVE_INTERVAL", 3.0),
         ssh_keepalive_count_max=env.integer("RINGRIFT_SSH_KEEPALIVE_COUNT_MAX", 3, minimum=1),
         ssh_connect_timeout=env.number("RINGRIFT_SSH_CONNECT_TIMEOUT", 10.0),
+    )
+
+
+class _CircuitSettings(TypedDict):
+    circuit_failure_threshold: int
+    circuit_recovery: float
+    circuit_recovery_max: float
+
+
+def _circuit_settings(env: _Env) -> _CircuitSettings:
+    """When a peer's circuit breaker opens and how long it waits before a probe."""
+    recovery = env.number("RINGRIFT_CIRCUIT_RECOVERY", 5.0)
+    recovery_max = env.number("RINGRIFT_CIRCUIT_RECOVERY_MAX", max(300.0, recovery))
+    if recovery_max < recovery:
+        raise env.fail("RINGRIFT_CIRCUIT_RECOVERY_MAX", f"is below RINGRIFT_CIRCUIT_RECOVERY="
+                       f"{recovery:g}; use a number of seconds >= it")
+    return _CircuitSettings(
+        circuit_failure_threshold=env.integer("RINGRIFT_CIRCUIT_FAILURE_THRESHOLD", 5, minimum=1,
+                                              maximum=1000),
+        circuit_recovery=recovery,
+        circuit_recovery_max=recovery_max,
     )

@@ -11,7 +11,7 @@ import aiohttp
 
 from ringsync.inventory import Host
 from ringsync.settings import Settings
-from ringsync.transport.http import peer_url
+from ringsync.transport.http.client import peer_url
 
 CONNECT_TIMEOUT = 3.0
 TOTAL_TIMEOUT = 8.0

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
+from ringsync.health import DaemonType, Health, HealthState
 
-class DaemonType(enum.Enum):
-    """The kinds of daemon a node can run; values are what profiles and --daemon use."""
-
-    DATA_SERVER = "data_server"
-    AUTO_SYNC = "auto_sync"
-
-
-class HealthState(enum.Enum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    state: HealthState
-    detail: str = ""
+__all__ = ["Daemon", "DaemonType", "Health", "HealthState"]
 
 
 class Daemon(ABC):

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
-import tenacity
-
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.errors import ConfigError, RestartBudgetExhausted, RingsyncError
+from ringsync.policy.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +99,6 @@ class _Slot:
             return Health(HealthState.FAILED, f"health() raised {type(exc).__name__}: {exc}")
 
 
-class _Backoff:
-    """Exponential restart delays, computed by tenacity from the number of recent restarts."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._wait = tenacity.wait_exponential(multiplier=initial, max=maximum)
-        self._retrying = tenacity.Retrying(wait=self._wait)
-
-    def delay(self, attempt: int) -> float:
-        state = tenacity.RetryCallState(self._retrying, fn=None, args=(), kwargs={})
-        state.attempt_number = attempt
-        return self._wait(state)
-
-
 class DaemonManager:
     """Runs typed daemons one-for-one supervised inside one asyncio.TaskGroup.
 
@@ -142,7 +128,7 @@ class DaemonManager:
         self._restart_limit = restart_limit
         self._restart_window = restart_window
         self._drain_timeout = drain_timeout
-        self._backoff = _Backoff(backoff_initial, backoff_max)
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._listener: ManagerListener = listener or ManagerListenerBase()
         self._slots: dict[DaemonType, _Slot] = {}  # insertion order is start order
         self._planned: dict[DaemonType, Daemon] = {}  # made to read depends_on; run first

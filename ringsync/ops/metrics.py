@@ -62,6 +62,13 @@ class Metrics:
         self.outbox_games = Gauge(
             "ringsync_outbox_games", "Games waiting to be delivered, per peer.", ["peer"], registry=r
         )
+        self.circuit_state = Gauge(
+            "ringsync_circuit_state",
+            "Circuit breaker per peer and transport: 0 closed, 1 half-open (probing), 2 open "
+            "(the peer is left alone; its games wait in its outbox).",
+            ["peer", "transport"],
+            registry=r,
+        )
         self.shared_storage_skips = Counter(
             "ringsync_shared_storage_skips_total",
             "Games not sent to a peer because it uses this node's data dir (shared storage).",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+
+from ringsync.policy.backoff import Backoff, Clock, RetryPacer
 
 __all__ = ["PeerDelivery"]
 
@@ -16,11 +18,8 @@ class PeerDelivery:
     the failing set say whether it was a transition, so the caller logs only those.
     """
 
-    def __init__(self, initial: float, maximum: float, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._initial, self._max, self._clock = initial, maximum, clock
-        self._retry_at: dict[str, float] = {}
-        self._delay: dict[str, float] = {}
+    def __init__(self, initial: float, maximum: float, *, clock: Clock = time.monotonic) -> None:
+        self._pacer: RetryPacer[str] = RetryPacer(Backoff(initial, maximum), clock=clock)
         self._failing: dict[str, str] = {}  # peer -> why
         self._rejected_in_cycle: set[str] = set()
 
@@ -33,14 +32,11 @@ class PeerDelivery:
 
     def ready(self, peer: str) -> bool:
         """Not backing off."""
-        return self._clock() >= self._retry_at.get(peer, 0.0)
+        return self._pacer.ready(peer)
 
     def failed(self, peer: str, reason: str) -> tuple[float, bool]:
         """The peer could not be delivered to: (seconds until its retry, whether it just began failing)."""
-        delay = min(self._max, self._delay.get(peer, self._initial / 2) * 2)
-        self._delay[peer] = delay
-        self._retry_at[peer] = self._clock() + delay
-        return delay, self._fail(peer, reason)
+        return self._pacer.failed(peer), self._fail(peer, reason)
 
     def rejected(self, peer: str, reason: str) -> bool:
         """One batch refused (the rest went on); whether the peer just began failing."""
@@ -52,8 +48,7 @@ class PeerDelivery:
 
         A peer that refused a batch in this cycle stays failing.
         """
-        self._retry_at.pop(peer, None)
-        self._delay.pop(peer, None)
+        self._pacer.succeeded(peer)
         if peer in self._rejected_in_cycle:
             return False
         return self._failing.pop(peer, None) is not None

@@ -12,7 +12,7 @@ from typing import Any
 import xxhash
 
 from ringsync.protocol.batch import config_key_for
-from ringsync.store.ringrift_schema import COMPLETED_STATUSES, MIN_MOVES_REQUIRED
+from ringsync.protocol.ringrift import COMPLETED_STATUSES, MIN_MOVES_REQUIRED
 
 __all__ = ["PREFIX_BYTES", "JsonlGame", "LineSplitter", "Skip", "TailState",
            "line_hash", "parse_game", "resume_offset"]

@@ -26,6 +26,7 @@ from ringsync.protocol.batch import (
     image_table_sql,
     validate_config_key,
 )
+from ringsync.protocol.results import MergeResult
 from ringsync.store import ringrift_schema
 from ringsync.store._sqlite import (
     _IN_IDS,
@@ -41,23 +42,6 @@ from ringsync.store.shards import HeldFilter, parse_shard, shard_path, shard_pat
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class MergeResult:
-    """What one merge did.
-
-    ``inserted`` games were new here, ``duplicates`` were already held (their new child
-    rows, e.g. feature rows added after completion, were merged by key: ``rows_updated``),
-    ``refused`` are completed games with too few moves that RingRift's insert trigger
-    refuses in this DB: they are dropped, as RingRift itself would drop them.
-    """
-
-    inserted: int
-    duplicates: int
-    refused: tuple[str, ...] = ()
-    rows_updated: int = 0
-
 
 
 # -- receiver side -------------------------------------------------------------------------

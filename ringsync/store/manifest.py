@@ -70,17 +70,9 @@ def _holds(tid: str, game: str = "k") -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class DiscoveredGame:
-    """A completed game found in a local source DB."""
-
-    game_id: str
-    source: str
-    config_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class PendingGame:
-    """A game still owed to a target."""
+class LocalGame:
+    """A completed game generated here: found in a local source, owed to targets until
+    they acknowledge it."""
 
     game_id: str
     source: str
@@ -193,7 +185,7 @@ class DataManifest:
 
     # -- local games ------------------------------------------------------------------------
 
-    def record_discovered(self, games: Sequence[DiscoveredGame], targets: Iterable[str]) -> int:
+    def record_discovered(self, games: Sequence[LocalGame], targets: Iterable[str]) -> int:
         """Record completed games and queue each for every target; returns how many were new."""
         with self._lock, self._transaction():
             rows = [(g.game_id, self._source(g.source), g.config_key) for g in games]
@@ -222,7 +214,7 @@ class DataManifest:
                 )
         return new
 
-    def _from_log_to_db(self, games: Sequence[DiscoveredGame]) -> list[str]:
+    def _from_log_to_db(self, games: Sequence[LocalGame]) -> list[str]:
         """Games known from a JSONL log that a DB source has now (a Gumbel game has both)."""
         in_db = [g.game_id for g in games if not is_log_source(g.source)]
         found: list[str] = []
@@ -256,7 +248,7 @@ class DataManifest:
                 self._db.execute("UPDATE targets SET complete = 1 WHERE id = ?", (tid,))
         return added
 
-    def pending(self, target: str, limit: int, *, after: str = "") -> list[PendingGame]:
+    def pending(self, target: str, limit: int, *, after: str = "") -> list[LocalGame]:
         """Up to ``limit`` games owed to ``target``, in game-id order after ``after``.
 
         Keyset paging lets a sender walk a large outbox once while earlier pages are
@@ -272,7 +264,7 @@ class DataManifest:
                 "WHERE q.target_id = ? AND q.game_id > ? ORDER BY q.game_id LIMIT ?",
                 (tid, after, limit),
             ).fetchall()
-        return [PendingGame(*row) for row in rows]
+        return [LocalGame(*row) for row in rows]
 
     def ack(self, target: str, game_ids: Sequence[str], *, note: str = "") -> None:
         """The target holds these games: record the delivery and clear the outbox, atomically.

@@ -5,25 +5,21 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ringsync.errors import BadInputError, CorruptDataError, StorageBusyError
+from ringsync.errors import BadInputError, CorruptDataError, ReceiveRefused, StorageBusyError
 from ringsync.ops.logsafe import bounded, quoted
 from ringsync.ops.metrics import Metrics
 from ringsync.protocol.batch import GameBatch, content_digest, decode_batch
+from ringsync.protocol.results import MergeResult
 from ringsync.store.gamedb import GameMerger
 from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES
 from ringsync.store.manifest import DataManifest
 from ringsync.store.received_configs import DEFAULT_MAX_CONFIGS, ReceivedConfigs
-from ringsync.transport.base import PushResult
 
 # SQLite failures of the receiver's own storage, not of the batch: the peer retries later.
 _STORAGE_CODES = frozenset({
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_NOMEM,
     sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_PROTOCOL,
 })
-
-
-class ReceiveRefused(BadInputError):
-    """This node does not take games at all (coordinator, skip_sync_receive)."""
 
 
 class GameReceiver:
@@ -46,7 +42,7 @@ class GameReceiver:
         self._manifest = manifest
         self._metrics = metrics
 
-    def receive(self, payload: bytes, digest: str) -> PushResult:
+    def receive(self, payload: bytes, digest: str) -> MergeResult:
         """Verify ``payload`` against ``digest``, then merge it in one transaction.
 
         Raises CorruptDataError on a hash mismatch (the sender fetches/sends again),
@@ -73,8 +69,8 @@ class GameReceiver:
         if self._metrics is not None:
             self._metrics.games_refused_received.inc(len(result.refused))
             self._metrics.late_rows_received.inc(result.rows_updated)
-        return PushResult(inserted=result.inserted, duplicates=result.duplicates,
-                          refused=tuple(result.refused))
+        return MergeResult(inserted=result.inserted, duplicates=result.duplicates,
+                           refused=tuple(result.refused))
 
     def held_games(self) -> dict[str, int]:
         """Games per config DB held here, without opening any of them."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import sqlite3
 
+from ringsync.protocol.ringrift import COMPLETED_STATUSES, MIN_MOVES_REQUIRED
+
 __all__ = [
     "COMPLETED_STATUSES",
     "MIN_MOVES_REQUIRED",
@@ -24,9 +26,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 18
-MIN_MOVES_REQUIRED = 5
-# A finished game's status: 'completed', legacy 'finished' (what RingRift's triggers check).
-COMPLETED_STATUSES = frozenset({"completed", "finished"})
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from ringsync.errors import (
-    BadInputError,
-    CorruptDataError,
-    PeerRejectedError,
-    StorageFullError,
-    TransportError,
-)
+from ringsync.errors import PeerUnreachableError, RingsyncError, delivery_error
 from ringsync.inventory import Host
-from ringsync.store.receiver import GameReceiver, ReceiveRefused
-from ringsync.transport.base import PushResult
+from ringsync.protocol.results import MergeResult
+from ringsync.store.receiver import GameReceiver
 
 
 class MemoryTransport:
-    """Delivers to ``GameReceiver`` objects by peer name; peers in ``down`` are unreachable."""
+    """Delivers to ``GameReceiver`` objects by peer name; peers in ``down`` are unreachable.
+
+    A receiver's error reaches the sender as the same typed error HTTP would give it
+    (``delivery_error`` decides both).
+    """
 
     name = "memory"
 
@@ -30,21 +28,17 @@ class MemoryTransport:
         self.probes = 0
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         self.pushes += 1
         receiver = self.receivers.get(peer.name)
         if receiver is None or peer.name in self.down:
-            raise TransportError(peer.name, "unreachable (memory transport)")
+            raise PeerUnreachableError(peer.name, "unreachable (memory transport)")
         if data_dir_id is not None and self.data_dir_ids.get(peer.name) == data_dir_id:
-            return PushResult(inserted=0, duplicates=0, shared_storage=True)
+            return MergeResult(inserted=0, duplicates=0, shared_storage=True)
         try:
             result = receiver.receive(payload, digest)
-        except ReceiveRefused as exc:  # the statuses the HTTP data server answers
-            raise PeerRejectedError(peer.name, 403, str(exc)) from exc
-        except (BadInputError, CorruptDataError) as exc:
-            raise PeerRejectedError(peer.name, 400, str(exc)) from exc
-        except StorageFullError as exc:
-            raise TransportError(peer.name, f"HTTP 507: {exc}") from exc
+        except RingsyncError as exc:
+            raise delivery_error(peer.name, exc) from exc
         self.delivered.set()
         return result
 
@@ -52,7 +46,7 @@ class MemoryTransport:
         self.probes += 1
         marker = self.data_dir_ids.get(peer.name)
         if marker is None or peer.name in self.down:
-            raise TransportError(peer.name, "no data dir id (memory transport)")
+            raise PeerUnreachableError(peer.name, "no data dir id (memory transport)")
         return marker
 
     async def close(self) -> None:

@@ -6,10 +6,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ringsync.errors import PeerRejectedError, TransportError
+from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.inventory import Host
+from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
-from ringsync.transport.base import GameTransport, PushResult
+from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ def build_transport(s: Settings) -> GameTransport:
 class TransportChain:
     """Tries a peer's transports in order while they cannot reach it.
 
-    A refusal (the peer answered) is final; only unreachability moves on to the next
-    transport. The transport that last worked for a peer is tried first next time, so a
+    Only a ``PeerUnreachableError`` moves on to the next transport; any other error (the
+    peer answered, or was reached and could not take it now) is final for this attempt.
+    The transport that last worked for a peer is tried first next time, so a
     peer reachable only over SSH does not pay an HTTP timeout on every push.
     """
 
@@ -53,7 +55,7 @@ class TransportChain:
         return order
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         return await self._first(peer, lambda t: t.push_games(peer, payload, digest,
                                                                data_dir_id=data_dir_id))
 
@@ -69,9 +71,7 @@ class TransportChain:
         for name in self.order(peer):
             try:
                 result = await call(self._transports[name])
-            except PeerRejectedError:
-                raise
-            except TransportError as exc:
+            except PeerUnreachableError as exc:
                 failures.append((name, exc))
                 continue
             if self._working.get(peer.name) != name:
@@ -80,5 +80,5 @@ class TransportChain:
             return result
         if len(failures) == 1:
             raise failures[0][1]  # as the one transport typed it
-        raise TransportError(peer.name, "; ".join(f"{n}: {e.reason}" for n, e in failures)) \
+        raise PeerUnreachableError(peer.name, "; ".join(f"{n}: {e.reason}" for n, e in failures)) \
             from failures[-1][1]

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ringsync.errors import TransportError
+from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
+from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
-from ringsync.transport.base import PushResult
 from ringsync.transport.http import HttpTransport
 
 with warnings.catch_warnings():
@@ -107,7 +107,7 @@ class SshTransport:
         self._connecting: dict[str, asyncio.Lock] = {}
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         async with self._channel(peer) as local:
             return await self._http.push_games(local, payload, digest, data_dir_id=data_dir_id)
 
@@ -138,19 +138,19 @@ class SshTransport:
         """Say whether the SSH connection died or the far data server is not there."""
         if (lost := tunnel.lost) is not None:
             await self._drop(peer.name, tunnel)
-            return TransportError(peer.name, f"SSH connection to {_where(peer)} lost ({lost}); "
+            return PeerUnreachableError(peer.name, f"SSH connection to {_where(peer)} lost ({lost}); "
                                              f"the request was cut off: {exc.reason}")
-        if type(exc) is not TransportError:
-            return exc  # the data server answered (e.g. a refusal): nothing to add
+        if isinstance(exc, PeerRejectedError):
+            return exc  # the data server answered (a refusal): nothing to add
         try:
             reader_writer = await tunnel.conn.open_connection(REMOTE_HOST, peer.p2p_port)
         except asyncssh.ChannelOpenError as probe:
-            return TransportError(peer.name, f"SSH to {_where(peer)} works, but {REMOTE_HOST}:"
+            return PeerUnreachableError(peer.name, f"SSH to {_where(peer)} works, but {REMOTE_HOST}:"
                                              f"{peer.p2p_port} on it refused a connection ({probe.reason}); "
                                              f"is its data server running on p2p_port {peer.p2p_port}?")
         except (asyncssh.Error, OSError) as probe:
             await self._drop(peer.name, tunnel)
-            return TransportError(peer.name, f"SSH connection to {_where(peer)} failed: {probe}")
+            return PeerUnreachableError(peer.name, f"SSH connection to {_where(peer)} failed: {probe}")
         reader_writer[1].close()
         return exc
 
@@ -180,7 +180,7 @@ class SshTransport:
         except BaseException as exc:
             conn.close()
             if isinstance(exc, asyncssh.Error | OSError):
-                raise TransportError(peer.name, f"SSH to {_where(peer)}: cannot forward a local "
+                raise PeerUnreachableError(peer.name, f"SSH to {_where(peer)}: cannot forward a local "
                                                 f"port ({exc})") from exc
             raise
         local = dataclasses.replace(peer, p2p_host="127.0.0.1", tailscale_ip=None, ssh_host=None,
@@ -202,14 +202,14 @@ class SshTransport:
                 connect_timeout=opts.connect_timeout, login_timeout=opts.connect_timeout,
             )
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise TransportError(peer.name, _host_key_refused(peer, known_hosts, exc)) from exc
+            raise PeerUnreachableError(peer.name, _host_key_refused(peer, known_hosts, exc)) from exc
         except asyncssh.PermissionDenied as exc:
-            raise TransportError(peer.name, f"SSH login to {_where(peer)} refused ({exc.reason}); "
+            raise PeerUnreachableError(peer.name, f"SSH login to {_where(peer)} refused ({exc.reason}); "
                                             "add this node's public key to that user's "
                                             "authorized_keys, or fix hosts."
                                             f"{peer.name}.ssh_user / ssh_key") from exc
         except (asyncssh.Error, OSError, TimeoutError) as exc:
-            raise TransportError(peer.name, f"SSH to {_where(peer)} failed: "
+            raise PeerUnreachableError(peer.name, f"SSH to {_where(peer)} failed: "
                                             f"{type(exc).__name__}: {exc}") from exc
         return conn, watcher
 
@@ -222,7 +222,7 @@ def _where(peer: Host) -> str:
 def _ssh_host(peer: Host) -> str:
     host = peer.ssh_host or peer.tailscale_ip or peer.p2p_host
     if host is None:
-        raise TransportError(peer.name, f"no address to reach it over SSH; set hosts.{peer.name}."
+        raise PeerUnreachableError(peer.name, f"no address to reach it over SSH; set hosts.{peer.name}."
                                         "ssh_host in the inventory")
     return host
 
@@ -233,7 +233,7 @@ def _client_keys(peer: Host) -> list[str] | tuple[()]:
         return ()
     key = Path(peer.ssh_key).expanduser()
     if not key.is_file():
-        raise TransportError(peer.name, f"hosts.{peer.name}.ssh_key = {peer.ssh_key!r} is not a "
+        raise PeerUnreachableError(peer.name, f"hosts.{peer.name}.ssh_key = {peer.ssh_key!r} is not a "
                                         "readable file on this node; point it at the private key "
                                         "that logs in to that host")
     return [str(key)]
@@ -241,7 +241,7 @@ def _client_keys(peer: Host) -> list[str] | tuple[()]:
 
 def _known_hosts(peer: Host, path: Path) -> Path:
     if not path.is_file():
-        raise TransportError(peer.name, f"no known_hosts file at {path} (RINGRIFT_SSH_KNOWN_HOSTS), "
+        raise PeerUnreachableError(peer.name, f"no known_hosts file at {path} (RINGRIFT_SSH_KNOWN_HOSTS), "
                                         "so no SSH host key can be checked and nothing is sent; "
                                         + _host_key_fix(peer, path))
     return path

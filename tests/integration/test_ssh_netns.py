@@ -213,7 +213,7 @@ def test_a_cut_link_fails_the_push_within_seconds_and_the_next_push_reconnects(
     # 1 s keepalives, 2 unanswered allowed: the dead peer is noticed in about 3 s.
     print(f"push failed {failed['t'] - cut_at:.1f}s after the cut: {failed['message']}")
     assert failed["t"] - cut_at < 8.0, failed
-    assert failed["error"] == "TransportError"
+    assert failed["error"] == "PeerUnreachableError"
     assert "SSH connection to root@" in failed["message"]
     assert "keepalive" in failed["message"]
     assert pushed["inserted"] == 20  # a fresh connection after the heal; the cut batch merged nothing

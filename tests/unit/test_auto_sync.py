@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.daemons.base import HealthState
 from ringsync.errors import BadInputError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.protocol.batch import decode_batch
+from ringsync.protocol.results import MergeResult
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import game_ids
 from ringsync.store.receiver import GameReceiver
-from ringsync.transport.base import PushResult
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
 
@@ -221,7 +222,7 @@ async def test_a_node_whose_every_target_shares_warns_once(
     transport.data_dir_ids.update({n: ctx.shared.own.data_dir_id for n in ("train-1", "train-2")})
     daemon = daemon_for(ctx, transport)
     await daemon.sync_once()
-    await daemon.sync_once("interval")
+    await daemon.sync_once(Trigger.INTERVAL)
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "every target" in r.message]
     assert len(warnings) == 1
     assert transport.pushes == 0
@@ -256,11 +257,11 @@ async def test_database_created_empty_then_filled_is_found_on_the_next_event(
     db = ctx.settings.games_dir / "late.db"
     sqlite3.connect(db).close()  # the generator creates the file before its schema
     daemon._on_fs_event(db)
-    await daemon.sync_once("event")
+    await daemon.sync_once(Trigger.EVENT)
     assert ctx.manifest.summary()["games"] == 0
     done, _ = write_games(db, 3)  # later commits are plain modifications of the file
     daemon._on_fs_event(db.with_name("late.db-wal"))
-    await daemon.sync_once("event")
+    await daemon.sync_once(Trigger.EVENT)
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
 
 
@@ -288,8 +289,8 @@ async def test_rotated_source_db_loses_no_owed_game(
     (games / "selfplay.db").rename(games / "archive" / "selfplay-1.db")  # the generator rotates
     new, _ = write_games(games / "selfplay.db", 3, seed=9)
     transport.down.clear()
-    await daemon.sync_once("interval")
-    await daemon.sync_once("interval")
+    await daemon.sync_once(Trigger.INTERVAL)
+    await daemon.sync_once(Trigger.INTERVAL)
     for node in ("train-1", "train-2"):
         assert sorted(held(tmp_path, node)) == sorted(old + new)
     assert ctx.manifest.summary()["pending"] == {}
@@ -307,11 +308,11 @@ async def test_unreadable_owed_games_stay_queued_without_spinning(
     await daemon.sync_once()
     db.rename(db.with_name("parked.bin"))  # gone from games/ as a database for now
     transport.down.clear()
-    await daemon.sync_once("interval")
+    await daemon.sync_once(Trigger.INTERVAL)
     assert ctx.manifest.outbox_size("train-1") == 4  # kept, not dropped
     assert not await daemon._backlog_waiting()  # and no hot loop while they cannot be read
     db.with_name("parked.bin").rename(db)
-    await daemon.sync_once("interval")
+    await daemon.sync_once(Trigger.INTERVAL)
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
     await daemon.close()
 
@@ -324,7 +325,7 @@ class SizeRecorder(MemoryTransport):
         self.sizes: list[int] = []
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         self.sizes.append(len(payload))
         return await super().push_games(peer, payload, digest, data_dir_id=data_dir_id)
 
@@ -353,7 +354,7 @@ class _PoisonReceiver(GameReceiver):
         super().__init__(synced)
         self.poison = poison
 
-    def receive(self, payload: bytes, digest: str) -> PushResult:
+    def receive(self, payload: bytes, digest: str) -> MergeResult:
         if self.poison in decode_batch(payload).game_ids:
             raise BadInputError("this batch is refused")
         return super().receive(payload, digest)
@@ -420,10 +421,10 @@ async def test_a_commit_the_stat_check_misses_is_found_through_its_file_event(
     from ringsync.store.gamesource import GameSource
     monkeypatch.setattr(GameSource, "changed", lambda self: False)
     more, _ = write_games(db, 3, seed=5)
-    await daemon.sync_once("event")  # no file event: the (blinded) stat check decides
+    await daemon.sync_once(Trigger.EVENT)  # no file event: the (blinded) stat check decides
     assert set(more).isdisjoint(held(tmp_path, "train-1"))
     daemon._on_fs_event(db)  # what the watcher reports for a write to sp.db-wal
-    await daemon.sync_once("event")
+    await daemon.sync_once(Trigger.EVENT)
     assert sorted(held(tmp_path, "train-1")) == sorted(first + more)
     await daemon.close()
 

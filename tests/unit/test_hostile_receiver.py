@@ -66,7 +66,7 @@ async def test_a_receivers_error_text_cannot_forge_or_flood_our_log_lines(peer: 
 async def test_an_endless_answer_is_refused_at_the_limit(peer: Host,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     transport = HttpTransport("selfplay-1", "token")
-    monkeypatch.setattr("ringsync.transport.http.GAMES_PATH", "/flood" + GAMES_PATH)
+    monkeypatch.setattr("ringsync.transport.http.client.GAMES_PATH", "/flood" + GAMES_PATH)
     try:
         with pytest.raises(TransportError, match="answer longer than"):
             await transport.push_games(peer, b"payload", "xxh3-128:00")

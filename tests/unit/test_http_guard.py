@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ringsync.daemons.http_guard import ConnectionGuard, RateLimitedLog, connection_cap
+from ringsync.transport.http.guard import ConnectionGuard, RateLimitedLog, connection_cap
 
 
 def test_connections_are_capped_per_address_and_in_total() -> None:

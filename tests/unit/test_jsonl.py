@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.inventory import Inventory
 from ringsync.node import NodeContext
 from ringsync.protocol.batch import batch_rows
@@ -196,7 +197,7 @@ async def test_jsonl_games_arrive_once_with_their_moves(
     (data / "selfplay/gumbel_hex8_2p.jsonl").write_bytes(line(recs[3]))  # the same Gumbel game
     daemon = AutoSyncDaemon(sender, HttpTransport("selfplay-1", TOKEN))
     await daemon.sync_once()
-    await daemon.sync_once("interval")
+    await daemon.sync_once(Trigger.INTERVAL)
     for node in (train1, train2):
         merged = node.settings.synced_dir / "hex8_2p.db"
         got = game_ids(merged)

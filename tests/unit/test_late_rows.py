@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.daemons.base import HealthState
 from ringsync.errors import CorruptDataError
 from ringsync.node import NodeContext
@@ -117,10 +118,10 @@ def test_truncated_games_are_not_rechecked_and_placeholders_are_given_up(tmp_pat
 
 def test_manifest_requeue_puts_delivered_games_back_for_their_holders(
         node_factory: Callable[..., NodeContext]) -> None:
-    from ringsync.store.manifest import DiscoveredGame
+    from ringsync.store.manifest import LocalGame
     manifest = node_factory("selfplay-1").manifest
-    manifest.record_discovered([DiscoveredGame("a", "s.db", "hex8_2p"),
-                                DiscoveredGame("b", "s.db", "hex8_2p")], ["t1", "t2"])
+    manifest.record_discovered([LocalGame("a", "s.db", "hex8_2p"),
+                                LocalGame("b", "s.db", "hex8_2p")], ["t1", "t2"])
     manifest.ack("t1", ["a", "b"])
     manifest.ack("t2", ["a"])
     assert manifest.requeue(["a", "unknown"]) == 2  # only where it was delivered
@@ -140,7 +141,7 @@ async def test_changed_game_is_sent_again_to_its_holders(
     assert sorted(held(tmp_path, "train-1")) == sorted(done)
     with SelfplayWriter(db, moves_per_game=20, seed=8) as w:
         w.change_later(done[2])
-    await daemon.sync_once("event")
+    await daemon.sync_once(Trigger.EVENT)
     assert sample(ctx, "ringsync_source_games_changed_total") == 1
     for peer in ("train-1", "train-2"):
         assert sample(ctx, "ringsync_games_already_present_total", peer=peer) == 1
@@ -204,7 +205,7 @@ async def test_game_deleted_after_shipping_is_counted_once(
     with SelfplayWriter(db, moves_per_game=20) as w:
         w.abort_game(done[0])  # DELETE FROM games, cascading
     for _ in range(3):
-        await daemon.sync_once("interval")
+        await daemon.sync_once(Trigger.INTERVAL)
     assert sample(ctx, "ringsync_source_games_deleted_total") == 1
     await daemon.close()
 
@@ -253,7 +254,7 @@ async def test_a_view_made_stale_by_lost_locks_heals_and_loses_nothing(
     await daemon.sync_once()
     touch_file_like_a_header_check(db)  # what the old discovery did
     write_in_other_process(db, 3, seed=2)  # its last close checkpoints and deletes the WAL
-    await daemon.sync_once("event")
+    await daemon.sync_once(Trigger.EVENT)
     assert len(set(held(tmp_path, "train-1"))) == len(held(tmp_path, "train-1")) == 6
     assert sample(ctx, "ringsync_source_lost_locks_total") == 1
     await daemon.close()
@@ -281,7 +282,7 @@ async def test_a_source_failing_at_extract_time_is_loud_and_its_games_stay_queue
     monkeypatch.setattr(GameSource, "extract", unreadable)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
     for _ in range(2):
-        await daemon.sync_once("event")
+        await daemon.sync_once(Trigger.EVENT)
     assert daemon.health().state is HealthState.DEGRADED
     assert sample(ctx, "ringsync_sources_unreadable") == 1
     assert sum("cannot read source games/sp.db" in r.message for r in caplog.records) == 1

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringsync.store.manifest import DataManifest, DiscoveredGame
+from ringsync.store.manifest import DataManifest, LocalGame
 
 
 @pytest.fixture
@@ -20,8 +20,8 @@ def manifest(tmp_path: Path) -> Iterator[DataManifest]:
     m.close()
 
 
-def games(*ids: str) -> list[DiscoveredGame]:
-    return [DiscoveredGame(i, "selfplay.db", "hex8_2p") for i in ids]
+def games(*ids: str) -> list[LocalGame]:
+    return [LocalGame(i, "selfplay.db", "hex8_2p") for i in ids]
 
 
 def test_discovered_games_are_owed_to_every_target(manifest: DataManifest) -> None:
@@ -129,15 +129,15 @@ def test_every_discovered_game_is_owed_or_delivered_exactly_once(tmp_path_factor
 
 def test_a_game_found_in_a_new_file_is_read_from_there(manifest: DataManifest) -> None:
     manifest.record_discovered(games("a"), ["t1"])
-    moved = [DiscoveredGame("a", "archive/selfplay-1.db", "hex8_2p")]
+    moved = [LocalGame("a", "archive/selfplay-1.db", "hex8_2p")]
     assert manifest.record_discovered(moved, ["t1"]) == 0
     assert [p.source for p in manifest.pending("t1", 10)] == ["archive/selfplay-1.db"]
 
 
 def test_a_game_known_from_a_jsonl_line_is_read_from_its_db_row_once_one_appears(
         manifest: DataManifest) -> None:
-    line = [DiscoveredGame("g", "selfplay/gumbel_hex8_2p.jsonl", "hex8_2p")]
-    row = [DiscoveredGame("g", "selfplay/p2p/hex8_2p/j1/games.db", "hex8_2p")]
+    line = [LocalGame("g", "selfplay/gumbel_hex8_2p.jsonl", "hex8_2p")]
+    row = [LocalGame("g", "selfplay/p2p/hex8_2p/j1/games.db", "hex8_2p")]
     manifest.record_discovered(line, ["t1"])
     manifest.ack("t1", ["g"])  # t1 holds the line's rows only
     manifest.record_discovered(row, ["t1"])
@@ -151,7 +151,7 @@ def test_a_game_known_from_a_jsonl_line_is_read_from_its_db_row_once_one_appears
 
 
 def test_a_game_found_in_a_db_first_is_never_moved_to_its_jsonl_line(manifest: DataManifest) -> None:
-    row = [DiscoveredGame("g", "games/hex8_2p.db", "hex8_2p")]
+    row = [LocalGame("g", "games/hex8_2p.db", "hex8_2p")]
     manifest.record_discovered(row, ["t1"])
-    manifest.record_discovered([DiscoveredGame("g", "selfplay/x.jsonl.gz", "hex8_2p")], ["t1"])
+    manifest.record_discovered([LocalGame("g", "selfplay/x.jsonl.gz", "hex8_2p")], ["t1"])
     assert [p.source for p in manifest.pending("t1", 10)] == ["games/hex8_2p.db"]

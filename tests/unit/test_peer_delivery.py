@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from ringsync.policy.peers import PeerDelivery
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.clock import FakeClock as Clock
 
 
 def test_backoff_doubles_per_peer_up_to_the_maximum_and_resets_on_delivery() -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
-from ringsync.daemons.auto_sync._sources import PreparedCache
+from ringsync.daemons.auto_sync._batches import PreparedCache
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import GameSource, game_ids
 from ringsync.store.gamesource import ScanState
-from ringsync.store.manifest import DataManifest, DiscoveredGame
+from ringsync.store.manifest import DataManifest, LocalGame
 from ringsync.store.receiver import GameReceiver
 from ringsync.transport.memory import MemoryTransport
 from tests.conftest import write_games
@@ -169,7 +170,7 @@ async def test_a_restarted_sender_scans_no_rows_below_its_saved_cursor(
         daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)  # a "large" first scan
         cycles = 0
         while True:
-            await daemon.sync_once("startup" if cycles == 0 else "backlog")
+            await daemon.sync_once(Trigger.STARTUP if cycles == 0 else Trigger.BACKLOG)
             cycles += 1
             if not await daemon._backlog_waiting():
                 break
@@ -181,7 +182,7 @@ async def test_a_restarted_sender_scans_no_rows_below_its_saved_cursor(
         later, _ = write_games(db, 4, seed=11)
         again = node_factory("selfplay-1")
         daemon = AutoSyncDaemon(again, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         assert sample(again, "ringsync_source_rows_scanned_total") == 4  # not 44
         got = [g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)]
         assert sorted(got) == sorted(done + later)
@@ -198,7 +199,7 @@ async def test_a_replaced_file_is_scanned_from_its_start(
         db = ctx.settings.games_dir / "sp.db"
         write_games(db, 5)
         daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         await daemon.close()
         ctx.close()
         for suffix in ("", "-wal", "-shm"):
@@ -206,7 +207,7 @@ async def test_a_replaced_file_is_scanned_from_its_start(
         other, _ = write_games(db, 3, seed=21)  # a new file (new inode), rowids from 1 again
         again = node_factory("selfplay-1")
         daemon = AutoSyncDaemon(again, transport, retry_initial=0.0)
-        await daemon.sync_once("startup")
+        await daemon.sync_once(Trigger.STARTUP)
         got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
         assert set(other) <= got
         await daemon.close()
@@ -219,7 +220,7 @@ def test_a_delivered_game_costs_one_small_row(tmp_path: Path) -> None:
     m = DataManifest(tmp_path / "m.db")
     try:
         n = 20_000
-        games = [DiscoveredGame(f"{i:08d}-0000-4000-8000-{i:012d}", "games/hex8_2p.db", "hex8_2p")
+        games = [LocalGame(f"{i:08d}-0000-4000-8000-{i:012d}", "games/hex8_2p.db", "hex8_2p")
                  for i in range(n)]
         m.record_discovered(games, ["train-1", "train-2"])
         for target in ("train-1", "train-2"):
@@ -236,7 +237,7 @@ def test_holders_and_notes_survive_compaction_and_many_targets(tmp_path: Path) -
     m = DataManifest(tmp_path / "m.db")
     try:
         targets = [f"t{i:02d}" for i in range(70)]  # past the 63 bits: the rest in overflow
-        m.record_discovered([DiscoveredGame("a", "s.db", "k"), DiscoveredGame("b", "s.db", "k")],
+        m.record_discovered([LocalGame("a", "s.db", "k"), LocalGame("b", "s.db", "k")],
                             targets)
         m.ack("t00", ["a"])
         m.ack("t01", ["a"], note="shared")
@@ -260,9 +261,9 @@ def test_a_target_that_returns_is_owed_what_was_found_while_it_was_gone(tmp_path
     m = DataManifest(tmp_path / "m.db")
     try:
         assert m.ensure_targets(["t1", "t2"]) == 0
-        m.record_discovered([DiscoveredGame("a", "s.db", "k")], ["t1", "t2"])
+        m.record_discovered([LocalGame("a", "s.db", "k")], ["t1", "t2"])
         m.ensure_targets(["t1"])  # t2 left the routing
-        m.record_discovered([DiscoveredGame("b", "s.db", "k")], ["t1"])
+        m.record_discovered([LocalGame("b", "s.db", "k")], ["t1"])
         assert m.ensure_targets(["t1"]) == 0  # nothing to do for a complete target
         assert m.ensure_targets(["t1", "t2"]) == 1
         assert ids(m.pending("t2", 10)) == ["a", "b"]  # type: ignore[arg-type]
@@ -290,7 +291,7 @@ def test_a_manifest_of_one_row_per_delivery_is_converted(tmp_path: Path) -> None
         assert m.holders("a") == ["t1", "t2"]
         assert m.summary()["shared"] == {"t2": 1}
         assert [(p.game_id, p.source) for p in m.pending("t1", 10)] == [("b", "x.jsonl")]
-        m.record_discovered([DiscoveredGame("b", "db.db", "k")], ["t1"])  # row beats line
+        m.record_discovered([LocalGame("b", "db.db", "k")], ["t1"])  # row beats line
         assert [p.source for p in m.pending("t1", 10)] == ["db.db"]
     finally:
         m.close()
@@ -323,8 +324,8 @@ async def test_batches_are_cut_to_the_byte_budget(
     ctx = node_factory("selfplay-1", batch_games=500)
     write_games(ctx.settings.games_dir / "sp.db", 120)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-    daemon._batch_bytes = budget = 64 * 1024
-    await daemon.sync_once("startup")
+    daemon._batches.batch_bytes = budget = 64 * 1024
+    await daemon.sync_once(Trigger.STARTUP)
     assert ctx.manifest.outbox_size("train-1") == 0
     rest = sorted(transport.sizes)[:-2]  # but the first batch (64 games) of each target
     assert len(rest) >= 6  # the count limit alone makes one batch per target
@@ -340,16 +341,16 @@ async def test_fresh_games_go_before_a_backlog_in_one_budget_of_rows(
     ctx = node_factory("selfplay-1", scan_chunk_rows=15)
     backlog, _ = write_games(ctx.settings.games_dir / "big.db", 80)
     daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
-    await daemon.sync_once("startup")
+    await daemon.sync_once(Trigger.STARTUP)
     assert sample(ctx, "ringsync_source_rows_scanned_total") == 15
     fresh, _ = write_games(ctx.settings.games_dir / "new.db", 2, seed=5)
-    await daemon.sync_once("backlog")
+    await daemon.sync_once(Trigger.BACKLOG)
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
     assert set(fresh) <= got  # not after the 65 rows left of the backlog
     assert sample(ctx, "ringsync_source_rows_scanned_total") == 15 + 2 + 28  # the budget doubled
     assert sample(ctx, "ringsync_source_scan_backlog") == 1
     while await daemon._backlog_waiting():
-        await daemon.sync_once("backlog")
+        await daemon.sync_once(Trigger.BACKLOG)
     got = {g for d in (tmp_path / "train-1" / "synced").glob("*.db") for g in game_ids(d)}
     assert got == set(backlog) | set(fresh)
     await daemon.close()

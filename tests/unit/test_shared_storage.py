@@ -20,7 +20,7 @@ from ringsync.policy.shared_storage import (
     nfs_hosts,
     storage_groups,
 )
-from ringsync.store.manifest import DataManifest, DiscoveredGame
+from ringsync.store.manifest import DataManifest, LocalGame
 from ringsync.store.sharedir import (
     check_node_dir_name,
     ensure_data_dir_id,
@@ -95,7 +95,7 @@ def test_two_nodes_on_one_data_dir_keep_their_own_state(tmp_path: Path) -> None:
 def test_a_manifest_of_the_old_layout_moves_into_the_node_dir(tmp_path: Path) -> None:
     root = tmp_path / "data" / ".ringsync"
     old = DataManifest(root / "manifest.db")
-    old.record_discovered([DiscoveredGame(g, "games/a.db", "hex8_2p") for g in ("g1", "g2")], [])
+    old.record_discovered([LocalGame(g, "games/a.db", "hex8_2p") for g in ("g1", "g2")], [])
     old.ack("train-1", ["g1", "g2"])  # committed in the WAL, not yet checkpointed
     old.close()
     ctx = build_context(make_settings(tmp_path, "selfplay-1", data_dir=tmp_path / "data"))

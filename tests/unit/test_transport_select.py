@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from ringsync.errors import ConfigError, PeerRejectedError, TransportError
+from ringsync.errors import (
+    ConfigError,
+    PeerRefusedError,
+    PeerRejectedError,
+    PeerUnreachableError,
+    TransportError,
+)
 from ringsync.inventory import Host, Inventory, parse_inventory
+from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings, load_settings
-from ringsync.transport.base import GameTransport, PushResult
+from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 from ringsync.transport.select import TransportChain, build_transport
 
@@ -21,13 +28,13 @@ class Fake:
         self.name, self.up, self.refuses, self.calls = name, up, refuses, 0
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         self.calls += 1
         if peer.name in self.refuses:
-            raise PeerRejectedError(peer.name, 401, "wrong token")
+            raise PeerRefusedError(peer.name, "HTTP 401: wrong token")
         if peer.name not in self.up:
-            raise TransportError(peer.name, f"{self.name} cannot reach it")
-        return PushResult(inserted=1, duplicates=0)
+            raise PeerUnreachableError(peer.name, f"{self.name} cannot reach it")
+        return MergeResult(inserted=1, duplicates=0)
 
     async def peer_data_dir_id(self, peer: Host) -> str:
         await self.push_games(peer, b"", "")

@@ -7,17 +7,28 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from ringsync.daemons.auto_sync._batches import BatchBuilder, Prepared
 from ringsync.daemons.auto_sync._sharing import StorageSharing
-from ringsync.daemons.auto_sync._sources import BATCH_BYTES, LocalSources, Prepared, PreparedCache
+from ringsync.daemons.auto_sync._sources import LocalSources
+from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.daemons.watcher import watch_sources
-from ringsync.errors import CorruptDataError, PeerRejectedError, TransportError
+from ringsync.errors import (
+    BatchRejectedError,
+    CorruptDataError,
+    PeerRejectedError,
+    TransportError,
+)
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
-from ringsync.policy.peers import PeerDelivery
+from ringsync.policy.backoff import Clock
+from ringsync.policy.breaker import BreakerChange, BreakerConfig, BreakerState
+from ringsync.policy.delivery import DeliveryPolicy, Outcome
 from ringsync.policy.shared_storage import Siblings
+from ringsync.settings import Settings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
 from ringsync.transport.select import build_transport
@@ -25,7 +36,18 @@ from ringsync.transport.select import build_transport
 log = logging.getLogger(__name__)
 
 PUSHES_IN_FLIGHT = 2
-_BATCH_SPECIFIC = frozenset({400, 413})  # refusals of this batch, not of us
+
+
+@dataclass
+class _Pushed:
+    """Whether a delivery pushed anything (a probe that pushed nothing gives no verdict)."""
+
+    started: bool = False
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
+                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
 
 
 class AutoSyncDaemon(Daemon):
@@ -41,12 +63,15 @@ class AutoSyncDaemon(Daemon):
 
     def __init__(
         self, ctx: NodeContext, transport: GameTransport | None = None, *,
-        retry_initial: float = 1.0,
+        retry_initial: float = 1.0, breaker: BreakerConfig | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
         self._transport = transport or build_transport(s)
-        self._peers = PeerDelivery(retry_initial, max(1.0, min(60.0, s.sync_interval)))
+        self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
+                                      retry_max=max(1.0, min(60.0, s.sync_interval)),
+                                      breaker=breaker or breaker_config(s), clock=clock)
         self._sources = LocalSources(ctx, on_change=self._update_health)
         self._sharing = StorageSharing(ctx, self._transport)
         self._stopping = False
@@ -54,8 +79,8 @@ class AutoSyncDaemon(Daemon):
         self._health = Health(HealthState.STARTING)
         self._acked_in_cycle = 0
         self._refused_warned: set[str] = set()
-        self._bytes_per_game: float | None = None  # learnt by a cycle, used by the next
-        self._batch_bytes = min(BATCH_BYTES, s.max_batch_bytes // 2)
+        self._batches = BatchBuilder(self._sources, node_id=s.node_id,
+                                     max_batch_bytes=s.max_batch_bytes, batch_games=s.batch_games)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,7 +110,7 @@ class AutoSyncDaemon(Daemon):
         self._health = Health(HealthState.HEALTHY, f"skipping: {reason}")
         ready()
         while not self._stopping:
-            self._ctx.metrics.sync_cycles.labels(trigger="excluded_skip").inc()
+            self._ctx.metrics.sync_cycles.labels(trigger=Trigger.EXCLUDED_SKIP).inc()
             await self._wait_for_trigger()
 
     async def drain(self) -> None:
@@ -112,10 +137,10 @@ class AutoSyncDaemon(Daemon):
         self._ctx.sync_wakeup.set()
 
     async def _loop(self) -> None:
-        trigger = "startup"
+        trigger = Trigger.STARTUP
         while not self._stopping:
             await self.sync_once(trigger)
-            trigger = "backlog" if await self._backlog_waiting() else await self._wait_for_trigger()
+            trigger = Trigger.BACKLOG if await self._backlog_waiting() else await self._wait_for_trigger()
 
     async def _backlog_waiting(self) -> bool:
         """A large first scan goes on, or games arrived during the cycle for a target that
@@ -125,45 +150,42 @@ class AutoSyncDaemon(Daemon):
         if self._acked_in_cycle == 0:  # owed games that could not be read: wait, don't spin
             return False
         for h in self._ctx.router.game_targets():
-            if self._peers.ready(h.name) and await asyncio.to_thread(
+            if self._policy.ready(h.name) and await asyncio.to_thread(
                     self._ctx.manifest.has_pending, h.name):
                 return True
         return False
 
-    async def _wait_for_trigger(self) -> str:
+    async def _wait_for_trigger(self) -> Trigger:
         """Sleep until an event or the (jittered) interval; coalesce a burst of events."""
         interval = self._ctx.settings.sync_interval * random.uniform(0.9, 1.1)
         try:
             async with asyncio.timeout(interval):
                 await self._ctx.sync_wakeup.wait()
         except TimeoutError:
-            return "interval"
+            return Trigger.INTERVAL
         await asyncio.sleep(self._ctx.settings.debounce)
         self._ctx.sync_wakeup.clear()
-        return "event"
+        return Trigger.EVENT
 
     # -- one cycle ---------------------------------------------------------------------------
 
-    async def sync_once(self, trigger: str = "manual") -> None:
-        """Discover completed games, then deliver every target's outbox.
-
-        Any trigger but "event" also looks for new source databases and rescans all.
-        """
+    async def sync_once(self, trigger: Trigger = Trigger.MANUAL) -> None:
+        """Discover completed games, then deliver every target's outbox."""
         async with self._cycle_lock:
-            if trigger != "event":
+            if trigger.rescans:
                 self._sources.request_rescan()
             self._acked_in_cycle = 0
-            self._peers.new_cycle()
+            self._policy.new_cycle()
             started = time.perf_counter()
             if await self._sharing.elect():
-                await self._sources.discover(force=trigger != "event")
-            targets = [h for h in self._ctx.router.game_targets() if self._peers.ready(h.name)]
-            cache = PreparedCache(2 * self._batch_bytes, self._bytes_per_game)
+                await self._sources.discover(force=trigger.rescans)
+            targets = self._choose_targets()
+            self._batches.new_cycle()
             siblings = await self._sharing.siblings(targets)
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
-                    tg.create_task(self._deliver(target, cache, siblings.get(target.name)))
-            self._bytes_per_game = cache.bytes_per_game
+                    tg.create_task(self._deliver(target, siblings.get(target.name)))
+            self._batches.end_cycle()
             self._sharing.warn_if_all_shared()
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
@@ -171,7 +193,18 @@ class AutoSyncDaemon(Daemon):
 
     # -- delivery ----------------------------------------------------------------------------
 
-    async def _deliver(self, target: Host, cache: PreparedCache, siblings: Siblings | None) -> None:
+    def _choose_targets(self) -> list[Host]:
+        """The targets this cycle delivers to: not backing off, breaker not open."""
+        hosts = {h.name: h for h in self._ctx.router.game_targets()}
+        chosen, changes = self._policy.choose(hosts)
+        for change in changes:
+            self._breaker_changed(change)
+        for name in hosts:
+            self._ctx.metrics.circuit_state.labels(
+                peer=name, transport=self._policy.transport).set(self._policy.breaker(name).state.gauge)
+        return [hosts[name] for name in chosen]
+
+    async def _deliver(self, target: Host, siblings: Siblings | None) -> None:
         """Drain ``target``'s outbox: prepare the next batch while earlier ones are in flight.
 
         Two pushes in flight let the receiver read and check one batch while it merges
@@ -179,42 +212,47 @@ class AutoSyncDaemon(Daemon):
         A target on our data dir is sent nothing; of targets that share one data dir
         (``siblings``) only one is sent games, and each counts what the others hold.
         """
-        if await self._sharing.shares(target):
-            await self._sharing.skip_all(target.name)
-            self._ctx.metrics.outbox_games.labels(peer=target.name).set(0)
-            return
-        if siblings is not None:
-            await self._sharing.held_with(target.name, siblings.others)
-            if siblings.pusher != target.name:
-                owed = await asyncio.to_thread(self._ctx.manifest.outbox_size, target.name)
-                self._ctx.metrics.outbox_games.labels(peer=target.name).set(owed)
-                return
-        queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
+        pushed = _Pushed()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._produce(target.name, queue, cache))
-                for _ in range(PUSHES_IN_FLIGHT):
-                    tg.create_task(self._consume(target, queue))
+            await self._deliver_outbox(target, siblings, pushed)
         except* (TransportError, CorruptDataError) as group:
-            self._peer_failed(target.name, group.exceptions[0])
+            self._report(target.name, self._policy.failed(target.name, group.exceptions[0]),
+                         group.exceptions[0])
         else:
-            if self._peers.delivered(target.name):
-                log.info("delivery to %s recovered; its backlog is delivered", target.name)
-                self._update_health()
+            outcome = (self._policy.delivered(target.name) if pushed.started
+                       else self._policy.released(target.name))
+            self._report(target.name, outcome, None)
         finally:
             self._ctx.metrics.outbox_games.labels(peer=target.name).set(
                 await asyncio.to_thread(self._ctx.manifest.outbox_size, target.name))
 
+    async def _deliver_outbox(self, target: Host, siblings: Siblings | None,
+                              pushed: _Pushed) -> None:
+        if await self._sharing.shares(target):
+            await self._sharing.skip_all(target.name)
+            return
+        if siblings is not None:
+            await self._sharing.held_with(target.name, siblings.others)
+            if siblings.pusher != target.name:
+                return
+        # A probe of a half-open breaker is one push at a time: a peer that is still down
+        # costs one failed attempt, not one per push slot.
+        in_flight = 1 if self._policy.probing(target.name) else PUSHES_IN_FLIGHT
+        queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._produce(target.name, queue, in_flight))
+            for _ in range(in_flight):
+                tg.create_task(self._consume(target, queue, pushed))
+
     async def _produce(self, target: str, queue: asyncio.Queue[Prepared | None],
-                       cache: PreparedCache) -> None:
+                       consumers: int) -> None:
         """Walk ``target``'s whole outbox once, a batch at a time, in game-id order.
 
-        A batch is at most RINGRIFT_SYNC_BATCH_GAMES games and about ``_batch_bytes``.
+        A batch is at most RINGRIFT_SYNC_BATCH_GAMES games and about the builder's bytes.
         """
-        batch_games = self._ctx.settings.batch_games
         after = ""
         while not self._stopping:
-            size = cache.page_size(batch_games, self._batch_bytes)
+            size = self._batches.page_size()
             page = await asyncio.to_thread(self._ctx.manifest.pending, target, size, after=after)
             if not page:
                 break
@@ -223,24 +261,24 @@ class AutoSyncDaemon(Daemon):
             for game in page:
                 by_source.setdefault(game.source, []).append(game.game_id)
             for source, ids in by_source.items():
-                await queue.put(await self._sources.prepared(source, tuple(ids), target, cache))
-        for _ in range(PUSHES_IN_FLIGHT):
+                await queue.put(await self._batches.batches(source, tuple(ids), target))
+        for _ in range(consumers):
             await queue.put(None)  # one end marker per consumer
 
-    async def _consume(self, target: Host, queue: asyncio.Queue[Prepared | None]) -> None:
+    async def _consume(self, target: Host, queue: asyncio.Queue[Prepared | None],
+                       pushed: _Pushed) -> None:
         while (prepared := await queue.get()) is not None:
             for payload, digest, game_ids in prepared:
+                pushed.started = True
                 try:
                     await self._push(target, payload, digest, game_ids)
-                except PeerRejectedError as exc:
-                    if exc.status not in _BATCH_SPECIFIC:
-                        raise  # e.g. 401/403: every batch would fail; back off this peer
+                except BatchRejectedError as exc:  # other refusals fail every batch: back off
                     self._batch_rejected(target.name, exc, game_ids)
 
-    def _batch_rejected(self, peer: str, exc: PeerRejectedError, game_ids: tuple[str, ...]) -> None:
+    def _batch_rejected(self, peer: str, exc: BatchRejectedError, game_ids: tuple[str, ...]) -> None:
         """One batch refused: it stays queued and the rest of the outbox goes on."""
         self._ctx.metrics.batches_sent.labels(peer=peer, outcome="rejected").inc()
-        if self._peers.rejected(peer, f"batch rejected: {exc}"):
+        if self._policy.rejected(peer, f"batch rejected: {exc}"):
             log.error("%s rejected a batch of %d games (first %s); they stay queued, the rest "
                       "of the outbox continues: %s", peer, len(game_ids), game_ids[0], exc)
         self._update_health()
@@ -289,17 +327,31 @@ class AutoSyncDaemon(Daemon):
 
     # -- health ------------------------------------------------------------------------------
 
-    def _peer_failed(self, peer: str, exc: BaseException) -> None:
-        delay, began = self._peers.failed(peer, str(exc))
-        if began:
+    def _report(self, peer: str, outcome: Outcome, exc: BaseException | None) -> None:
+        """Log the transitions of one delivery's outcome, once each."""
+        if outcome.breaker is not None:
+            self._breaker_changed(outcome.breaker)
+        if outcome.began_failing:
             level = logging.ERROR if isinstance(exc, PeerRejectedError) else logging.WARNING
-            log.log(level, "delivery to %s failing (retry in %.0fs): %s", peer, delay, exc)
-        self._update_health()
+            log.log(level, "delivery to %s failing (retry in %.0fs): %s", peer, outcome.retry_in, exc)
+        if outcome.recovered:
+            log.info("delivery to %s recovered; its backlog is delivered", peer)
+        if outcome.breaker or outcome.began_failing or outcome.recovered:
+            self._update_health()
+
+    def _breaker_changed(self, change: BreakerChange) -> None:
+        level = logging.WARNING if change.new is BreakerState.OPEN else logging.INFO
+        log.log(level, "%s", change.describe())
+        self._ctx.metrics.circuit_state.labels(peer=change.peer, transport=change.transport).set(
+            change.new.gauge)
 
     def _update_health(self) -> None:
-        failing, unreadable = self._peers.failing, self._sources.errors
-        if failing or unreadable:
-            detail = "; ".join([*(f"{p}: {r}" for p, r in sorted(failing.items())),
+        failing, unreadable = self._policy.failing, self._sources.errors
+        open_ = [f"{b.peer}: circuit {b.state.value} over {b.transport} for "
+                 f"{self._policy.age(b):.0f}s" for b in self._policy.breakers()
+                 if b.state is not BreakerState.CLOSED]
+        if failing or unreadable or open_:
+            detail = "; ".join([*open_, *(f"{p}: {r}" for p, r in sorted(failing.items())),
                                 *(r for _, r in sorted(unreadable.items()))])
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:

@@ -1,4 +1,4 @@
-"""The local generators' source files: found, scanned into the manifest, extracted as batches.
+"""The local generators' source files: found, scanned into the manifest, read for batches.
 
 Blocking SQLite and file work runs in worker threads, the manifest's calls included
 (a million-game manifest must not stall the event loop; it serialises its own calls).
@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ringsync.errors import CorruptDataError
 from ringsync.node import NodeContext
 from ringsync.policy.sources import SourceKind
-from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.discovery import SourceFile, discover_sources
 from ringsync.store.gamedb import GameSource
 from ringsync.store.gamesource import Scan, ScanState
 from ringsync.store.jsonl_source import JsonlIndex, JsonlSource
-from ringsync.store.manifest import DiscoveredGame
+from ringsync.store.manifest import LocalGame
 
 log = logging.getLogger(__name__)
 
@@ -36,62 +33,10 @@ MIN_CHUNK_ROWS = 500  # a source due for a scan reads at least this many rows wh
 # 53 in one pass, one loaded run), while the rows held at once stay bounded (~600 bytes
 # each while they are queued).
 MAX_CHUNK_GROWTH = 5
-Prepared = list[tuple[bytes, str, tuple[str, ...]]]  # (payload, digest, game ids) per config
-CacheKey = tuple[str, tuple[str, ...]]  # (source, game ids)
 Source = GameSource | JsonlSource
 # Any failure of one source is that source's problem: counted, logged once, retried each
 # cycle, while the other sources go on (a daemon restart would only meet it again).
 _READ_ERRORS = (Exception,)
-
-
-# Batches are sized to about this many payload bytes (fewer games than RINGRIFT_SYNC_BATCH_GAMES
-# when games are large): memory is bounded by bytes, not by a game count (issue 7, A6).
-BATCH_BYTES = 8 * 1024 * 1024
-FIRST_PAGE = 64  # games in a cycle's first batch, before their size is known
-
-
-def prepared_bytes(prepared: Prepared) -> int:
-    return sum(len(payload) for payload, _, _ in prepared)
-
-
-@dataclass
-class PreparedCache:
-    """The last batches extracted in a cycle, shared by the targets that owe them.
-
-    Targets walk their outboxes in the same order, so they usually ask for the same
-    batch moments apart; a window of ``capacity_bytes`` (at least the newest batch)
-    keeps memory bounded when they drift apart (a late target then extracts again,
-    which costs time, not correctness). ``bytes_per_game`` is learnt from the cycle's
-    first batch (or carried over from the last cycle) and fixed for the cycle, so that
-    every target pages its outbox the same way and asks for the same batches.
-    """
-
-    capacity_bytes: int = 2 * BATCH_BYTES
-    bytes_per_game: float | None = None
-    done: OrderedDict[CacheKey, Prepared] = field(default_factory=OrderedDict)
-    locks: dict[CacheKey, asyncio.Lock] = field(default_factory=dict)
-    held: int = 0
-
-    def page_size(self, batch_games: int, budget: int) -> int:
-        """Games per outbox page: the configured count, cut to the byte budget."""
-        if self.bytes_per_game is None:
-            return min(batch_games, FIRST_PAGE)
-        return max(1, min(batch_games, int(budget // max(1.0, self.bytes_per_game))))
-
-    async def get(self, key: CacheKey, make: Callable[[], Awaitable[Prepared]]) -> Prepared:
-        async with self.locks.setdefault(key, asyncio.Lock()):
-            if key not in self.done:
-                made = self.done[key] = await make()
-                nbytes = prepared_bytes(made)
-                self.held += nbytes
-                games = sum(len(ids) for _, _, ids in made)
-                if self.bytes_per_game is None and games:
-                    self.bytes_per_game = nbytes / games
-                while len(self.done) > 1 and self.held > self.capacity_bytes:
-                    evicted, old = self.done.popitem(last=False)
-                    self.held -= prepared_bytes(old)
-                    self.locks.pop(evicted, None)
-            return self.done[key]
 
 
 class LocalSources:
@@ -276,7 +221,7 @@ class LocalSources:
         if found:
             # A game received from a peer, wherever it was copied to here, is not ours to push.
             received = manifest.received_filter([g.game_id for g in found])
-            games = [DiscoveredGame(g.game_id, key, g.config_key) for g in found
+            games = [LocalGame(g.game_id, key, g.config_key) for g in found
                      if g.game_id not in received]
             m.games_discovered.inc(manifest.record_discovered(games, targets))
         if scan.changed:  # rows added to shipped games: their holders get them merged by key
@@ -316,7 +261,31 @@ class LocalSources:
             log.warning("%d games shipped from %s were deleted there since (first %s); their "
                         "copies at the targets stay", len(gone), key, gone[0])
 
+    def note_missing(self, source: str, ids: tuple[str, ...], found: set[str], target: str) -> None:
+        """Games not found where the manifest says they are stay queued, never dropped.
+
+        A rotated or renamed DB is found again by the next rescan, which points the
+        manifest at the new path; a busy or broken source is retried next cycle.
+        """
+        missing = len(ids) - len(found)
+        if missing and source not in self._missing_reported:
+            self._missing_reported.add(source)
+            log.error("%d games owed to %s are not readable in source %s now; they stay queued "
+                      "and ship when the file is found again", missing, target, source)
+        elif not missing:
+            self._missing_reported.discard(source)
+
     # -- failing and recovered ---------------------------------------------------------------
+
+    def source(self, key: str) -> Source | None:
+        """The open source under ``key`` (a path under the data dir), if it is open."""
+        return self._open.get(key)
+
+    async def read_failed(self, key: str, exc: Exception) -> None:
+        """Reading games owed from ``key`` failed: loud once, the games stay queued."""
+        src = self._open.get(key)
+        if src is not None:
+            await self._failed(key, src, exc)
 
     async def _failed(self, key: str, source: Source, exc: Exception) -> None:
         """An unreadable source is loud: one log line when it starts failing, metrics, health."""
@@ -341,59 +310,6 @@ class LocalSources:
     def _errors_changed(self) -> None:
         self._ctx.metrics.sources_unreadable.set(len(self._errors))
         self._on_change()
-
-    # -- extraction --------------------------------------------------------------------------
-
-    async def prepared(self, source: str, ids: tuple[str, ...], target: str,
-                       cache: PreparedCache) -> Prepared:
-        """Extract and encode once, whichever target asks first."""
-        try:
-            prepared = await cache.get((source, ids), lambda: asyncio.to_thread(self._extract, source, ids))
-        except _READ_ERRORS as exc:
-            src = self._open.get(source)
-            if src is not None:
-                await self._failed(source, src, exc)  # loud once; the games stay queued
-            prepared = []
-        self._note_missing(source, ids, prepared, target)
-        return prepared
-
-    def _extract(self, source: str, ids: Sequence[str]) -> Prepared:
-        src = self._open.get(source)
-        if src is None:
-            return []
-        batches = src.extract(ids, source_node=self._ctx.settings.node_id)
-        limit = self._ctx.settings.max_batch_bytes
-        out: Prepared = []
-        for batch in batches:
-            payload = encode_batch(batch)
-            if len(payload) <= limit:
-                out.append((payload, content_digest(payload), batch.game_ids))
-            elif len(batch.game_ids) > 1:  # receivers would answer 413 forever: halve it
-                half = len(batch.game_ids) // 2
-                out += self._extract(source, batch.game_ids[:half])
-                out += self._extract(source, batch.game_ids[half:])
-            else:
-                log.error("game %s from %s is %d bytes as a batch, over RINGRIFT_MAX_BATCH_BYTES=%d; "
-                          "it stays queued until the limit is raised on this node and its targets",
-                          batch.game_ids[0], source, len(payload), limit)
-        return out
-
-    def _note_missing(self, source: str, ids: tuple[str, ...], prepared: Prepared,
-                      target: str) -> None:
-        """Games not found where the manifest says they are stay queued, never dropped.
-
-        A rotated or renamed DB is found again by the next rescan, which points the
-        manifest at the new path; a busy or broken source is retried next cycle.
-        """
-        found = {gid for _, _, gids in prepared for gid in gids}
-        missing = len(ids) - len(found)
-        if missing and source not in self._missing_reported:
-            self._missing_reported.add(source)
-            log.error("%d games owed to %s are not readable in source %s now; they stay queued "
-                      "and ship when the file is found again", missing, target, source)
-        elif not missing:
-            self._missing_reported.discard(source)
-
 
 _INODE = ""  # saved beside the child cursors; no table has an empty name
 

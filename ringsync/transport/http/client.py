@@ -1,4 +1,4 @@
-"""HTTP P2P transport: push a game batch to a peer's data server with aiohttp."""
+"""The HTTP transport's client: push a game batch to a peer's data server with aiohttp."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ringsync.errors import PeerRejectedError, TransportError
+from ringsync.errors import PeerUnreachableError, TransientError, TransportError
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
-from ringsync.transport.base import PushResult
+from ringsync.protocol.results import MergeResult
+from ringsync.transport.http.wire import (
+    BATCH_CONTENT_TYPE,
+    DATA_DIR_HEADER,
+    DIGEST_HEADER,
+    GAMES_PATH,
+    MAX_ANSWER_BYTES,
+    NODE_HEADER,
+    STORAGE_PATH,
+    error_for_status,
+)
 
-GAMES_PATH = "/v1/games"
-DIGEST_HEADER = "X-Ringsync-Digest"
-NODE_HEADER = "X-Ringsync-Node"
-DATA_DIR_HEADER = "X-Ringsync-Data-Dir-Id"
-STORAGE_PATH = "/v1/storage"
 _DATA_DIR_ID = re.compile(r"^[0-9a-f]{32}$")
-BATCH_CONTENT_TYPE = "application/vnd.ringsync.games+msgpack"
-# A peer's answer is small JSON (an ack lists at most a batch's refused ids): a larger one
-# is refused unread rather than held in memory, whatever the peer sends.
-MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 def peer_url(peer: Host, path: str) -> URL:
@@ -55,7 +56,7 @@ class HttpTransport:
         return self._session
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
-                         data_dir_id: str | None = None) -> PushResult:
+                         data_dir_id: str | None = None) -> MergeResult:
         # BytesIO: aiohttp streams it instead of warning about a large in-memory body.
         headers = {DIGEST_HEADER: digest, "Content-Type": BATCH_CONTENT_TYPE,
                    "Content-Length": str(len(payload))}
@@ -75,8 +76,10 @@ class HttpTransport:
                 body = await _read_answer(peer.name, resp)
                 if resp.status != 200:
                     raise _rejection(peer.name, resp.status, body)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise PeerUnreachableError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+            raise TransientError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         return body
 
     async def close(self) -> None:
@@ -90,7 +93,7 @@ async def _read_answer(peer: str, resp: aiohttp.ClientResponse) -> bytes:
     async for chunk in resp.content.iter_chunked(64 * 1024):
         body += chunk
         if len(body) > MAX_ANSWER_BYTES:
-            raise TransportError(peer, f"HTTP {resp.status}: answer longer than "
+            raise TransientError(peer, f"HTTP {resp.status}: answer longer than "
                                        f"{MAX_ANSWER_BYTES} bytes, not read further")
     return bytes(body)
 
@@ -98,33 +101,31 @@ async def _read_answer(peer: str, resp: aiohttp.ClientResponse) -> bytes:
 def _rejection(peer: str, status: int, body: bytes) -> TransportError:
     # The peer's text, escaped and cut: a hostile peer cannot forge or flood our log lines.
     reason = bounded(body[:300].decode("utf-8", "replace").strip(), 300) or "no reason given"
-    if 400 <= status < 500:
-        return PeerRejectedError(peer, status, reason)
-    return TransportError(peer, f"HTTP {status}: {reason}")
+    return error_for_status(peer, status, reason)
 
 
-def _parse_push_result(peer: str, body: bytes) -> PushResult:
+def _parse_push_result(peer: str, body: bytes) -> MergeResult:
     """Peers are untrusted: accept only the exact shape we expect."""
     try:
         data = json.loads(body)
         if data.get("shared_storage") is True:
-            return PushResult(inserted=0, duplicates=0, shared_storage=True)
+            return MergeResult(inserted=0, duplicates=0, shared_storage=True)
         inserted, duplicates = data["inserted"], data["duplicates"]
         refused = data.get("refused", [])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise TransportError(peer, f"malformed acknowledgement: {body[:100]!r}") from exc
+        raise TransientError(peer, f"malformed acknowledgement: {body[:100]!r}") from exc
     if not all(type(v) is int and v >= 0 for v in (inserted, duplicates)):
-        raise TransportError(peer, f"malformed acknowledgement counts: {body[:100]!r}")
+        raise TransientError(peer, f"malformed acknowledgement counts: {body[:100]!r}")
     if not isinstance(refused, list) or not all(isinstance(g, str) for g in refused):
-        raise TransportError(peer, f"malformed acknowledgement refused list: {body[:100]!r}")
-    return PushResult(inserted=inserted, duplicates=duplicates, refused=tuple(refused))
+        raise TransientError(peer, f"malformed acknowledgement refused list: {body[:100]!r}")
+    return MergeResult(inserted=inserted, duplicates=duplicates, refused=tuple(refused))
 
 
 def _parse_data_dir_id(peer: str, body: bytes) -> str:
     try:
         marker = json.loads(body)["data_dir_id"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise TransportError(peer, f"malformed storage answer: {body[:100]!r}") from exc
+        raise TransientError(peer, f"malformed storage answer: {body[:100]!r}") from exc
     if not isinstance(marker, str) or not _DATA_DIR_ID.match(marker):
-        raise TransportError(peer, f"malformed data dir id: {body[:100]!r}")
+        raise TransientError(peer, f"malformed data dir id: {body[:100]!r}")
     return marker

@@ -1,0 +1,167 @@
+"""CircuitBreaker: stop hammering a peer over a transport that keeps failing, probe it later.
+
+Pure: it decides from the outcomes it is told and an injectable clock. The caller acts
+on what it returns (a ``BreakerChange`` to log once and to export as
+``ringsync_circuit_state``), so that a state change is logged once, not each failure.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ringsync.errors import TransientError
+from ringsync.policy.backoff import Backoff, Clock
+
+__all__ = ["BreakerChange", "BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker"]
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"  # deliveries flow; transient failures are counted
+    HALF_OPEN = "half_open"  # the recovery time passed: a few probes may try
+    OPEN = "open"  # the peer is left alone until its recovery time
+
+    @property
+    def gauge(self) -> int:
+        """The value of ringsync_circuit_state: 0 closed, 1 half-open, 2 open."""
+        return _GAUGE[self]
+
+
+_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """``failure_threshold`` transient failures in a row open the breaker; it stays open
+    ``recovery_s`` (doubling each time a probe fails, up to ``recovery_max_s``, spread by
+    ±``jitter``), then lets ``half_open_probes`` attempts through at once."""
+
+    failure_threshold: int = 5
+    recovery_s: float = 5.0
+    recovery_max_s: float = 300.0
+    jitter: float = 0.2
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """A state change: logged once and exported by the caller."""
+
+    peer: str
+    transport: str
+    old: BreakerState
+    new: BreakerState
+    since: float  # clock time of the change
+    reason: str
+
+    def describe(self) -> str:
+        return (f"circuit to {self.peer} over {self.transport}: {self.old.value} -> "
+                f"{self.new.value} ({self.reason})")
+
+
+class CircuitBreaker:
+    """Closed / open / half-open for one (peer, transport).
+
+    Only a ``TransientError`` counts as a failure: a peer that answered, even with a
+    refusal, is reachable, so any other outcome counts as the link working.
+    """
+
+    def __init__(self, peer: str, transport: str, config: BreakerConfig | None = None, *,
+                 clock: Clock = time.monotonic, backoff: Backoff | None = None) -> None:
+        self.peer, self.transport = peer, transport
+        self._config = config = config or BreakerConfig()
+        self._clock = clock
+        self._recovery = backoff or Backoff(config.recovery_s, config.recovery_max_s,
+                                            jitter=config.jitter)
+        self.state = BreakerState.CLOSED
+        self.since = clock()
+        self._failures = 0  # transient failures in a row while closed
+        self._opened = 0  # times opened without closing since: the recovery grows with it
+        self._retry_at = 0.0
+        self._probes = 0  # half-open attempts in flight
+
+    @property
+    def retry_at(self) -> float | None:
+        """When an open breaker lets a probe through (None unless open)."""
+        return self._retry_at if self.state is BreakerState.OPEN else None
+
+    def would_allow(self) -> bool:
+        """Whether ``allow`` would let an attempt through now (nothing changes)."""
+        if self.state is BreakerState.OPEN:
+            return self._clock() >= self._retry_at
+        if self.state is BreakerState.HALF_OPEN:
+            return self._probes < self._config.half_open_probes
+        return True
+
+    def allow(self) -> tuple[bool, BreakerChange | None]:
+        """Whether one attempt may start now (a half-open probe is then in flight)."""
+        change = None
+        if self.state is BreakerState.OPEN:
+            if self._clock() < self._retry_at:
+                return False, None
+            change = self._move(BreakerState.HALF_OPEN, "recovery time passed: probing")
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probes >= self._config.half_open_probes:
+                return False, change
+            self._probes += 1
+        return True, change
+
+    def record(self, error: BaseException | None) -> BreakerChange | None:
+        """The outcome of an attempt ``allow`` let through: None for a success."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+        if not isinstance(error, TransientError):
+            self._failures = 0
+            if self.state is BreakerState.CLOSED:
+                return None
+            self._opened = 0
+            return self._move(BreakerState.CLOSED, "a probe got through")
+        self._failures += 1
+        if self.state is BreakerState.HALF_OPEN:
+            return self._open(f"probe failed: {error}")
+        if self.state is BreakerState.CLOSED and self._failures >= self._config.failure_threshold:
+            return self._open(f"{self._failures} failures in a row, last: {error}")
+        return None
+
+    def release(self) -> None:
+        """An attempt ``allow`` let through did nothing that tells (nothing was sent)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+
+    def _open(self, reason: str) -> BreakerChange:
+        self._opened += 1
+        delay = self._recovery.delay(self._opened)
+        self._retry_at = self._clock() + delay
+        self._probes = 0
+        return self._move(BreakerState.OPEN, f"{reason}; next probe in {delay:.1f}s")
+
+    def _move(self, new: BreakerState, reason: str) -> BreakerChange:
+        old, self.state, self.since = self.state, new, self._clock()
+        return BreakerChange(self.peer, self.transport, old, new, self.since, reason)
+
+
+class Breakers:
+    """One CircuitBreaker per (peer, transport), made on first use with one config."""
+
+    def __init__(self, config: BreakerConfig | None = None, *, clock: Clock = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._config = config or BreakerConfig()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
+
+    def get(self, peer: str, transport: str) -> CircuitBreaker:
+        key = (peer, transport)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            c = self._config
+            backoff = Backoff(c.recovery_s, c.recovery_max_s, jitter=c.jitter, rng=self._rng)
+            breaker = self._breakers[key] = CircuitBreaker(peer, transport, c, clock=self._clock,
+                                                           backoff=backoff)
+        return breaker
+
+    def __iter__(self) -> Iterator[CircuitBreaker]:
+        return iter(self._breakers.values())

@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 from ringsync.errors import BadInputError, ConfigError
 from ringsync.inventory import DEFAULT_P2P_PORT, Host, Inventory, load_inventory
+from ringsync.policy.bandwidth import BandwidthLimits
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
 from ringsync.protocol.batch import validate_source_node
 
@@ -126,6 +127,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_MAX_CONFIGS", "256", "Most config DBs (board type and player count, e.g. "
            "hex8_2p) this node merges received games into; a batch for one more is refused "
            "(1-100000)"),
+    EnvVar("RINGRIFT_BANDWIDTH_LIMIT_MBPS", "", "Mbit/s all of this node's sends may use "
+           "together (>= 0; 0: no limit); replaces the inventory's total. Limits per peer come "
+           "from the inventory: the most specific auto_sync.host_bandwidth_overrides glob, else "
+           "the peer's bandwidth_mbps", default_text="auto_sync.bandwidth_limit_mbps in the "
+           "inventory, capped by this host's bandwidth_mbps; else no limit"),
+    EnvVar("RINGRIFT_MAX_TRANSFERS", "32", "Most transfers this node sends at once (>= 1); "
+           "low-priority ones leave two free and games one, for higher priorities"),
+    EnvVar("RINGRIFT_MAX_TRANSFERS_PER_PEER", "4", "Most transfers this node sends to one peer "
+           "at once (1..RINGRIFT_MAX_TRANSFERS)"),
     EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
            "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
            "being read"),
@@ -168,6 +178,9 @@ class Settings:
     max_merges_in_flight: int = 2
     max_configs: int = 256
     scan_chunk_rows: int = 10_000
+    bandwidth_limit_mbps: float | None = None  # all sends together; None: no limit
+    max_transfers: int = 32
+    max_transfers_per_peer: int = 4
 
     @property
     def state_root(self) -> Path:
@@ -206,6 +219,14 @@ class Settings:
     def source_patterns(self) -> SourcePatterns:
         """Which files under the data dir are this node's own games (class b never is)."""
         return SourcePatterns(self.game_sources, DEFAULT_EXCLUDE + self.game_sources_exclude)
+
+    @property
+    def bandwidth_limits(self) -> BandwidthLimits:
+        """Rates and transfer counts the bandwidth limiter enforces; per peer from the inventory."""
+        return BandwidthLimits(
+            total_mbps=self.bandwidth_limit_mbps, peer_mbps=self.inventory.peer_bandwidth_mbps,
+            max_transfers=self.max_transfers,
+            max_transfers_per_peer=min(self.max_transfers_per_peer, self.max_transfers))
 
     @property
     def replication_target(self) -> int:
@@ -265,6 +286,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         **_http_limits(env),
         max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
+        **_bandwidth(env, inventory, node_id),
     )
 
 
@@ -588,6 +610,30 @@ def _http_limits(env: _Env) -> _HttpLimits:
         "max_merges_in_flight": env.integer("RINGRIFT_MAX_MERGES_IN_FLIGHT", 2, minimum=1,
                                             maximum=64),
     })
+
+
+class _Bandwidth(TypedDict):
+    bandwidth_limit_mbps: float | None
+    max_transfers: int
+    max_transfers_per_peer: int
+
+
+def _bandwidth(env: _Env, inventory: Inventory, node_id: str) -> _Bandwidth:
+    """The total rate (the env replaces the inventory's; 0 is no limit) and the transfer caps."""
+    if env.get("RINGRIFT_BANDWIDTH_LIMIT_MBPS") is None:
+        total = inventory.total_bandwidth_mbps(node_id)
+    else:
+        total = env.number("RINGRIFT_BANDWIDTH_LIMIT_MBPS", 0.0, allow_zero=True) or None
+    max_transfers = env.integer("RINGRIFT_MAX_TRANSFERS", 32, minimum=1)
+    return _Bandwidth({
+        "bandwidth_limit_mbps": total,
+        "max_transfers": max_transfers,
+        "max_transfers_per_peer": env.integer("RINGRIFT_MAX_TRANSFERS_PER_PEER",
+                                              min(4, max_transfers), minimum=1,
+                                              maximum=max_transfers),
+    })
+
+
 def _sendable_node_id(node_id: str) -> str:
     """A node id peers accept as a batch's source_node (else every push would be refused)."""
     try:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from ringsync.errors import ConfigError
+from ringsync.inventory import most_specific_pattern
 from ringsync.policy.bandwidth import (
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
@@ -18,6 +22,7 @@ from ringsync.policy.bandwidth import (
     Priority,
     slot_cap,
 )
+from ringsync.settings import Settings, load_settings
 
 MBPS_40 = 40.0
 RATE_40 = 5_000_000.0  # bytes/s
@@ -371,3 +376,99 @@ async def test_metrics_callbacks_see_bytes_and_waits() -> None:
 def test_limits_reject_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be"):
         BandwidthLimits(**kwargs)  # type: ignore[arg-type]
+
+
+# -- limits from the inventory and the environment ---------------------------------------------
+
+BANDWIDTH_INVENTORY = """\
+hosts:
+  selfplay-1: {role: gpu_selfplay, bandwidth_mbps: 1000}
+  vast-4090-7: {role: gpu_selfplay, bandwidth_mbps: 250}
+  vast-gh200-1: {role: gpu_training_primary}
+  lambda-gh200-a: {role: gpu_training_primary, bandwidth_mbps: 400}
+  nebius-h100-1: {role: gpu_training_primary, bandwidth_mbps: 0}
+auto_sync:
+  bandwidth_limit_mbps: 100
+  host_bandwidth_overrides:
+    "vast-*": 50
+    "vast-gh200-*": 80
+    "lambda-gh200-a": 0
+"""
+
+
+def load_bw(tmp_path: Path, text: str = BANDWIDTH_INVENTORY, **env: str) -> Settings:
+    path = tmp_path / "distributed_hosts.yaml"
+    path.write_text(text)
+    return load_settings({"RINGRIFT_CLUSTER_CONFIG": str(path),
+                          "RINGRIFT_NODE_ID": "selfplay-1", **env}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("vast-gh200-1", "vast-gh200-*"),  # more literal characters beat vast-*
+    ("vast-4090-7", "vast-*"),
+    ("vast-a", "vast-?"),  # fewer * beat vast-* at equal literals
+    ("lambda-1", "lambda-1"),  # the exact name beats any glob
+    ("nebius-2", None),
+])
+def test_most_specific_override_wins(name: str, expected: str | None) -> None:
+    patterns = ["*-1", "vast-*", "vast-?", "vast-gh200-*", "lambda-1", "lambda-*"]
+    assert most_specific_pattern(name, patterns) == expected
+
+
+def test_equal_ranks_go_to_the_first_in_the_file() -> None:
+    assert most_specific_pattern("ab", ["a*", "*b"]) == "a*"
+    assert most_specific_pattern("ab", ["*b", "a*"]) == "*b"
+
+
+def test_peer_and_total_limits_from_the_inventory(tmp_path: Path) -> None:
+    s = load_bw(tmp_path)
+    peer = s.bandwidth_limits.peer_mbps
+    assert peer("vast-4090-7") == 50.0  # the override beats the host's own 250
+    assert peer("vast-gh200-1") == 80.0
+    assert peer("lambda-gh200-a") is None  # an override of 0: no limit, whatever the host says
+    assert peer("nebius-h100-1") is None  # bandwidth_mbps 0: no limit
+    assert peer("selfplay-1") == 1000.0
+    assert peer("vast-new") == 50.0  # not a host yet, but the glob covers it
+    assert s.bandwidth_limit_mbps == 100.0  # auto_sync's total, under this host's 1000
+    assert (s.max_transfers, s.max_transfers_per_peer) == (32, 4)
+
+
+def test_the_node_link_caps_the_total_and_env_replaces_it(tmp_path: Path) -> None:
+    slow_link = BANDWIDTH_INVENTORY.replace("bandwidth_mbps: 1000", "bandwidth_mbps: 20")
+    assert load_bw(tmp_path, slow_link).bandwidth_limit_mbps == 20.0
+    assert load_bw(tmp_path, RINGRIFT_BANDWIDTH_LIMIT_MBPS="400").bandwidth_limit_mbps == 400.0
+    assert load_bw(tmp_path, RINGRIFT_BANDWIDTH_LIMIT_MBPS="0").bandwidth_limit_mbps is None
+    unset = BANDWIDTH_INVENTORY.replace("  bandwidth_limit_mbps: 100\n", "").replace(
+        "bandwidth_mbps: 1000", "bandwidth_mbps: 0")
+    assert load_bw(tmp_path, unset).bandwidth_limit_mbps is None
+    s = load_bw(tmp_path, RINGRIFT_MAX_TRANSFERS="3", RINGRIFT_MAX_TRANSFERS_PER_PEER="2")
+    assert (s.bandwidth_limits.max_transfers, s.bandwidth_limits.max_transfers_per_peer) == (3, 2)
+    assert load_bw(tmp_path, RINGRIFT_MAX_TRANSFERS="2").max_transfers_per_peer == 2
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"RINGRIFT_BANDWIDTH_LIMIT_MBPS": "fast"}, "RINGRIFT_BANDWIDTH_LIMIT_MBPS = 'fast' is not a number"),
+    ({"RINGRIFT_BANDWIDTH_LIMIT_MBPS": "-5"}, "RINGRIFT_BANDWIDTH_LIMIT_MBPS = '-5' is out of range; "
+                                              "use a number >= 0"),
+    ({"RINGRIFT_MAX_TRANSFERS": "0"}, "RINGRIFT_MAX_TRANSFERS = '0' is out of range; use an integer >= 1"),
+    ({"RINGRIFT_MAX_TRANSFERS": "8", "RINGRIFT_MAX_TRANSFERS_PER_PEER": "9"},
+     "RINGRIFT_MAX_TRANSFERS_PER_PEER = '9' is out of range; use an integer 1-8"),
+])
+def test_bad_env_values_name_the_variable(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_bw(tmp_path, **env)
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("bandwidth_limit_mbps: 100", "bandwidth_limit_mbps: -1",
+     "auto_sync.bandwidth_limit_mbps = -1 is not allowed; use a number >= 0 (0: no limit)"),
+    ('"vast-*": 50', '"vast-*": -50', "auto_sync.host_bandwidth_overrides = "),
+    ('"vast-*": 50', '"vast-*": lots', "to Mbit/s >= 0 (0: no limit); e.g. \"vast-*\": 50"),
+    ("{role: gpu_selfplay, bandwidth_mbps: 250}", "{role: gpu_selfplay, bandwidth_mbps: x}",
+     "hosts.vast-4090-7.bandwidth_mbps = 'x' is not allowed; use a number >= 0 (0: no limit)"),
+])
+def test_bad_inventory_values_name_the_field(tmp_path: Path, old: str, new: str,
+                                             expected: str) -> None:
+    assert old in BANDWIDTH_INVENTORY
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_bw(tmp_path, BANDWIDTH_INVENTORY.replace(old, new))

@@ -22,7 +22,7 @@ import asyncio
 import enum
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -362,7 +362,7 @@ class BandwidthLimiter:
             self._slots.release(peer)
 
     async def paced(self, peer: str, data: bytes | AsyncIterable[bytes],
-                    priority: Priority = Priority.NORMAL) -> AsyncIterator[bytes]:
+                    priority: Priority = Priority.NORMAL) -> AsyncGenerator[bytes, None]:
         """``data`` cut into chunks, each yielded once its tokens are granted (a request body)."""
         source = _one(data) if isinstance(data, bytes | bytearray | memoryview) else data
         async for piece in source:

@@ -45,7 +45,8 @@ class AutoSyncDaemon(Daemon):
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
+        self._transport = transport or HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout,
+                                                     limiter=ctx.bandwidth)
         self._peers = PeerDelivery(retry_initial, max(1.0, min(60.0, s.sync_interval)))
         self._sources = LocalSources(ctx, on_change=self._update_health)
         self._sharing = StorageSharing(ctx, self._transport)

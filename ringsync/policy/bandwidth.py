@@ -247,18 +247,20 @@ class _RateScheduler:
         waiter.future.set_result(None)
 
     def _arm(self, now: float, head: _Waiter | None) -> None:
-        """One timer: when the head gets total tokens, or another waiter's peer bucket refills."""
+        """One timer: when the head gets total tokens, or a waiter's peer bucket refills.
+
+        Waiters whose peer bucket is ready already wait behind the head, not for a time.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._waiting:
-            return
-        delays = [max(_ready_in(self.peer_bucket(w.peer), w.nbytes, now),
-                      _ready_in(self._total, w.nbytes, now))
-                  for w in self._waiting if w is not head]
-        if head is not None:
-            delays.append(_ready_in(self._total, head.nbytes, now))
-        self._timer = self._call_later(max(_EPSILON, min(delays)), self._dispatch)
+        delays = [_ready_in(self._total, head.nbytes, now)] if head is not None else []
+        for w in self._waiting:
+            peer_wait = _ready_in(self.peer_bucket(w.peer), w.nbytes, now)
+            if peer_wait > _EPSILON and not w.future.done():
+                delays.append(max(peer_wait, _ready_in(self._total, w.nbytes, now)))
+        if delays:
+            self._timer = self._call_later(max(_EPSILON, min(delays)), self._dispatch)
 
 
 @dataclass(eq=False, slots=True)

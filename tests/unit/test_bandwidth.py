@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import heapq
 import itertools
+import random
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 
 from ringsync.errors import ConfigError
 from ringsync.inventory import most_specific_pattern
+from ringsync.policy import bandwidth as bandwidth_module
 from ringsync.policy.bandwidth import (
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
@@ -42,6 +46,7 @@ class FakeClock:
     """Time moves only when the test says; timers fire in order, tasks settle in between."""
 
     now: float = 0.0
+    fired: int = 0
     _timers: list[tuple[float, int, Callable[[], None], _Handle]] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -65,6 +70,7 @@ class FakeClock:
             return False
         when, _, callback, _ = heapq.heappop(self._timers)
         self.now = max(self.now, when)
+        self.fired += 1
         callback()
         return True
 
@@ -472,3 +478,70 @@ def test_bad_inventory_values_name_the_field(tmp_path: Path, old: str, new: str,
     assert old in BANDWIDTH_INVENTORY
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_bw(tmp_path, BANDWIDTH_INVENTORY.replace(old, new))
+
+
+# -- random traffic: the limits hold at every instant and nobody is left waiting ---------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_arrivals_and_cancellations_keep_every_limit(seed: int) -> None:
+    rng = random.Random(seed)
+    clock = FakeClock()
+    peer_mbps = {"a": 8.0, "b": 16.0, "c": None}
+    limiter = make(clock, total_mbps=20.0, peer_mbps=peer_mbps.get, max_transfers=4,
+                   max_transfers_per_peer=2)
+    grants: list[tuple[float, str, int]] = []
+    peak_in_flight = 0
+
+    async def transfer(peer: str, priority: Priority, size: int, delay: float) -> None:
+        nonlocal peak_in_flight
+        await clock_sleep(clock, delay)
+        async with limiter.transfer(peer, priority):
+            peak_in_flight = max(peak_in_flight, limiter.in_flight())
+            assert limiter.in_flight(peer) <= 2
+            async for chunk in limiter.paced(peer, bytes(size), priority):
+                grants.append((clock(), peer, len(chunk)))
+
+    tasks = [asyncio.create_task(transfer(rng.choice("abc"), rng.choice(list(Priority)),
+                                          rng.randrange(1, 3_000_000), rng.uniform(0, 5)))
+             for _ in range(25)]
+    doomed = rng.sample(tasks, 6)
+    for when, task in zip(sorted(rng.uniform(0, 8) for _ in doomed), doomed, strict=True):
+        await clock.run_until(when)
+        task.cancel()
+    await clock.run_until(200.0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results), results
+    assert sum(r is None for r in results) >= 19  # all but the cancelled ones finished
+    assert limiter.waiting() == {"rate": 0, "slot": 0}
+    assert limiter.in_flight() == 0
+    assert peak_in_flight <= 4
+    assert clock.fired <= 2 * len(grants) + 100  # timers fire for grants, never spin
+    # At every grant, bytes so far never exceed a burst plus the rate times the time elapsed.
+    for name, mbps in [("total", 20.0), *peer_mbps.items()]:
+        if mbps is None:
+            continue
+        rate = mbps * 125_000
+        sent = 0
+        for when, peer, size in grants:
+            if name in ("total", peer):
+                sent += size
+                assert sent <= rate * 0.25 + rate * when + 1, (name, when, sent)
+
+
+async def clock_sleep(clock: FakeClock, delay: float) -> None:
+    """Sleep on the fake clock."""
+    woken = asyncio.get_running_loop().create_future()
+    clock.call_later(delay, lambda: woken.done() or woken.set_result(None))
+    await woken
+
+
+def test_the_policy_module_imports_nothing_but_the_standard_library() -> None:
+    source = Path(bandwidth_module.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

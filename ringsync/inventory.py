@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ OFFLINE_STATUSES = frozenset(
     {"offline", "retired", "terminated", "disabled", "decommissioned", "stopped"}
 )
 _MAX_SHOWN = 80  # characters of a bad value quoted in an error message
+_GLOB_WILDCARD = re.compile(r"\[[^\]]*\]|[*?]")
+_NO_LIMIT = "(0: no limit)"
 
 # Roles in RingRift's distributed_hosts.yaml.example and .template.yaml, the design's
 # nn_training_primary, and the plain kinds. Upstream classifies a role by substring, so any
@@ -129,9 +132,14 @@ class AutoSyncSection:
     skip_nfs_sync: bool | None = None  # None: not in the file (RINGRIFT_SKIP_NFS_SYNC decides)
     max_concurrent_syncs: int | None = None
     min_games_to_sync: int | None = None
-    bandwidth_limit_mbps: float | None = None
+    bandwidth_limit_mbps: float | None = None  # all of this node's sends; 0: no limit
     exclude_hosts: frozenset[str] = frozenset()  # these nodes skip their own auto-sync cycles
-    host_bandwidth_overrides: Mapping[str, float] = field(default_factory=dict)
+    host_bandwidth_overrides: Mapping[str, float] = field(default_factory=dict)  # glob -> Mbit/s
+
+    def bandwidth_override(self, host: str) -> float | None:
+        """The limit of the most specific ``host_bandwidth_overrides`` glob matching ``host``."""
+        pattern = most_specific_pattern(host, self.host_bandwidth_overrides)
+        return None if pattern is None else self.host_bandwidth_overrides[pattern]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +164,38 @@ class Inventory:
     def get(self, name: str) -> Host | None:
         return self.hosts.get(name)
 
+    def peer_bandwidth_mbps(self, name: str) -> float | None:
+        """The limit on sends to one peer, None for none: an ``auto_sync.host_bandwidth_overrides``
+        match, else the host's ``bandwidth_mbps``; 0 in either place means no limit."""
+        override = self.auto_sync.bandwidth_override(name)
+        if override is not None:
+            return override or None
+        host = self.hosts.get(name)
+        return (host.bandwidth_mbps or None) if host is not None else None
+
+    def total_bandwidth_mbps(self, node: str) -> float | None:
+        """The limit on all of ``node``'s sends: ``auto_sync.bandwidth_limit_mbps``, capped by
+        the node's own ``bandwidth_mbps`` (its link); None when neither sets one."""
+        host = self.hosts.get(node)
+        limits = [self.auto_sync.bandwidth_limit_mbps, host.bandwidth_mbps if host else None]
+        return min((v for v in limits if v), default=None)
+
     def __contains__(self, name: object) -> bool:
         return name in self.hosts
+
+
+def most_specific_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    """Which of ``patterns`` (globs, case-sensitive) decides for ``name``, or None.
+
+    The most specific match wins: the exact name over any glob; then the glob with more
+    literal characters (``vast-gh200-*`` over ``vast-*``); then the one with fewer ``*``
+    (``vast-?`` over ``vast-*``); equal ranks: the first in the file.
+    """
+    def rank(pattern: str) -> tuple[bool, int, int]:
+        exact = not _GLOB_WILDCARD.search(pattern)
+        return exact, len(_GLOB_WILDCARD.sub("", pattern)), -pattern.count("*")
+    matches = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+    return max(matches, key=rank, default=None)  # max keeps the first of equal ranks
 
 
 def load_inventory(path: Path) -> Inventory:
@@ -222,8 +260,6 @@ def _unenforced(inventory: Inventory) -> tuple[str, ...]:
                      "(a threshold that holds games back can block them indefinitely)")
     unused = {
         "auto_sync.max_concurrent_syncs": auto.max_concurrent_syncs,
-        "auto_sync.bandwidth_limit_mbps": auto.bandwidth_limit_mbps,
-        "auto_sync.host_bandwidth_overrides": auto.host_bandwidth_overrides or None,
         "auto_sync.gossip_interval_seconds": auto.gossip_interval_seconds,
         "sync_routing.underserved_configs": routing.underserved_configs or None,
         "sync_routing.s3.enabled": routing.s3_enabled or None,
@@ -301,7 +337,7 @@ def _parse_host(source: str, name: str, raw: object) -> Host:
         selfplay_enabled=f.flag("selfplay_enabled", False),
         training_enabled=f.flag("training_enabled", False),
         p2p_enabled=f.flag("p2p_enabled", True),
-        bandwidth_mbps=f.number("bandwidth_mbps", minimum=0.0, allow_zero=True),
+        bandwidth_mbps=f.number("bandwidth_mbps", minimum=0.0, allow_zero=True, hint=_NO_LIMIT),
         nfs_enabled=f.flag("nfs_enabled", False) or f.flag("has_nfs", False),
         transport=_transport_order(f),
     )
@@ -396,7 +432,8 @@ def _parse_auto_sync(f: _Fields) -> AutoSyncSection:
         skip_nfs_sync=f.flag("skip_nfs_sync", True) if f.has("skip_nfs_sync") else None,
         max_concurrent_syncs=f.integer_or_none("max_concurrent_syncs", minimum=1),
         min_games_to_sync=f.integer_or_none("min_games_to_sync", minimum=0),
-        bandwidth_limit_mbps=f.positive("bandwidth_limit_mbps"),
+        bandwidth_limit_mbps=f.number("bandwidth_limit_mbps", minimum=0.0, allow_zero=True,
+                                      hint=_NO_LIMIT),
         exclude_hosts=f.names("exclude_hosts"),
         host_bandwidth_overrides=f.number_map("host_bandwidth_overrides"),
     )
@@ -471,9 +508,9 @@ class _Fields:
             raise self.fail(key, self._raw.get(key), allowed)
         return value
 
-    def number(self, key: str, *, minimum: float, allow_zero: bool) -> float | None:
+    def number(self, key: str, *, minimum: float, allow_zero: bool, hint: str = "") -> float | None:
         bound = ">= 0" if allow_zero else "> 0"
-        allowed = f"is not allowed; use a number {bound}"
+        allowed = f"is not allowed; use a number {bound}" + (f" {hint}" if hint else "")
         raw = self._raw.get(key)
         if raw is None:
             return None
@@ -531,12 +568,16 @@ class _Fields:
         return {str(k): v for k, v in raw.items()}
 
     def number_map(self, key: str) -> dict[str, float]:
+        """Host globs (``vast-*``) to Mbit/s >= 0."""
         raw = self._raw.get(key)
         if raw is None:
             return {}
-        values = {str(k): _to_float(v) for k, v in raw.items()} if isinstance(raw, Mapping) else None
-        if values is None or any(v is None or v <= 0 for v in values.values()):
-            raise self.fail(key, raw, "is not a mapping of host patterns to numbers > 0")
+        values = {str(k).strip(): _to_float(v) for k, v in raw.items() if _is_name(k)} \
+            if isinstance(raw, Mapping) else {}
+        if not isinstance(raw, Mapping) or len(values) != len(raw) \
+                or any(v is None or v < 0 for v in values.values()):
+            raise self.fail(key, raw, "is not a mapping of host patterns (globs such as vast-*) "
+                            f"to Mbit/s >= 0 {_NO_LIMIT}; e.g. \"vast-*\": 50")
         return {k: v for k, v in values.items() if v is not None}
 
     def _int_or_none(self, key: str, allowed: str) -> int | None:

@@ -11,6 +11,7 @@ from ringsync.inventory import Host
 from ringsync.ops.fsdetect import mount_of
 from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
+from ringsync.policy.bandwidth import BandwidthLimiter
 from ringsync.policy.router import SyncRouter
 from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
@@ -31,6 +32,7 @@ class NodeContext:
     shared: SharedStorage
     sync_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
+    bandwidth: BandwidthLimiter = field(default_factory=BandwidthLimiter)  # paces every send
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
 
     @property
@@ -76,4 +78,15 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
     shared = SharedStorage(settings.node_id, identity, enabled=settings.skip_nfs_sync,
                            marked_nfs=nfs_hosts(settings.inventory))
     return NodeContext(settings=settings, metrics=metrics, manifest=manifest, router=router,
-                       receiver=receiver, shared=shared)
+                       receiver=receiver, shared=shared,
+                       bandwidth=bandwidth_limiter(settings, metrics))
+
+
+def bandwidth_limiter(settings: Settings, metrics: Metrics) -> BandwidthLimiter:
+    """The node's one limiter, counting into its metrics."""
+    return BandwidthLimiter(
+        settings.bandwidth_limits,
+        on_sent=lambda peer, priority, n: metrics.bandwidth_bytes.labels(
+            peer=peer, priority=priority.label).inc(n),
+        on_wait=lambda priority, reason, seconds: metrics.bandwidth_wait.labels(
+            priority=priority.label, reason=reason).inc(seconds))

@@ -26,6 +26,7 @@ from ringsync.inventory import (
     load_inventory,
     parse_transport_order,
 )
+from ringsync.policy.bandwidth import BandwidthLimits
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
 from ringsync.protocol.batch import validate_source_node
 
@@ -138,6 +139,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "discovery reads them all). Small DBs keep merges cheap: RingRift's random game_id "
            "index pages make a merge into a 35 GB DB write 16 times the payload. 0: one DB, "
            "never bounded"),
+    EnvVar("RINGRIFT_BANDWIDTH_LIMIT_MBPS", "", "Mbit/s all of this node's sends may use "
+           "together (>= 0; 0: no limit); replaces the inventory's total. Limits per peer come "
+           "from the inventory: the most specific auto_sync.host_bandwidth_overrides glob, else "
+           "the peer's bandwidth_mbps", default_text="auto_sync.bandwidth_limit_mbps in the "
+           "inventory, capped by this host's bandwidth_mbps; else no limit"),
+    EnvVar("RINGRIFT_MAX_TRANSFERS", "32", "Most transfers this node sends at once (>= 1); "
+           "low-priority ones leave two free and games one, for higher priorities"),
+    EnvVar("RINGRIFT_MAX_TRANSFERS_PER_PEER", "4", "Most transfers this node sends to one peer "
+           "at once (1..RINGRIFT_MAX_TRANSFERS)"),
     EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
            "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
            "being read"),
@@ -211,6 +221,9 @@ class Settings:
     circuit_failure_threshold: int = 5
     circuit_recovery: float = 5.0
     circuit_recovery_max: float = 300.0
+    bandwidth_limit_mbps: float | None = None  # all sends together; None: no limit
+    max_transfers: int = 32
+    max_transfers_per_peer: int = 4
 
     @property
     def state_root(self) -> Path:
@@ -249,6 +262,14 @@ class Settings:
     def source_patterns(self) -> SourcePatterns:
         """Which files under the data dir are this node's own games (class b never is)."""
         return SourcePatterns(self.game_sources, DEFAULT_EXCLUDE + self.game_sources_exclude)
+
+    @property
+    def bandwidth_limits(self) -> BandwidthLimits:
+        """Rates and transfer counts the bandwidth limiter enforces; per peer from the inventory."""
+        return BandwidthLimits(
+            total_mbps=self.bandwidth_limit_mbps, peer_mbps=self.inventory.peer_bandwidth_mbps,
+            max_transfers=self.max_transfers,
+            max_transfers_per_peer=min(self.max_transfers_per_peer, self.max_transfers))
 
     @property
     def replication_target(self) -> int:
@@ -311,6 +332,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
         **_ssh_settings(env, cwd),
         **_circuit_settings(env),
+        **_bandwidth(env, inventory, node_id),
     )
 
 
@@ -634,6 +656,30 @@ def _http_limits(env: _Env) -> _HttpLimits:
         "max_merges_in_flight": env.integer("RINGRIFT_MAX_MERGES_IN_FLIGHT", 2, minimum=1,
                                             maximum=64),
     })
+
+
+class _Bandwidth(TypedDict):
+    bandwidth_limit_mbps: float | None
+    max_transfers: int
+    max_transfers_per_peer: int
+
+
+def _bandwidth(env: _Env, inventory: Inventory, node_id: str) -> _Bandwidth:
+    """The total rate (the env replaces the inventory's; 0 is no limit) and the transfer caps."""
+    if env.get("RINGRIFT_BANDWIDTH_LIMIT_MBPS") is None:
+        total = inventory.total_bandwidth_mbps(node_id)
+    else:
+        total = env.number("RINGRIFT_BANDWIDTH_LIMIT_MBPS", 0.0, allow_zero=True) or None
+    max_transfers = env.integer("RINGRIFT_MAX_TRANSFERS", 32, minimum=1)
+    return _Bandwidth({
+        "bandwidth_limit_mbps": total,
+        "max_transfers": max_transfers,
+        "max_transfers_per_peer": env.integer("RINGRIFT_MAX_TRANSFERS_PER_PEER",
+                                              min(4, max_transfers), minimum=1,
+                                              maximum=max_transfers),
+    })
+
+
 def _sendable_node_id(node_id: str) -> str:
     """A node id peers accept as a batch's source_node (else every push would be refused)."""
     try:

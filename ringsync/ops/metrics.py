@@ -251,6 +251,19 @@ class Metrics:
             "Local sources whose scan stopped at its row chunk and continues next cycle.",
             registry=r,
         )
+        # -- bandwidth (issue 8 §3): fed by the limiter's callbacks, so policy/ stays I/O-free
+        self.bandwidth_bytes = Counter(
+            "ringsync_bandwidth_bytes_total",
+            "Bytes sent through the bandwidth limiter, by peer and priority (critical, high, "
+            "normal, low).",
+            ["peer", "priority"], registry=r,
+        )
+        self.bandwidth_wait = Counter(
+            "ringsync_bandwidth_wait_seconds_total",
+            "Seconds transfers waited in the bandwidth limiter, by priority and reason (rate: "
+            "for tokens of a peer or the total limit; slot: for a transfer slot).",
+            ["priority", "reason"], registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.inventory import Host
+from ringsync.policy.bandwidth import BandwidthLimiter
 from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
 from ringsync.transport.base import GameTransport
@@ -17,16 +18,17 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def build_transport(s: Settings) -> GameTransport:
-    """Plain HTTP unless some peer may be reached over SSH; then an ordered fallback chain."""
+def build_transport(s: Settings, *, limiter: BandwidthLimiter | None = None) -> GameTransport:
+    """Plain HTTP unless some peer may be reached over SSH; then an ordered fallback chain.
+    Every one sends through ``limiter`` (the node's bandwidth limits)."""
     orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
-    http = HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout)
+    http = HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout, limiter=limiter)
     if all(order == ("http",) for order in orders | {s.transport_order}):
         return http
     from ringsync.transport.ssh import SshOptions, SshTransport  # asyncssh only where it is used
 
     ssh = SshTransport(s.node_id, s.auth_token, SshOptions.from_settings(s),
-                       read_timeout=s.push_timeout)
+                       read_timeout=s.push_timeout, limiter=limiter)
     return TransportChain({"http": http, "ssh": ssh}, s.transport_order)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
+from ringsync.policy.bandwidth import BandwidthLimiter
 from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
 from ringsync.transport.http import HttpTransport
@@ -96,13 +97,13 @@ class SshTransport:
     name = "ssh"
 
     def __init__(self, node_id: str, token: str | None, options: SshOptions, *,
-                 read_timeout: float = 120.0) -> None:
+                 read_timeout: float = 120.0, limiter: BandwidthLimiter | None = None) -> None:
         asyncssh_log = logging.getLogger("asyncssh")
         if asyncssh_log.level == logging.NOTSET:
             # asyncssh logs every channel at INFO; our own lines say what an operator needs.
             asyncssh_log.setLevel(logging.WARNING)
         self._options = options
-        self._http = HttpTransport(node_id, token, read_timeout=read_timeout)
+        self._http = HttpTransport(node_id, token, read_timeout=read_timeout, limiter=limiter)
         self._tunnels: dict[str, _Tunnel] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
 

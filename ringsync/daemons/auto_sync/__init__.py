@@ -68,7 +68,7 @@ class AutoSyncDaemon(Daemon):
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or build_transport(s)
+        self._transport = transport or build_transport(s, limiter=ctx.bandwidth)
         self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
                                       retry_max=max(1.0, min(60.0, s.sync_interval)),
                                       breaker=breaker or breaker_config(s), clock=clock)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -13,6 +13,7 @@ from yarl import URL
 from ringsync.errors import PeerUnreachableError, TransientError, TransportError
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
+from ringsync.policy.bandwidth import BandwidthLimiter, Priority
 from ringsync.protocol.results import MergeResult
 from ringsync.transport.http.wire import (
     BATCH_CONTENT_TYPE,
@@ -41,8 +42,10 @@ class HttpTransport:
 
     name = "http"
 
-    def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 120.0) -> None:
+    def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 120.0,
+                 limiter: BandwidthLimiter | None = None) -> None:
         self._node_id = node_id
+        self._limiter = limiter or BandwidthLimiter()  # default: no rate limit
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -57,13 +60,15 @@ class HttpTransport:
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
                          data_dir_id: str | None = None) -> MergeResult:
-        # BytesIO: aiohttp streams it instead of warning about a large in-memory body.
+        # The body is streamed in chunks the limiter grants; the known length is still sent.
         headers = {DIGEST_HEADER: digest, "Content-Type": BATCH_CONTENT_TYPE,
                    "Content-Length": str(len(payload))}
         if data_dir_id is not None:
             headers[DATA_DIR_HEADER] = data_dir_id
-        body = await self._request("POST", peer, GAMES_PATH, data=io.BytesIO(payload),
-                                   headers=headers)
+        pace = self._limiter
+        async with pace.transfer(peer.name, Priority.NORMAL), \
+                aclosing(pace.paced(peer.name, payload, Priority.NORMAL)) as chunks:
+            body = await self._request("POST", peer, GAMES_PATH, data=chunks, headers=headers)
         return _parse_push_result(peer.name, body)
 
     async def peer_data_dir_id(self, peer: Host) -> str:

@@ -129,6 +129,17 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("RINGRIFT_SCAN_CHUNK_ROWS", "10000", "New games rows a sync cycle reads per local "
            "selfplay DB (>= 1): a large backlog ships its first games while the rest is still "
            "being read"),
+    EnvVar("RINGRIFT_MODELS_DIR", "", "Where this node keeps models (.pth, .pt, .onnx), shipped "
+           "to every selfplay and training node under the same relative path (RingRift keeps "
+           "them in ai-service/models, beside data/)", default_text="RINGRIFT_DATA_DIR/models"),
+    EnvVar("RINGRIFT_TRAINING_DIR", "", "Where this node keeps training data (.npz), shipped to "
+           "training nodes only, never the coordinator", default_text="RINGRIFT_DATA_DIR/training"),
+    EnvVar("RINGRIFT_FILE_SETTLE_TIME", "5", "Seconds a model or training file must stay "
+           "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
+    EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
+           "indexes for models and training data this node lacks (> 0)"),
+    EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
+           "training files at, over all peers (0: unlimited)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -168,6 +179,11 @@ class Settings:
     max_merges_in_flight: int = 2
     max_configs: int = 256
     scan_chunk_rows: int = 10_000
+    models_dir_setting: Path | None = None  # None: <data_dir>/models
+    training_dir_setting: Path | None = None  # None: <data_dir>/training
+    file_settle_time: float = 5.0
+    file_poll_interval: float = 10.0
+    file_serve_mbps: float = 0.0
 
     @property
     def state_root(self) -> Path:
@@ -179,6 +195,14 @@ class Settings:
         """This node's own durable state, outside games/: never shared with another node,
         even when several nodes use one data dir on shared storage."""
         return self.state_root / self.node_id
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_dir_setting or self.data_dir / "models"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.training_dir_setting or self.data_dir / "training"
 
     @property
     def games_dir(self) -> Path:
@@ -265,6 +289,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         **_http_limits(env),
         max_configs=env.integer("RINGRIFT_MAX_CONFIGS", 256, minimum=1, maximum=100_000),
         scan_chunk_rows=env.integer("RINGRIFT_SCAN_CHUNK_ROWS", 10_000, minimum=1),
+        models_dir_setting=_optional_dir(env, "RINGRIFT_MODELS_DIR", cwd),
+        training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
+        file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
+        file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
+        file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
     )
 
 
@@ -483,6 +512,16 @@ def _data_dir(env: _Env, cwd: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise env.fail("RINGRIFT_DATA_DIR", f"is not a directory ({path} exists as a file); "
                        "point it at a directory")
+    return path
+
+
+def _optional_dir(env: _Env, name: str, cwd: Path) -> Path | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    path = _resolve(raw, cwd, name)
+    if path.exists() and not path.is_dir():
+        raise env.fail(name, f"is not a directory ({path} exists as a file); point it at a directory")
     return path
 
 

@@ -1,0 +1,151 @@
+"""Models and training data between real `ringsync run` nodes on loopback (issue 8 §4)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+
+from ringsync.localcluster import Cluster, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+FILE_ENV = {"RINGRIFT_FILE_SETTLE_TIME": "0.5", "RINGRIFT_FILE_POLL_INTERVAL": "0.3"}
+MIB = 1024 * 1024
+
+
+def start(cluster: Cluster, *names: str) -> None:
+    for name in names:
+        cluster.nodes[name].extra_env.update(FILE_ENV)
+        cluster.start(name)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    clusters: list[Cluster] = []
+
+    def make(nodes: list[tuple[str, str]]) -> Cluster:
+        c = Cluster(tmp_path, nodes, sync_interval=30.0)
+        clusters.append(c)
+        return c
+
+    yield make  # type: ignore[misc]
+    for c in clusters:
+        c.stop_all()
+
+
+def models(cluster: Cluster, name: str) -> Path:
+    return cluster.nodes[name].data_dir / "models"
+
+
+def training(cluster: Cluster, name: str) -> Path:
+    return cluster.nodes[name].data_dir / "training"
+
+
+def digest(path: Path) -> str:
+    h = blake3()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metric(cluster: Cluster, name: str, series: str) -> float:
+    url = f"http://127.0.0.1:{cluster.nodes[name].port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(series) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def write_slowly(path: Path, size: int, *, chunk: int = MIB, pause: float = 0.01) -> None:
+    with path.open("wb") as f:
+        for _ in range(size // chunk):
+            f.write(os.urandom(chunk))
+            f.flush()
+            time.sleep(pause)
+
+
+class PartialWatcher(threading.Thread):
+    """Polls receivers' models dirs: every non-dot name must be a complete file or a symlink."""
+
+    def __init__(self, dirs: list[Path], sizes: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.dirs, self.sizes = dirs, sizes
+        self.violations: list[str] = []
+        self.looks = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for d in self.dirs:
+                for p in d.iterdir() if d.is_dir() else ():
+                    if p.name.startswith("."):
+                        continue
+                    if p.name not in self.sizes:
+                        self.violations.append(f"unexpected name {p}")
+                    elif not p.is_symlink() and p.stat().st_size != self.sizes[p.name]:
+                        self.violations.append(f"{p} visible at {p.stat().st_size} bytes")
+            self.looks += 1
+            time.sleep(0.005)
+
+
+SELFPLAY = ("selfplay-1", "selfplay-2", "selfplay-3")
+
+
+def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trainers(
+        make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster([("train-1", "gpu_training_primary"), ("train-2", "nn_training_primary"),
+                            *((n, "gpu_selfplay") for n in SELFPLAY), ("coordinator", "coordinator")])
+    start(cluster, *cluster.nodes)
+    size = 50 * MIB
+    sizes = {"canonical_hex8_2p.pth": size, "ringrift_best_hex8_2p.pth": 0}
+    watcher = PartialWatcher([models(cluster, n) for n in (*SELFPLAY, "train-2")], sizes)
+    watcher.start()
+    src = models(cluster, "train-1")
+    src.mkdir(parents=True, exist_ok=True)
+    tmp = src / "canonical_hex8_2p.tmp"  # RingRift's promotion temp name: never shipped
+    write_slowly(tmp, size)
+    os.rename(tmp, src / "canonical_hex8_2p.pth")
+    os.symlink("canonical_hex8_2p.pth", src / "ringrift_best_hex8_2p.pth")
+    npz_dir = training(cluster, "train-1")
+    npz_dir.mkdir(parents=True, exist_ok=True)
+    (npz_dir / "hex8_2p.npz").write_bytes(os.urandom(3 * MIB))
+    (npz_dir / "hex8_2p.npz.lock").write_bytes(b"")
+    (npz_dir / "tmpab12.npz").write_bytes(b"partial")
+    expected = digest(src / "canonical_hex8_2p.pth")
+
+    receivers = (*SELFPLAY, "train-2")
+    try:
+        wait_until(lambda: all((models(cluster, n) / "ringrift_best_hex8_2p.pth").is_symlink()
+                               and (models(cluster, n) / "canonical_hex8_2p.pth").is_file()
+                               for n in receivers), 40, "the model and its symlink everywhere")
+        wait_until(lambda: (training(cluster, "train-2") / "hex8_2p.npz").is_file(), 20,
+                   "the NPZ at train-2")
+    finally:
+        watcher.stop.set()
+        watcher.join(5)
+    assert watcher.violations == []
+    assert watcher.looks > 100
+    for n in receivers:
+        model = models(cluster, n) / "canonical_hex8_2p.pth"
+        assert digest(model) == expected, n
+        assert os.readlink(models(cluster, n) / "ringrift_best_hex8_2p.pth") == "canonical_hex8_2p.pth"
+    assert digest(training(cluster, "train-2") / "hex8_2p.npz") == digest(npz_dir / "hex8_2p.npz")
+    assert sorted(p.name for p in training(cluster, "train-2").iterdir()) == ["hex8_2p.npz"]
+    # Training data never leaves the training nodes; the coordinator gets nothing at all.
+    for n in (*SELFPLAY, "coordinator"):
+        assert not training(cluster, n).exists() or not any(training(cluster, n).iterdir()), n
+    assert not models(cluster, "coordinator").exists() or not any(models(cluster, "coordinator").iterdir())
+    assert sum(metric(cluster, n, "ringsync_file_hash_mismatches_total") for n in receivers) == 0
+    for name in cluster.nodes:
+        assert cluster.terminate(name) == 0, cluster.nodes[name].log_tail()

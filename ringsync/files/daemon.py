@@ -69,6 +69,8 @@ class FileSyncDaemon(Daemon):
                      s.training_dir, ", ".join(sorted(k.value for k in self._wanted)) or "nothing")
             self._health = Health(HealthState.HEALTHY)
             ready()
+            # What is on disk here is known before any download may land beside it.
+            self._note(await asyncio.to_thread(scanner.scan))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._scan_loop(scanner, manifest))
                 if self._wanted:

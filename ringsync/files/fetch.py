@@ -69,11 +69,17 @@ class FileFetcher:
         self._hosts = hosts
         self._exclusions = exclusions
         self._dedup = ContentDeduplicator(manifest, dirs)
+        # The hash state of parts whose download stopped: (content hash, bytes, hasher).
+        self._prefixes: dict[tuple[FileKind, str], tuple[str, int, blake3]] = {}
 
     async def fetch(self, job: FetchJob) -> bool:
         """Make the job's version present here; False when no source could provide it now."""
         e = job.entry
         final = await asyncio.to_thread(destination, self._dirs[e.kind], e.relpath)
+        if await asyncio.to_thread(self._would_clobber, e, final):
+            log.warning("not replacing %s/%s: the file here is not the one last recorded (being "
+                        "written?); it is hashed once it settles", e.kind.value, e.relpath)
+            return False
         if e.link_target is not None:
             await asyncio.to_thread(self._link, e, final)
             return True
@@ -81,9 +87,12 @@ class FileFetcher:
             return True
         part = await asyncio.to_thread(self._open_part, e, final)
         try:
-            return await self._download(job, part, final)
+            done = await self._download(job, part, final)
         finally:
             os.close(part.fd)
+        if not done:  # next round resumes without reading the part again to hash it
+            self._prefixes[e.ident] = (e.hash, part.written, part.hasher.copy())
+        return done
 
     # -- local shortcuts ---------------------------------------------------------------------------
 
@@ -109,7 +118,19 @@ class FileFetcher:
         self._publish(e, part, final, None if linked else e.mtime_ns, "linked" if linked else "copied")
         return True
 
+    def _would_clobber(self, e: IndexEntry, final: Path) -> bool:
+        """True when ``final`` exists but is not what the manifest recorded there: a local
+        file that is new or being rewritten, which a download must never replace."""
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            return False
+        rec = self._manifest.get(e.kind, e.relpath)
+        return rec is None or rec.stat_key != (st.st_size, st.st_mtime_ns, st.st_ino)
+
     def _publish(self, e: IndexEntry, part: Path, final: Path, mtime_ns: int | None, how: str) -> None:
+        if self._would_clobber(e, final):
+            raise FileExistsError(f"{final} changed here during the download; not replaced")
         st_part = os.lstat(part)
         # Recorded before the rename (the inode, size and mtime survive it), so the scanner
         # never mistakes our own file for a new local one and hashes it again.
@@ -132,8 +153,12 @@ class FileFetcher:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         keep = min(keep, os.fstat(fd).st_size)
         os.ftruncate(fd, keep)
-        hasher = new_hasher()
-        feed_file(hasher, fd, keep)
+        cached = self._prefixes.pop(e.ident, None)
+        if cached is not None and cached[:2] == (e.hash, keep):
+            hasher = cached[2]
+        else:
+            hasher = new_hasher()
+            feed_file(hasher, fd, keep)
         if keep:
             log.info("resuming %s/%s at %d of %d bytes", e.kind.value, e.relpath, keep, e.size)
         source = journal.source if journal is not None and keep else ""

@@ -143,7 +143,7 @@ def _range_start(request: web.Request, size: int) -> int:
         rng = request.http_range
     except ValueError:
         rng = None
-    if rng is None or rng.start is None or rng.start < 0 or rng.step is not None or (
+    if rng is None or rng.start is None or rng.start < 0 or rng.step not in (None, 1) or (
             rng.stop is not None and rng.stop < size):
         raise web.HTTPRequestRangeNotSatisfiable(
             text="only 'Range: bytes=<start>-' is supported", headers={"Content-Range": f"bytes */{size}"})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -149,3 +151,122 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
     assert sum(metric(cluster, n, "ringsync_file_hash_mismatches_total") for n in receivers) == 0
     for name in cluster.nodes:
         assert cluster.terminate(name) == 0, cluster.nodes[name].log_tail()
+
+
+class HostileServer(threading.Thread):
+    """A peer that lists the right index (the real content hash) but serves wrong bytes."""
+
+    def __init__(self, port: int, entry: dict[str, object]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.entry = port, entry
+        self.file_requests = 0
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._quit: asyncio.Event | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        async def index(request: web.Request) -> web.Response:
+            return web.json_response({"node": "evil-1", "files": [self.entry]})
+
+        async def body(request: web.Request) -> web.Response:
+            self.file_requests += 1
+            size = int(self.entry["size"])  # type: ignore[call-overload]
+            return web.Response(body=os.urandom(size), headers={
+                "X-Ringsync-Content-Hash": str(self.entry["hash"])})
+
+        app = web.Application()
+        app.router.add_get("/v1/files/index", index)
+        app.router.add_get("/v1/files/{kind}/{relpath:.+}", body)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        self._loop, self._quit = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set()
+        await self._quit.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> HostileServer:
+        self.start()
+        assert self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        assert self._quit is not None
+        self._loop.call_soon_threadsafe(self._quit.set)
+        self.join(10)
+
+
+def old_file(path: Path, size: int) -> str:
+    """A finished file written a while ago: offered as soon as its node starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        for _ in range(size // MIB):
+            f.write(os.urandom(MIB))
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    return digest(path)
+
+
+def test_a_source_serving_corrupt_bytes_is_detected_excluded_and_the_file_fetched_elsewhere(
+        make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster([("train-1", "gpu_training_primary"), ("selfplay-1", "gpu_selfplay"),
+                            ("evil-1", "gpu_selfplay")])
+    model = models(cluster, "train-1") / "canonical_sq8_2p.pth"
+    expected = old_file(model, 8 * MIB)
+    entry = {"kind": "models", "relpath": model.name, "size": 8 * MIB,
+             "mtime_ns": model.stat().st_mtime_ns, "hash": expected, "link_target": None}
+    received = models(cluster, "selfplay-1") / model.name
+    with HostileServer(cluster.nodes["evil-1"].port, entry) as evil:
+        start(cluster, "selfplay-1")  # evil-1 is the only holder at first
+        wait_until(lambda: metric(cluster, "selfplay-1", "ringsync_file_hash_mismatches_total") >= 1,
+                   20, "the corrupt download detected")
+        assert not received.exists()
+        start(cluster, "train-1")
+        wait_until(received.is_file, 20, "the model fetched from the honest source")
+        assert digest(received) == expected
+        assert evil.file_requests == 1  # excluded for this content after its wrong bytes
+    assert metric(cluster, "selfplay-1", "ringsync_file_hash_mismatches_total") == 1
+    assert "not asking it for this content again" in cluster.nodes["selfplay-1"].log_path.read_text()
+
+
+def journal_done(cluster: Cluster, name: str) -> int:
+    db = cluster.nodes[name].data_dir / ".ringsync" / name / "files.db"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        row = conn.execute("SELECT max(done) FROM transfers").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+    return int(row[0] or 0)
+
+
+def test_a_receiver_killed_mid_download_resumes_where_its_journal_says(
+        make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster([("train-1", "gpu_training_primary"), ("selfplay-1", "gpu_selfplay")])
+    size = 300 * MIB
+    model = models(cluster, "train-1") / "candidate_hexagonal_4p.pth"
+    expected = old_file(model, size)
+    cluster.nodes["train-1"].extra_env["RINGRIFT_FILE_SERVE_MBPS"] = "480"  # 60 MB/s: ~5 s
+    start(cluster, "train-1", "selfplay-1")
+    wait_until(lambda: journal_done(cluster, "selfplay-1") >= 160 * MIB, 30, "half downloaded")
+    cluster.kill("selfplay-1")
+    done = journal_done(cluster, "selfplay-1")
+    received = models(cluster, "selfplay-1") / model.name
+    assert not received.exists()
+    assert done < size
+    start(cluster, "selfplay-1")
+    wait_until(received.is_file, 30, "the resumed download published")
+    assert digest(received) == expected
+    refetched = metric(cluster, "selfplay-1", "ringsync_file_bytes_fetched_total")
+    assert refetched == size - done  # only what the journal did not hold
+    assert refetched < 0.5 * size
+    assert "resuming models/candidate_hexagonal_4p.pth at" in cluster.nodes["selfplay-1"].log_tail(200)

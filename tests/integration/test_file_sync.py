@@ -270,3 +270,28 @@ def test_a_receiver_killed_mid_download_resumes_where_its_journal_says(
     assert refetched == size - done  # only what the journal did not hold
     assert refetched < 0.5 * size
     assert "resuming models/candidate_hexagonal_4p.pth at" in cluster.nodes["selfplay-1"].log_tail(200)
+
+
+def test_a_receiver_serves_its_copy_on_and_a_new_version_written_in_place_replaces_the_old(
+        make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster([("train-1", "gpu_training_primary"), ("selfplay-1", "gpu_selfplay"),
+                            ("selfplay-2", "gpu_selfplay")])
+    model = models(cluster, "train-1") / "canonical_square19_2p.pth"
+    first = old_file(model, 4 * MIB)
+    start(cluster, "train-1", "selfplay-1")
+    wait_until((models(cluster, "selfplay-1") / model.name).is_file, 20, "the model at selfplay-1")
+    assert cluster.terminate("train-1") == 0
+    start(cluster, "selfplay-2")  # its only possible source is the earlier receiver
+    copy = models(cluster, "selfplay-2") / model.name
+    wait_until(copy.is_file, 20, "the model at selfplay-2")
+    assert digest(copy) == first
+    assert "fetched from selfplay-1" in cluster.nodes["selfplay-2"].log_path.read_text()
+
+    # auto_promote copies onto the canonical file in place: a new version, hashed once settled.
+    start(cluster, "train-1")
+    with model.open("r+b") as f:
+        f.write(os.urandom(MIB))
+    second = digest(model)
+    for name in ("selfplay-1", "selfplay-2"):
+        wait_until(lambda n=name: digest(models(cluster, n) / model.name) == second, 20,
+                   f"the new version at {name}")

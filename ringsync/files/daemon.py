@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -16,6 +18,7 @@ from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import FetchJob, Ident, IndexEntry, plan_fetches
 from ringsync.files.scanner import FileScanner, ScanResult
+from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
@@ -53,6 +56,7 @@ class FileSyncDaemon(Daemon):
         self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         self._failing_peers: set[str] = set()
         self._stopping = False
+        self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
 
     async def run(self, ready: Callable[[], None]) -> None:
@@ -72,6 +76,7 @@ class FileSyncDaemon(Daemon):
             # What is on disk here is known before any download may land beside it.
             self._note(await asyncio.to_thread(scanner.scan))
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(watch_renames(self._dirs, functools.partial(self._renamed, scanner)))
                 tg.create_task(self._scan_loop(scanner, manifest))
                 if self._wanted:
                     tg.create_task(self._pull_loop(tg, scanner, manifest, fetcher))
@@ -89,16 +94,23 @@ class FileSyncDaemon(Daemon):
 
     # -- local pickup -------------------------------------------------------------------------
 
+    def _renamed(self, scanner: FileScanner, kind: FileKind, relpath: str) -> None:
+        scanner.note_renamed(kind, relpath)
+        self._wake.set()
+
     async def _scan_loop(self, scanner: FileScanner, manifest: FileManifest) -> None:
         every = max(0.1, min(1.0, self._ctx.settings.file_settle_time / 2))
         while not self._stopping:
+            self._wake.clear()
             result = await asyncio.to_thread(scanner.scan)
             self._note(result)
             held = await asyncio.to_thread(manifest.records)
             for kind in FileKind:
                 self._ctx.metrics.files_held.labels(kind=kind.value).set(
                     sum(1 for r in held if r.kind is kind))
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._wake.wait()
 
     def _note(self, result: ScanResult) -> None:
         for rec in result.picked_up:

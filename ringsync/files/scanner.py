@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -19,6 +20,7 @@ from ringsync.files.paths import MAX_DEPTH, link_target_relpath, safe_link_targe
 log = logging.getLogger(__name__)
 
 Ident = tuple[FileKind, str]
+MAX_RENAMED = 10_000
 
 
 @dataclass
@@ -35,9 +37,10 @@ def stat_key(st: os.stat_result) -> StatKey:
 class FileScanner:
     """Scans each kind's directory; blocking, so the daemon runs it in a worker thread.
 
-    A file is complete once nothing wrote it for ``settle`` seconds: its mtime is that
-    old already (renamed into place after its last write, or found at start-up), or
-    its size, mtime and inode stayed the same across a whole settle window. A file
+    A file is complete once it appeared by rename and is unchanged since (note_renamed,
+    from inotify), or nothing wrote it for ``settle`` seconds: its mtime is that old
+    already (found at start-up, say), or its size, mtime and inode stayed the same
+    across a whole settle window. A file
     changed in place (RingRift's auto_promote copies onto the canonical file) gets a
     new stat and is hashed again once it settles: a new version. Only names that pass
     is_shippable_name are considered; a symlink is recorded as a symlink, unless its
@@ -55,6 +58,17 @@ class FileScanner:
         self._pending: dict[Ident, tuple[StatKey, float]] = {}
         self._warned: set[Ident] = set()
         self._unsettled: frozenset[Ident] = frozenset()  # read from the event loop's thread
+        self._renamed: dict[Ident, StatKey] = {}  # written from the event loop's thread
+
+    def note_renamed(self, kind: FileKind, relpath: str) -> None:
+        """``relpath`` was just renamed into place (inotify): complete if unchanged when the
+        scan looks at it. Called from the event loop's thread; read by the scan's."""
+        if len(self._renamed) > MAX_RENAMED:  # names renamed in and deleted before a scan
+            self._renamed.clear()
+        # Kept until a scan looks at the name: that scan may have listed the directory
+        # before the rename.
+        with contextlib.suppress(OSError):
+            self._renamed[(kind, relpath)] = stat_key(os.lstat(self._dirs[kind] / relpath))
 
     def unsettled(self) -> set[Ident]:
         """Names on disk here that are not recorded as they are now (being written, or
@@ -107,6 +121,8 @@ class FileScanner:
 
     def _settled(self, ident: Ident, st: os.stat_result) -> bool:
         key, now = stat_key(st), self._clock()
+        if self._renamed.pop(ident, None) == key:
+            return True  # appeared by rename and unchanged since
         seen = self._pending.get(ident)
         if seen is None or seen[0] != key:
             self._pending[ident] = (key, now)

@@ -22,9 +22,9 @@ FILE_ENV = {"RINGRIFT_FILE_SETTLE_TIME": "0.5", "RINGRIFT_FILE_POLL_INTERVAL": "
 MIB = 1024 * 1024
 
 
-def start(cluster: Cluster, *names: str) -> None:
+def start(cluster: Cluster, *names: str, settle: str = "0.5") -> None:
     for name in names:
-        cluster.nodes[name].extra_env.update(FILE_ENV)
+        cluster.nodes[name].extra_env.update({**FILE_ENV, "RINGRIFT_FILE_SETTLE_TIME": settle})
         cluster.start(name)
 
 
@@ -108,7 +108,10 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
         make_cluster: type[Cluster]) -> None:
     cluster = make_cluster([("train-1", "gpu_training_primary"), ("train-2", "nn_training_primary"),
                             *((n, "gpu_selfplay") for n in SELFPLAY), ("coordinator", "coordinator")])
-    start(cluster, *cluster.nodes)
+    # The source's settle time is longer than the test: its files are picked up because they
+    # appear by rename (the receivers offer theirs on after 0.5 s).
+    start(cluster, "train-1", settle="300")
+    start(cluster, *(n for n in cluster.nodes if n != "train-1"))
     size = 50 * MIB
     sizes = {"canonical_hex8_2p.pth": size, "ringrift_best_hex8_2p.pth": 0}
     watcher = PartialWatcher([models(cluster, n) for n in (*SELFPLAY, "train-2")], sizes)
@@ -121,9 +124,10 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
     os.symlink("canonical_hex8_2p.pth", src / "ringrift_best_hex8_2p.pth")
     npz_dir = training(cluster, "train-1")
     npz_dir.mkdir(parents=True, exist_ok=True)
-    (npz_dir / "hex8_2p.npz").write_bytes(os.urandom(3 * MIB))
-    (npz_dir / "hex8_2p.npz.lock").write_bytes(b"")
-    (npz_dir / "tmpab12.npz").write_bytes(b"partial")
+    (npz_dir / "hex8_2p.npz.lock").write_bytes(b"")  # as RingRift's exporter does it
+    (npz_dir / "tmpab12.npz").write_bytes(os.urandom(3 * MIB))
+    os.replace(npz_dir / "tmpab12.npz", npz_dir / "hex8_2p.npz")
+    (npz_dir / "tmpcd34.npz").write_bytes(b"partial")
     expected = digest(src / "canonical_hex8_2p.pth")
 
     receivers = (*SELFPLAY, "train-2")

@@ -195,3 +195,23 @@ def test_removed_files_are_no_longer_offered_and_restarts_do_not_hash_again(
     assert again.picked_up == []
     assert again.forgotten == [(FileKind.MODELS, "a.pth")]
     assert set(offered(manifest)) == {"b.pth"}
+
+
+def test_a_file_renamed_into_place_is_offered_at_once_unless_it_changed_since(
+        dirs: dict[FileKind, Path], manifest: FileManifest) -> None:
+    clock = Clock()
+    scan = scanner(dirs, manifest, clock)
+    models = dirs[FileKind.MODELS]
+    write(models / "canonical_a.tmp", b"a" * 100, clock.now)
+    os.rename(models / "canonical_a.tmp", models / "canonical_a.pth")
+    scan.note_renamed(FileKind.MODELS, "canonical_a.pth")
+    write(models / "canonical_b.tmp", b"b" * 100, clock.now)
+    os.rename(models / "canonical_b.tmp", models / "canonical_b.pth")
+    scan.note_renamed(FileKind.MODELS, "canonical_b.pth")
+    with (models / "canonical_b.pth").open("ab") as f:  # written after the rename
+        f.write(b"more")
+    scan.scan()
+    assert set(offered(manifest)) == {"canonical_a.pth"}
+    clock.now += SETTLE
+    scan.scan()
+    assert set(offered(manifest)) == {"canonical_a.pth", "canonical_b.pth"}

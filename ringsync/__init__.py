@@ -18,6 +18,8 @@ from ringsync.errors import (
     TransportError,
     UnsafePathError,
 )
+from ringsync.files.daemon import FileSyncDaemon
+from ringsync.files.publish import ContentDeduplicator
 from ringsync.policy.router import SyncRouter
 from ringsync.settings import Settings, load_settings
 from ringsync.store.manifest import DataManifest
@@ -32,11 +34,13 @@ __all__ = [
     "AutoSyncDaemon",
     "BadInputError",
     "ConfigError",
+    "ContentDeduplicator",
     "CorruptDataError",
     "Daemon",
     "DaemonManager",
     "DaemonType",
     "DataManifest",
+    "FileSyncDaemon",
     "Health",
     "HealthState",
     "PeerRejectedError",

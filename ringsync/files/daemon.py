@@ -55,6 +55,7 @@ class FileSyncDaemon(Daemon):
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         self._failing_peers: set[str] = set()
+        self._stuck: set[Ident] = set()  # files no source could serve last time
         self._stopping = False
         self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
@@ -163,9 +164,12 @@ class FileSyncDaemon(Daemon):
         e = job.entry
         try:
             async with self._slots:
-                if not self._stopping and not await fetcher.fetch(job):
-                    log.info("%s/%s not fetched this round: no source could serve it",
-                             e.kind.value, e.relpath)
+                if self._stopping or await fetcher.fetch(job):
+                    self._stuck.discard(e.ident)
+                elif e.ident not in self._stuck:  # logged when it starts failing, not each round
+                    self._stuck.add(e.ident)
+                    log.info("%s/%s not fetched: no source could serve it now; retrying every "
+                             "poll", e.kind.value, e.relpath)
         except (OSError, TransportError, BadInputError) as exc:
             log.warning("fetching %s/%s failed: %s", e.kind.value, e.relpath, bounded(str(exc)))
         finally:

@@ -98,8 +98,9 @@ class FileFetcher:
 
     def _link(self, e: IndexEntry, final: Path) -> None:
         assert e.link_target is not None
-        st = publish_symlink(final, e.link_target, e.mtime_ns)
-        self._manifest.record(record_for(e.kind, e.relpath, st, "", e.link_target))
+        target = e.link_target
+        publish_symlink(final, target, e.mtime_ns, lambda st: self._manifest.record(
+            record_for(e.kind, e.relpath, st, "", target)))
         self._metrics.files_published.labels(kind=e.kind.value, how="symlink").inc()
         log.info("published %s/%s -> %s", e.kind.value, e.relpath, e.link_target)
 

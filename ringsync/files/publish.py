@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ringsync.files.hashing import CHUNK, new_hasher
@@ -51,16 +51,21 @@ def publish_file(part: Path, final: Path, mtime_ns: int | None) -> os.stat_resul
     return os.lstat(final)
 
 
-def publish_symlink(final: Path, target: str, mtime_ns: int) -> os.stat_result:
-    """Point ``final`` at ``target`` atomically (replacing what was there)."""
+def publish_symlink(final: Path, target: str, mtime_ns: int,
+                    before_rename: Callable[[os.stat_result], None]) -> None:
+    """Point ``final`` at ``target`` atomically (replacing what was there).
+
+    ``before_rename`` gets the link's stat (the rename keeps it) so that it is recorded
+    before a scan can see the link and take it for a new local one.
+    """
     tmp = final.with_name(part_name(final.name))
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
     os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+    before_rename(os.lstat(tmp))
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    return os.lstat(final)
 
 
 class ContentDeduplicator:

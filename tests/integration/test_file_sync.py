@@ -24,8 +24,12 @@ MIB = 1024 * 1024
 
 def start(cluster: Cluster, *names: str, settle: str = "0.5") -> None:
     for name in names:
-        cluster.nodes[name].extra_env.update({**FILE_ENV, "RINGRIFT_FILE_SETTLE_TIME": settle})
-        cluster.start(name)
+        start_with(cluster, name, settle=settle)
+
+
+def start_with(cluster: Cluster, name: str, *args: str, settle: str = "0.5") -> None:
+    cluster.nodes[name].extra_env.update({**FILE_ENV, "RINGRIFT_FILE_SETTLE_TIME": settle})
+    cluster.start(name, *args)
 
 
 @pytest.fixture
@@ -91,7 +95,7 @@ class PartialWatcher(threading.Thread):
         while not self.stop.is_set():
             for d in self.dirs:
                 for p in d.iterdir() if d.is_dir() else ():
-                    if p.name.startswith("."):
+                    if p.name.startswith(".") or (p.is_dir() and not p.is_symlink()):
                         continue
                     if p.name not in self.sizes:
                         self.violations.append(f"unexpected name {p}")
@@ -111,7 +115,9 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
     # The source's settle time is longer than the test: its files are picked up because they
     # appear by rename (the receivers offer theirs on after 0.5 s).
     start(cluster, "train-1", settle="300")
-    start(cluster, *(n for n in cluster.nodes if n != "train-1"))
+    start(cluster, *(n for n in cluster.nodes if n not in ("train-1", "coordinator")))
+    # The coordinator runs the file daemon too: only routing keeps files from it.
+    start_with(cluster, "coordinator", "--daemon", "file_sync")
     size = 50 * MIB
     sizes = {"canonical_hex8_2p.pth": size, "ringrift_best_hex8_2p.pth": 0}
     watcher = PartialWatcher([models(cluster, n) for n in (*SELFPLAY, "train-2")], sizes)
@@ -129,12 +135,15 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
     os.replace(npz_dir / "tmpab12.npz", npz_dir / "hex8_2p.npz")
     (npz_dir / "tmpcd34.npz").write_bytes(b"partial")
     expected = digest(src / "canonical_hex8_2p.pth")
+    nested = old_file(src / "production" / "hex8_2p" / "hex8_2p_1767225600.pth", MIB)
 
     receivers = (*SELFPLAY, "train-2")
     try:
         wait_until(lambda: all((models(cluster, n) / "ringrift_best_hex8_2p.pth").is_symlink()
                                and (models(cluster, n) / "canonical_hex8_2p.pth").is_file()
-                               for n in receivers), 40, "the model and its symlink everywhere")
+                               and (models(cluster, n) / "production/hex8_2p").is_dir()
+                               and any((models(cluster, n) / "production/hex8_2p").iterdir())
+                               for n in receivers), 40, "the models and the symlink everywhere")
         wait_until(lambda: (training(cluster, "train-2") / "hex8_2p.npz").is_file(), 20,
                    "the NPZ at train-2")
     finally:
@@ -146,12 +155,14 @@ def test_model_reaches_every_selfplay_node_whole_and_training_data_only_the_trai
         model = models(cluster, n) / "canonical_hex8_2p.pth"
         assert digest(model) == expected, n
         assert os.readlink(models(cluster, n) / "ringrift_best_hex8_2p.pth") == "canonical_hex8_2p.pth"
+        assert digest(models(cluster, n) / "production/hex8_2p/hex8_2p_1767225600.pth") == nested
     assert digest(training(cluster, "train-2") / "hex8_2p.npz") == digest(npz_dir / "hex8_2p.npz")
     assert sorted(p.name for p in training(cluster, "train-2").iterdir()) == ["hex8_2p.npz"]
     # Training data never leaves the training nodes; the coordinator gets nothing at all.
     for n in (*SELFPLAY, "coordinator"):
         assert not training(cluster, n).exists() or not any(training(cluster, n).iterdir()), n
-    assert not models(cluster, "coordinator").exists() or not any(models(cluster, "coordinator").iterdir())
+    assert not any(models(cluster, "coordinator").iterdir())
+    assert "fetching nothing" in cluster.nodes["coordinator"].log_path.read_text()
     assert sum(metric(cluster, n, "ringsync_file_hash_mismatches_total") for n in receivers) == 0
     for name in cluster.nodes:
         assert cluster.terminate(name) == 0, cluster.nodes[name].log_tail()
@@ -212,7 +223,7 @@ def old_file(path: Path, size: int) -> str:
     with path.open("wb") as f:
         for _ in range(size // MIB):
             f.write(os.urandom(MIB))
-    os.utime(path, (time.time() - 60, time.time() - 60))
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
     return digest(path)
 
 

@@ -17,7 +17,7 @@ from blake3 import blake3
 from ringsync.errors import CorruptDataError, TransportError
 from ringsync.files.client import FileClient
 from ringsync.files.hashing import feed_file, new_hasher
-from ringsync.files.kinds import PART_SUFFIX, FileKind, part_name
+from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.files.publish import (
@@ -56,6 +56,21 @@ class _Part:
     written: int
     hasher: blake3
     sources: set[str] = field(default_factory=set)  # peers whose bytes are in it
+    _last_io: asyncio.Future[None] | None = None
+
+    async def io(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn`` (which uses the fd) in a worker thread. Shielded: a cancelled
+        download does not close the fd under a write still running in its thread."""
+        self._last_io = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        await asyncio.shield(self._last_io)
+
+    def close(self) -> None:
+        """Close the fd now, or once the thread still using it is done."""
+        pending = self._last_io
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: os.close(self.fd))
+        else:
+            os.close(self.fd)
 
 
 class FileFetcher:
@@ -89,7 +104,7 @@ class FileFetcher:
         try:
             done = await self._download(job, part, final)
         finally:
-            os.close(part.fd)
+            part.close()
         if not done:  # next round resumes without reading the part again to hash it
             self._prefixes[e.ident] = (e.hash, part.written, part.hasher.copy())
         return done
@@ -105,12 +120,13 @@ class FileFetcher:
         log.info("published %s/%s -> %s", e.kind.value, e.relpath, e.link_target)
 
     def _deduplicated(self, e: IndexEntry, final: Path) -> bool:
-        holder = self._dedup.holder(e.hash)
-        if holder is None:
+        rec = self._dedup.holder(e.hash)
+        if rec is None:
             return False
-        part = final.with_name(part_name(final.name))
+        holder, part = self._dedup.path_of(rec), final.with_name(part_name(final.name))
+        may_link = not (is_written_in_place(rec.relpath) or is_written_in_place(e.relpath))
         try:
-            linked = self._dedup.materialize(holder, part, e.hash)
+            linked = self._dedup.materialize(holder, part, e.hash, may_link=may_link)
         except (OSError, FileChangedError) as exc:
             log.warning("cannot reuse %s for %s/%s (%s); fetching it", holder, e.kind.value,
                         e.relpath, exc)
@@ -181,17 +197,17 @@ class FileFetcher:
             except TransportError as exc:
                 log.warning("fetching %s/%s from %s stopped at %d of %d bytes: %s", e.kind.value,
                             e.relpath, source.peer, part.written, e.size, exc)
-                await asyncio.to_thread(self._checkpoint, e, part, source.peer)
+                await part.io(self._checkpoint, e, part, source.peer)
                 continue
             except CorruptDataError as exc:
-                await asyncio.to_thread(self._reject, e, part, exc)
+                await part.io(self._reject, e, part, exc)
                 continue
             if part.written == e.size:
                 if part.hasher.hexdigest() == e.hash:
                     await asyncio.to_thread(self._publish, e, part.path, final, e.mtime_ns,
                                             f"fetched from {', '.join(sorted(part.sources))}")
                     return True
-                await asyncio.to_thread(self._reject, e, part, CorruptDataError(
+                await part.io(self._reject, e, part, CorruptDataError(
                     f"content hash {part.hasher.hexdigest()[:16]}… is not the expected {e.hash[:16]}…"))
         return False
 
@@ -200,8 +216,10 @@ class FileFetcher:
             if body.hash != e.hash:
                 raise TransportError(source.peer, "it now holds another version of this content")
             if body.start != part.written:
-                # It ignored our Range (a 200): start over with its bytes.
-                await asyncio.to_thread(self._restart, part)
+                if body.start != 0:
+                    raise TransportError(source.peer, f"answered bytes from {body.start}, not the "
+                                                      f"{part.written} asked for")
+                await part.io(self._restart, part)  # it ignored our Range (a 200): start over
             part.sources.add(source.peer)
             pending = bytearray()
             since_checkpoint = 0
@@ -212,7 +230,7 @@ class FileFetcher:
                 if len(pending) >= WRITE_BYTES:
                     since_checkpoint += await self._write(e, part, pending)
                     if since_checkpoint >= CHECKPOINT_BYTES:
-                        await asyncio.to_thread(self._checkpoint, e, part, source.peer)
+                        await part.io(self._checkpoint, e, part, source.peer)
                         since_checkpoint = 0
             await self._write(e, part, pending)
             if part.written != e.size:
@@ -222,7 +240,7 @@ class FileFetcher:
         data = bytes(pending)
         pending.clear()
         if data:
-            await asyncio.to_thread(_append, part, data)
+            await part.io(_append, part, data)
             self._metrics.file_bytes_fetched.labels(kind=e.kind.value).inc(len(data))
         return len(data)
 

@@ -27,6 +27,14 @@ SUFFIXES: dict[FileKind, tuple[str, ...]] = {
 # Dot-files cover our own .<name>.ringsync-part downloads.
 NEVER_SHIPPED = (".*", "*.tmp", "*.lock", "*.archived_*", "tmp*.npz", "*.writing")
 PART_SUFFIX = ".ringsync-part"
+# Names RingRift writes in place (scripts/auto_promote.py copies onto the canonical model):
+# a hard link to or from one would let such a write change its twin too.
+WRITTEN_IN_PLACE = ("canonical_*",)
+
+
+def is_written_in_place(relpath: str) -> bool:
+    name = relpath.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in WRITTEN_IN_PLACE)
 
 
 def is_shippable_name(kind: FileKind, name: str) -> bool:

@@ -79,27 +79,34 @@ class ContentDeduplicator:
         self._manifest = manifest
         self._dirs = dict(dirs)
 
-    def holder(self, digest: str) -> Path | None:
+    def holder(self, digest: str) -> FileRecord | None:
         """A local file with content ``digest`` that is still as it was hashed, or None."""
         for rec in self._manifest.with_hash(digest):
-            path = self._dirs[rec.kind] / rec.relpath
             try:
-                st = os.lstat(path)
+                st = os.lstat(self.path_of(rec))
             except FileNotFoundError:
                 continue
             if (st.st_size, st.st_mtime_ns, st.st_ino) == rec.stat_key:
-                return path
+                return rec
         return None
 
-    def materialize(self, source: Path, part: Path, digest: str) -> bool:
-        """Put ``source``'s content at ``part``; True when hard-linked (shares the inode)."""
+    def path_of(self, rec: FileRecord) -> Path:
+        return self._dirs[rec.kind] / rec.relpath
+
+    def materialize(self, source: Path, part: Path, digest: str, *, may_link: bool = True) -> bool:
+        """Put ``source``'s content at ``part``; True when hard-linked (shares the inode).
+
+        ``may_link`` False (either name is one RingRift rewrites in place): copied, so that
+        such a rewrite never changes the other name's content.
+        """
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
-        try:
-            os.link(source, part)
-            return True
-        except OSError as exc:
-            log.info("cannot hard-link %s (%s); copying it instead", source, exc.strerror)
+        if may_link:
+            try:
+                os.link(source, part)
+                return True
+            except OSError as exc:
+                log.info("cannot hard-link %s (%s); copying it instead", source, exc.strerror)
         if _copy_hashed(source, part) != digest:
             part.unlink()
             raise FileChangedError(f"{source} changed while it was copied")

@@ -86,10 +86,10 @@ def job_for(relpath: str, digest: str, size: int) -> FetchJob:
 async def test_content_held_under_another_name_is_hard_linked_not_downloaded(setup) -> None:
     fetcher, manifest, dirs, metrics = setup
     digest = held(dirs, manifest, "production/hex8_2p/model_1.pth", b"weights" * 1000)
-    assert await fetcher.fetch(job_for("canonical_hex8_2p.pth", digest, 7000))
-    new, old = dirs[M] / "canonical_hex8_2p.pth", dirs[M] / "production/hex8_2p/model_1.pth"
+    assert await fetcher.fetch(job_for("candidate_hex8_2p.pth", digest, 7000))
+    new, old = dirs[M] / "candidate_hex8_2p.pth", dirs[M] / "production/hex8_2p/model_1.pth"
     assert os.stat(new).st_ino == os.stat(old).st_ino
-    assert manifest.get(M, "canonical_hex8_2p.pth").hash == digest  # type: ignore[union-attr]
+    assert manifest.get(M, "candidate_hex8_2p.pth").hash == digest  # type: ignore[union-attr]
     assert metrics.files_published.labels(kind="models", how="linked")._value.get() == 1
     assert not await fetcher.fetch(job_for("other.pth", "f" * 64, 10))  # not held: needs a peer
 
@@ -133,3 +133,16 @@ def test_part_files_without_a_journal_entry_are_removed(tmp_path: Path) -> None:
         manifest.close()
     assert kept.exists()
     assert not stale.exists()
+
+
+async def test_a_name_rewritten_in_place_is_copied_not_linked(setup) -> None:
+    # auto_promote copies onto canonical_*.pth in place: a hard link would change its twin too.
+    fetcher, manifest, dirs, metrics = setup
+    digest = held(dirs, manifest, "production/sq8_2p/m_1.pth", b"w" * 5000)
+    assert await fetcher.fetch(job_for("canonical_sq8_2p.pth", digest, 5000))
+    canonical, twin = dirs[M] / "canonical_sq8_2p.pth", dirs[M] / "production/sq8_2p/m_1.pth"
+    assert os.stat(canonical).st_ino != os.stat(twin).st_ino
+    with canonical.open("r+b") as f:
+        f.write(b"promoted")
+    assert twin.read_bytes() == b"w" * 5000
+    assert metrics.files_published.labels(kind="models", how="copied")._value.get() == 1

@@ -310,3 +310,24 @@ def test_a_receiver_serves_its_copy_on_and_a_new_version_written_in_place_replac
     for name in ("selfplay-1", "selfplay-2"):
         wait_until(lambda n=name: digest(models(cluster, n) / model.name) == second, 20,
                    f"the new version at {name}")
+
+
+def test_sigterm_mid_download_stops_promptly_and_the_restart_resumes(
+        make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster([("train-1", "gpu_training_primary"), ("train-2", "nn_training_primary")])
+    npz = training(cluster, "train-1") / "hexagonal_4p.npz"
+    expected = old_file(npz, 120 * MIB)
+    cluster.nodes["train-1"].extra_env["RINGRIFT_FILE_SERVE_MBPS"] = "240"  # 30 MB/s: ~4 s
+    start(cluster, "train-1", "train-2")
+    wait_until(lambda: journal_done(cluster, "train-2") >= 32 * MIB, 30, "a quarter downloaded")
+    began = time.monotonic()
+    assert cluster.terminate("train-2") == 0, cluster.nodes["train-2"].log_tail()
+    assert time.monotonic() - began < 5  # downloads are journalled: none is waited for
+    received = training(cluster, "train-2") / npz.name
+    assert not received.exists()
+    done = journal_done(cluster, "train-2")
+    assert 32 * MIB <= done < 120 * MIB
+    start(cluster, "train-2")
+    wait_until(received.is_file, 30, "the resumed NPZ published")
+    assert digest(received) == expected
+    assert metric(cluster, "train-2", "ringsync_file_bytes_fetched_total") == 120 * MIB - done

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -122,15 +121,19 @@ class FileRoutes:
             response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
         await response.prepare(request)
         position = start
-        while position < size:
-            chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, size - position), position)
-            if not chunk:
-                break  # truncated under us: the receiver's length and hash checks catch it
-            await self._pacer.take(len(chunk))
-            await response.write(chunk)
-            position += len(chunk)
-        with contextlib.suppress(ConnectionError):
+        try:
+            while position < size:
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, size - position), position)
+                if not chunk:
+                    break  # truncated under us: the receiver's length and hash checks catch it
+                await self._pacer.take(len(chunk))
+                await response.write(chunk)
+                position += len(chunk)
             await response.write_eof()
+        except ConnectionError:
+            # The peer went away (stopped, killed): it resumes from its journal later.
+            log.info("%s stopped reading %s at %d of %d bytes", request.remote,
+                     request.match_info["relpath"], position, size)
         return response
 
 

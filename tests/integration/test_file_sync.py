@@ -285,6 +285,9 @@ def test_a_receiver_killed_mid_download_resumes_where_its_journal_says(
     assert refetched == size - done  # only what the journal did not hold
     assert refetched < 0.5 * size
     assert "resuming models/candidate_hexagonal_4p.pth at" in cluster.nodes["selfplay-1"].log_tail(200)
+    source_log = cluster.nodes["train-1"].log_path.read_text()
+    assert "stopped reading candidate_hexagonal_4p.pth" in source_log
+    assert "Traceback" not in source_log
 
 
 def test_a_receiver_serves_its_copy_on_and_a_new_version_written_in_place_replaces_the_old(

@@ -334,3 +334,21 @@ def test_sigterm_mid_download_stops_promptly_and_the_restart_resumes(
     wait_until(received.is_file, 30, "the resumed NPZ published")
     assert digest(received) == expected
     assert metric(cluster, "train-2", "ringsync_file_bytes_fetched_total") == 120 * MIB - done
+
+
+@pytest.mark.parametrize("relpath", ["../../escaped.pth", "sub/../../escaped.pth", "/tmp/escaped.pth"])
+def test_an_index_naming_a_path_outside_the_directory_is_refused_whole(
+        make_cluster: type[Cluster], relpath: str) -> None:
+    cluster = make_cluster([("selfplay-1", "gpu_selfplay"), ("evil-1", "gpu_selfplay")])
+    entry = {"kind": "models", "relpath": relpath, "size": MIB, "mtime_ns": 1,
+             "hash": "a" * 64, "link_target": None}
+    with HostileServer(cluster.nodes["evil-1"].port, entry) as evil:
+        start(cluster, "selfplay-1")
+        log = cluster.nodes["selfplay-1"].log_path
+        wait_until(lambda: "cannot read the file index of evil-1" in log.read_text(), 20,
+                   "the hostile index refused")
+        assert evil.file_requests == 0
+    root = cluster.nodes["selfplay-1"].root
+    assert not list(root.rglob("escaped.pth"))
+    assert not Path("/tmp/escaped.pth").exists()
+    assert not any(models(cluster, "selfplay-1").iterdir())

@@ -129,8 +129,9 @@ class FileSyncDaemon(Daemon):
         while not self._stopping:
             indexes = await self._poll_indexes()
             local = {(r.kind, r.relpath): r for r in await asyncio.to_thread(manifest.records)}
+            gone = await asyncio.to_thread(manifest.gone)
             jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
-                                self._exclusions.by_hash)
+                                self._exclusions.by_hash, gone)
             for job in jobs:
                 ident = job.entry.ident
                 if ident not in self._in_flight and not self._stopping:

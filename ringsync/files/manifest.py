@@ -28,6 +28,13 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (kind, relpath)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_hash ON files (hash);
+CREATE TABLE IF NOT EXISTS gone (
+    kind TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    hash TEXT NOT NULL,            -- a version removed here: never fetched back under this name
+    gone_at REAL NOT NULL,
+    PRIMARY KEY (kind, relpath, hash)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS transfers (
     kind TEXT NOT NULL,
     relpath TEXT NOT NULL,
@@ -41,6 +48,7 @@ CREATE TABLE IF NOT EXISTS transfers (
 """
 
 StatKey = tuple[int, int, int]  # (size, mtime_ns, inode)
+GONE_KEEP_DAYS = 30.0  # how long a version removed here is not fetched back
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +139,20 @@ class FileManifest:
             _upsert(db, rec)
 
     def forget(self, kind: FileKind, relpath: str) -> None:
+        """The file is no longer here: removed, archived or renamed by someone on this node.
+        Its version is remembered so that peers still holding it do not bring it back."""
         with self._txn() as db:
+            db.execute("INSERT OR REPLACE INTO gone SELECT kind, relpath, hash, ? FROM files "
+                       "WHERE kind = ? AND relpath = ? AND link_target IS NULL",
+                       (time.time(), kind.value, relpath))
             db.execute("DELETE FROM files WHERE kind = ? AND relpath = ?", (kind.value, relpath))
+
+    def gone(self, *, keep_days: float = GONE_KEEP_DAYS) -> set[tuple[FileKind, str, str]]:
+        """(kind, relpath, hash) of versions removed here in the last ``keep_days``."""
+        with self._txn() as db:
+            db.execute("DELETE FROM gone WHERE gone_at < ?", (time.time() - keep_days * 86400,))
+            rows = db.execute("SELECT kind, relpath, hash FROM gone").fetchall()
+        return {(FileKind(k), str(r), str(h)) for k, r, h in rows}
 
     # -- the transfer journal -------------------------------------------------------------------
 

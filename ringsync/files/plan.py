@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from ringsync.errors import BadInputError
@@ -96,16 +96,17 @@ def _entry(item: object) -> IndexEntry:
 def plan_fetches(
     local: Mapping[Ident, FileRecord], occupied: Iterable[Ident],
     peers: Mapping[str, list[IndexEntry]], wanted: Iterable[FileKind],
-    excluded: Mapping[str, set[str]],
+    excluded: Mapping[str, set[str]], gone: Set[tuple[FileKind, str, str]] = frozenset(),
 ) -> list[FetchJob]:
     """What to fetch: for each name of a wanted kind, the newest version any peer offers,
     unless this node holds that content (or a newer version) already.
 
     ``occupied``: names present on disk here but not (yet) recorded, e.g. a file being
     written in place: never overwritten. ``excluded``: content hash -> peers that served
-    wrong bytes for it. Any peer holding the content under any name is a source, so later
-    receivers fetch from earlier ones. Regular files first; a symlink only once its target
-    is here (or is not offered by anyone).
+    wrong bytes for it. ``gone``: (kind, relpath, hash) versions removed here, never
+    fetched back (a newer version of that name is). Any peer holding the content under
+    any name is a source, so later receivers fetch from earlier ones. Regular files first;
+    a symlink only once its target is here (or is not offered by anyone).
     """
     kinds, busy = frozenset(wanted), set(occupied)
     newest: dict[Ident, IndexEntry] = {}
@@ -118,7 +119,7 @@ def plan_fetches(
                 newest[e.ident] = e
     files, links = [], []
     for ident, e in sorted(newest.items(), key=lambda kv: (kv[0][0].value, kv[0][1])):
-        if ident in busy or _up_to_date(local.get(ident), e):
+        if ident in busy or _up_to_date(local.get(ident), e) or (*ident, e.hash) in gone:
             continue
         if e.link_target is not None:
             links.append(FetchJob(e, ()))

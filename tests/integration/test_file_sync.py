@@ -314,6 +314,14 @@ def test_a_receiver_serves_its_copy_on_and_a_new_version_written_in_place_replac
         wait_until(lambda n=name: digest(models(cluster, n) / model.name) == second, 20,
                    f"the new version at {name}")
 
+    # An operator frees disk on selfplay-2: its peers still hold the model, but what was
+    # removed here is not fetched back (a newer version would be).
+    (models(cluster, "selfplay-2") / model.name).unlink()
+    published = metric(cluster, "selfplay-2", "ringsync_files_published_total")
+    time.sleep(3)  # ten poll rounds
+    assert not (models(cluster, "selfplay-2") / model.name).exists()
+    assert metric(cluster, "selfplay-2", "ringsync_files_published_total") == published
+
 
 def test_sigterm_mid_download_stops_promptly_and_the_restart_resumes(
         make_cluster: type[Cluster]) -> None:

@@ -215,3 +215,16 @@ def test_a_file_renamed_into_place_is_offered_at_once_unless_it_changed_since(
     clock.now += SETTLE
     scan.scan()
     assert set(offered(manifest)) == {"canonical_a.pth", "canonical_b.pth"}
+
+
+def test_a_removed_file_is_remembered_as_gone_for_a_while(
+        dirs: dict[FileKind, Path], manifest: FileManifest) -> None:
+    clock = Clock()
+    a = write(dirs[FileKind.MODELS] / "candidate_a.pth", b"a", clock.now - 100)
+    scan = scanner(dirs, manifest, clock)
+    scan.scan()
+    digest = hash_file(a)
+    a.unlink()
+    scan.scan()
+    assert manifest.gone() == {(FileKind.MODELS, "candidate_a.pth", digest)}
+    assert manifest.gone(keep_days=0) == set()  # pruned after its time

@@ -78,3 +78,11 @@ def test_models_go_to_selfplay_and_training_nodes_training_data_only_to_training
     assert FileRouting(inv, "t1", None).kinds_wanted_here() == {M, T}
     assert FileRouting(inv, "sp", "sp").kinds_wanted_here() == frozenset()  # RINGRIFT_COORDINATOR_NODE
     assert sorted(h.name for h in routing.peers()) == ["coord", "cpu", "ext", "pri", "skip", "st", "t1"]
+
+
+def test_a_version_removed_here_is_not_fetched_back_but_a_newer_one_is() -> None:
+    peers = {"p": [e("old_candidate.pth", H1, 10)]}
+    gone = {(M, "old_candidate.pth", H1)}
+    assert plan_fetches({}, (), peers, {M}, {}, gone) == []
+    newer = {"p": [e("old_candidate.pth", H2, 20)]}
+    assert [j.entry.hash for j in plan_fetches({}, (), newer, {M}, {}, gone)] == [H2]

@@ -27,7 +27,9 @@ from ringsync.errors import (
 if TYPE_CHECKING:
     from ringsync.daemons.auto_sync import AutoSyncDaemon
     from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+    from ringsync.daemons.file_sync import FileSyncDaemon
     from ringsync.daemons.manager import DaemonManager
+    from ringsync.files.publish import ContentDeduplicator
     from ringsync.policy.router import SyncRouter
     from ringsync.settings import Settings, load_settings
     from ringsync.store.manifest import DataManifest
@@ -40,10 +42,12 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 # Public name -> the module that defines it, imported when the name is first used.
 _LAZY = {
     "AutoSyncDaemon": "ringsync.daemons.auto_sync",
+    "ContentDeduplicator": "ringsync.files.publish",
     "Daemon": "ringsync.daemons.base",
     "DaemonManager": "ringsync.daemons.manager",
     "DaemonType": "ringsync.health",
     "DataManifest": "ringsync.store.manifest",
+    "FileSyncDaemon": "ringsync.daemons.file_sync",
     "Health": "ringsync.health",
     "HealthState": "ringsync.health",
     "Settings": "ringsync.settings",
@@ -70,11 +74,13 @@ __all__ = [
     "AutoSyncDaemon",
     "BadInputError",
     "ConfigError",
+    "ContentDeduplicator",
     "CorruptDataError",
     "Daemon",
     "DaemonManager",
     "DaemonType",
     "DataManifest",
+    "FileSyncDaemon",
     "Health",
     "HealthState",
     "PeerRejectedError",

@@ -15,6 +15,7 @@ class DaemonType(enum.Enum):
 
     DATA_SERVER = "data_server"
     AUTO_SYNC = "auto_sync"
+    FILE_SYNC = "file_sync"
 
 
 class HealthState(enum.Enum):

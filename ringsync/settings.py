@@ -172,6 +172,17 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "alone before one probe (> 0); doubles with each failed probe, with 20% jitter"),
     EnvVar("RINGRIFT_CIRCUIT_RECOVERY_MAX", "300", "Most seconds an open circuit breaker waits "
            "before a probe (>= RINGRIFT_CIRCUIT_RECOVERY)"),
+    EnvVar("RINGRIFT_MODELS_DIR", "", "Where this node keeps models (.pth, .pt, .onnx), shipped "
+           "to every selfplay and training node under the same relative path (RingRift keeps "
+           "them in ai-service/models, beside data/)", default_text="RINGRIFT_DATA_DIR/models"),
+    EnvVar("RINGRIFT_TRAINING_DIR", "", "Where this node keeps training data (.npz), shipped to "
+           "training nodes only, never the coordinator", default_text="RINGRIFT_DATA_DIR/training"),
+    EnvVar("RINGRIFT_FILE_SETTLE_TIME", "5", "Seconds a model or training file must stay "
+           "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
+    EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
+           "indexes for models and training data this node lacks (> 0)"),
+    EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
+           "training files at, over all peers (0: unlimited)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -224,6 +235,11 @@ class Settings:
     bandwidth_limit_mbps: float | None = None  # all sends together; None: no limit
     max_transfers: int = 32
     max_transfers_per_peer: int = 4
+    models_dir_setting: Path | None = None  # None: <data_dir>/models
+    training_dir_setting: Path | None = None  # None: <data_dir>/training
+    file_settle_time: float = 5.0
+    file_poll_interval: float = 10.0
+    file_serve_mbps: float = 0.0
 
     @property
     def state_root(self) -> Path:
@@ -235,6 +251,14 @@ class Settings:
         """This node's own durable state, outside games/: never shared with another node,
         even when several nodes use one data dir on shared storage."""
         return self.state_root / self.node_id
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_dir_setting or self.data_dir / "models"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.training_dir_setting or self.data_dir / "training"
 
     @property
     def games_dir(self) -> Path:
@@ -333,6 +357,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         **_ssh_settings(env, cwd),
         **_circuit_settings(env),
         **_bandwidth(env, inventory, node_id),
+        models_dir_setting=_optional_dir(env, "RINGRIFT_MODELS_DIR", cwd),
+        training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
+        file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
+        file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
+        file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
     )
 
 
@@ -551,6 +580,16 @@ def _data_dir(env: _Env, cwd: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise env.fail("RINGRIFT_DATA_DIR", f"is not a directory ({path} exists as a file); "
                        "point it at a directory")
+    return path
+
+
+def _optional_dir(env: _Env, name: str, cwd: Path) -> Path | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    path = _resolve(raw, cwd, name)
+    if path.exists() and not path.is_dir():
+        raise env.fail(name, f"is not a directory ({path} exists as a file); point it at a directory")
     return path
 
 

@@ -265,6 +265,32 @@ class Metrics:
             ["priority", "reason"], registry=r,
         )
 
+        # -- models and training data (issue 8 §4); kind is 'models' or 'training_data'
+        self.files_picked_up = Counter(
+            "ringsync_files_picked_up_total",
+            "Local model and training files (and new versions of them) hashed and offered to peers.",
+            ["kind"], registry=r,
+        )
+        self.files_published = Counter(
+            "ringsync_files_published_total",
+            "Files published here after verification, by how (fetched, linked, copied, symlink).",
+            ["kind", "how"], registry=r,
+        )
+        self.file_bytes_fetched = Counter(
+            "ringsync_file_bytes_fetched_total",
+            "Bytes of model and training files fetched from peers.",
+            ["kind"], registry=r,
+        )
+        self.file_hash_mismatches = Counter(
+            "ringsync_file_hash_mismatches_total",
+            "Downloads discarded because their content hash or length was wrong.",
+            ["kind"], registry=r,
+        )
+        self.files_held = Gauge(
+            "ringsync_files_held", "Model and training files this node holds and offers.",
+            ["kind"], registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ from ringsync.inventory import Host
 from ringsync.profiles import load_profile, parse_daemon_types, profile_for_host, profile_names
 from tests.conftest import make_settings
 
-BOTH = (DaemonType.DATA_SERVER, DaemonType.AUTO_SYNC)
+BOTH = (DaemonType.DATA_SERVER, DaemonType.AUTO_SYNC, DaemonType.FILE_SYNC)  # the sync daemons
 
 
 def args(**kw: object) -> argparse.Namespace:

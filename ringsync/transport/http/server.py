@@ -33,6 +33,7 @@ from ringsync.errors import (
     StorageFullError,
     UnsafePathError,
 )
+from ringsync.files.server import add_file_routes
 from ringsync.health import HealthState
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded, quoted
@@ -455,4 +456,5 @@ def build_app(ctx: NodeContext, noise: PeerNoise | None = None) -> web.Applicati
     app.router.add_get(STORAGE_PATH, storage)
     app.router.add_post(GAMES_PATH, _within_upload_budget(receive_games))
     app.router.add_post("/v1/notify", notify)
+    add_file_routes(app, ctx.settings)
     return app

@@ -1,0 +1,183 @@
+"""FileSyncDaemon: offers this node's models and training data, and pulls what it lacks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+from collections.abc import Callable, Mapping
+
+from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+from ringsync.errors import BadInputError, TransportError
+from ringsync.files.client import FileClient
+from ringsync.files.fetch import Exclusions, FileFetcher, discard_stale_parts
+from ringsync.files.kinds import FileKind, FileRouting
+from ringsync.files.layout import file_dirs, manifest_path
+from ringsync.files.manifest import FileManifest
+from ringsync.files.plan import FetchJob, Ident, IndexEntry, plan_fetches
+from ringsync.files.scanner import FileScanner, ScanResult
+from ringsync.files.watch import watch_renames
+from ringsync.inventory import Host
+from ringsync.node import NodeContext
+from ringsync.ops.logsafe import bounded
+
+log = logging.getLogger(__name__)
+
+FETCHES_IN_FLIGHT = 4
+INDEX_POLLS_IN_FLIGHT = 16
+_JITTER = 0.1
+
+
+class FileSyncDaemon(Daemon):
+    """Two loops in one task group.
+
+    The scanner picks up complete local files (RINGRIFT_FILE_SETTLE_TIME) and records
+    their hashes in the file manifest, which the data server's /v1/files routes serve.
+    The puller polls every peer's /v1/files/index each RINGRIFT_FILE_POLL_INTERVAL
+    (gossip will replace the polling) and fetches the newest version of each file of a
+    kind this node holds (FileRouting) from any peer holding that content: a node that
+    got a model serves it on, so later receivers fetch from earlier ones.
+    """
+
+    daemon_type = DaemonType.FILE_SYNC
+    depends_on = (DaemonType.DATA_SERVER,)
+
+    def __init__(self, ctx: NodeContext) -> None:
+        s = ctx.settings
+        self._ctx = ctx
+        self._dirs = file_dirs(s)
+        self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
+        self._wanted = self._routing.kinds_wanted_here()
+        self._client = FileClient(s.node_id, s.auth_token)
+        self._exclusions = Exclusions()
+        self._in_flight: dict[Ident, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+        self._failing_peers: set[str] = set()
+        self._stuck: set[Ident] = set()  # files no source could serve last time
+        self._stopping = False
+        self._wake = asyncio.Event()  # a file was renamed into place: scan now
+        self._health = Health(HealthState.STARTING)
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        manifest = await asyncio.to_thread(FileManifest, manifest_path(self._ctx.settings))
+        try:
+            removed = await asyncio.to_thread(discard_stale_parts, self._dirs, manifest)
+            if removed:
+                log.info("removed %d part files no transfer journal entry resumes", removed)
+            s = self._ctx.settings
+            scanner = FileScanner(self._dirs, manifest, s.file_settle_time)
+            fetcher = FileFetcher(self._dirs, manifest, self._client, self._ctx.metrics,
+                                  s.inventory.get, self._exclusions)
+            log.info("file sync: models in %s, training data in %s; fetching %s", s.models_dir,
+                     s.training_dir, ", ".join(sorted(k.value for k in self._wanted)) or "nothing")
+            self._health = Health(HealthState.HEALTHY)
+            ready()
+            # What is on disk here is known before any download may land beside it.
+            self._note(await asyncio.to_thread(scanner.scan))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watch_renames(self._dirs, functools.partial(self._renamed, scanner)))
+                tg.create_task(self._scan_loop(scanner, manifest))
+                if self._wanted:
+                    tg.create_task(self._pull_loop(tg, scanner, manifest, fetcher))
+        finally:
+            self._health = Health(HealthState.STOPPED)
+            await asyncio.shield(self._client.close())
+            await asyncio.shield(asyncio.to_thread(manifest.close))
+
+    async def drain(self) -> None:
+        # Downloads are journalled and resume after a restart: none is waited for.
+        self._stopping = True
+
+    def health(self) -> Health:
+        return self._health
+
+    # -- local pickup -------------------------------------------------------------------------
+
+    def _renamed(self, scanner: FileScanner, kind: FileKind, relpath: str) -> None:
+        scanner.note_renamed(kind, relpath)
+        self._wake.set()
+
+    async def _scan_loop(self, scanner: FileScanner, manifest: FileManifest) -> None:
+        every = max(0.1, min(1.0, self._ctx.settings.file_settle_time / 2))
+        while not self._stopping:
+            self._wake.clear()
+            result = await asyncio.to_thread(scanner.scan)
+            self._note(result)
+            held = await asyncio.to_thread(manifest.records)
+            for kind in FileKind:
+                self._ctx.metrics.files_held.labels(kind=kind.value).set(
+                    sum(1 for r in held if r.kind is kind))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._wake.wait()
+
+    def _note(self, result: ScanResult) -> None:
+        for rec in result.picked_up:
+            self._ctx.metrics.files_picked_up.labels(kind=rec.kind.value).inc()
+            what = f"-> {rec.link_target}" if rec.link_target else f"{rec.size} bytes, {rec.hash[:16]}…"
+            log.info("offering %s/%s (%s)", rec.kind.value, rec.relpath, what)
+        for kind, relpath in result.forgotten:
+            log.info("no longer offering %s/%s (removed or no longer complete)", kind.value, relpath)
+
+    # -- pulling from peers ---------------------------------------------------------------------
+
+    async def _pull_loop(self, tg: asyncio.TaskGroup, scanner: FileScanner, manifest: FileManifest,
+                         fetcher: FileFetcher) -> None:
+        interval = self._ctx.settings.file_poll_interval
+        while not self._stopping:
+            indexes = await self._poll_indexes()
+            local = {(r.kind, r.relpath): r for r in await asyncio.to_thread(manifest.records)}
+            gone = await asyncio.to_thread(manifest.gone)
+            jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
+                                self._exclusions.by_hash, gone)
+            for job in jobs:
+                ident = job.entry.ident
+                if ident not in self._in_flight and not self._stopping:
+                    self._in_flight[ident] = tg.create_task(self._fetch(fetcher, job))
+            self._update_health(local)
+            await asyncio.sleep(interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+
+    async def _poll_indexes(self) -> dict[str, list[IndexEntry]]:
+        limit = asyncio.Semaphore(INDEX_POLLS_IN_FLIGHT)
+        peers = self._routing.peers()
+
+        async def one(peer: Host) -> list[IndexEntry] | None:
+            async with limit:
+                try:
+                    entries = await self._client.index(peer)
+                except (TransportError, BadInputError) as exc:
+                    if peer.name not in self._failing_peers:
+                        self._failing_peers.add(peer.name)
+                        log.warning("cannot read the file index of %s: %s", peer.name,
+                                    bounded(str(exc)))
+                    return None
+            if peer.name in self._failing_peers:
+                self._failing_peers.discard(peer.name)
+                log.info("file index of %s readable again", peer.name)
+            return entries
+
+        answers = await asyncio.gather(*(one(p) for p in peers))
+        return {p.name: a for p, a in zip(peers, answers, strict=True) if a is not None}
+
+    async def _fetch(self, fetcher: FileFetcher, job: FetchJob) -> None:
+        e = job.entry
+        try:
+            async with self._slots:
+                if self._stopping or await fetcher.fetch(job):
+                    self._stuck.discard(e.ident)
+                elif e.ident not in self._stuck:  # logged when it starts failing, not each round
+                    self._stuck.add(e.ident)
+                    log.info("%s/%s not fetched: no source could serve it now; retrying every "
+                             "poll", e.kind.value, e.relpath)
+        except (OSError, TransportError, BadInputError) as exc:
+            log.warning("fetching %s/%s failed: %s", e.kind.value, e.relpath, bounded(str(exc)))
+        finally:
+            self._in_flight.pop(e.ident, None)
+
+    def _update_health(self, local: Mapping[Ident, object]) -> None:
+        detail = f"{len(local)} files held, {len(self._in_flight)} fetching"
+        if self._failing_peers:
+            detail += f", index unreadable at {len(self._failing_peers)} peers"
+        self._health = Health(HealthState.HEALTHY, detail)

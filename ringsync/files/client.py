@@ -1,0 +1,107 @@
+"""HTTP client side of file sync: a peer's index, and a file's bytes from an offset on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from ringsync.errors import TransportError
+from ringsync.files.layout import HASH_HEADER, INDEX_PATH, MAX_INDEX_BYTES, file_url_path
+from ringsync.files.plan import IndexEntry, Source, parse_index
+from ringsync.inventory import Host
+from ringsync.ops.logsafe import bounded
+
+NODE_HEADER = "X-Ringsync-Node"
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A response streaming a file from ``start``; ``chunks`` yields its bytes."""
+
+    start: int
+    hash: str
+    response: aiohttp.ClientResponse
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.response.content.iter_chunked(READ_CHUNK)
+
+
+class FileClient:
+    """One aiohttp session for every peer. No total timeout (a 5 GB NPZ takes as long as it
+    takes); a read that stalls for ``read_timeout`` seconds fails the transfer."""
+
+    def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 30.0) -> None:
+        self._headers = {NODE_HEADER: node_id}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def index(self, peer: Host) -> list[IndexEntry]:
+        try:
+            async with self._client().get(_url(peer, INDEX_PATH)) as resp:
+                body = await _bounded_body(peer.name, resp, MAX_INDEX_BYTES)
+                if resp.status != 200:
+                    raise _failure(peer.name, resp.status, body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+        return parse_index(body)
+
+    @asynccontextmanager
+    async def open(self, peer: Host, source: Source, start: int) -> AsyncIterator[Body]:
+        """The file's bytes from ``start``; errors (HTTP or network) are TransportError."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            async with self._client().get(_url(peer, file_url_path(source.kind, source.relpath)),
+                                          headers=headers) as resp:
+                if resp.status not in (200, 206):
+                    raise _failure(peer.name, resp.status, await _bounded_body(peer.name, resp, 4096))
+                yield Body(_served_start(peer.name, resp), resp.headers.get(HASH_HEADER, ""), resp)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _url(peer: Host, path: str) -> URL:
+    return URL.build(scheme="http", host=peer.address, port=peer.p2p_port, path=path)
+
+
+def _served_start(peer: str, resp: aiohttp.ClientResponse) -> int:
+    if resp.status == 200:
+        return 0
+    try:
+        unit, _, rest = resp.headers["Content-Range"].partition(" ")
+        first = int(rest.split("-", 1)[0])
+    except (KeyError, ValueError):
+        raise TransportError(peer, "206 answer without a valid Content-Range") from None
+    if unit != "bytes" or first < 0:
+        raise TransportError(peer, "206 answer with an unusable Content-Range")
+    return first
+
+
+async def _bounded_body(peer: str, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise TransportError(peer, f"HTTP {resp.status}: answer longer than {limit} bytes")
+    return bytes(body)
+
+
+def _failure(peer: str, status: int, body: bytes) -> TransportError:
+    reason = bounded(body[:300].decode("utf-8", "replace").strip(), 300) or "no reason given"
+    return TransportError(peer, f"HTTP {status}: {reason}")

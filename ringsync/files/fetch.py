@@ -1,0 +1,294 @@
+"""FileFetcher: one file from whichever peers hold it, resumable, verified, published atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blake3 import blake3
+
+from ringsync.errors import CorruptDataError, TransportError
+from ringsync.files.client import FileClient
+from ringsync.files.hashing import feed_file, new_hasher
+from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
+from ringsync.files.manifest import FileManifest, Transfer
+from ringsync.files.plan import FetchJob, IndexEntry, Source
+from ringsync.files.publish import (
+    ContentDeduplicator,
+    FileChangedError,
+    destination,
+    publish_file,
+    publish_symlink,
+    record_for,
+)
+from ringsync.inventory import Host
+from ringsync.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WRITE_BYTES = 1024 * 1024  # bytes gathered before one write (in a worker thread)
+CHECKPOINT_BYTES = 16 * 1024 * 1024  # fsync + journal every this many bytes
+
+
+@dataclass
+class Exclusions:
+    """Peers that served wrong bytes for some content; never asked for it again by this run."""
+
+    by_hash: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, digest: str, peers: set[str]) -> None:
+        self.by_hash.setdefault(digest, set()).update(peers)
+
+
+@dataclass
+class _Part:
+    """The download's temp file: its fd, bytes written, and the hash of those bytes."""
+
+    path: Path
+    fd: int
+    written: int
+    hasher: blake3
+    sources: set[str] = field(default_factory=set)  # peers whose bytes are in it
+    _last_io: asyncio.Future[None] | None = None
+
+    async def io(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn`` (which uses the fd) in a worker thread. Shielded: a cancelled
+        download does not close the fd under a write still running in its thread."""
+        self._last_io = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        await asyncio.shield(self._last_io)
+
+    def close(self) -> None:
+        """Close the fd now, or once the thread still using it is done."""
+        pending = self._last_io
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: os.close(self.fd))
+        else:
+            os.close(self.fd)
+
+
+class FileFetcher:
+    def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: FileClient,
+                 metrics: Metrics, hosts: Callable[[str], Host | None],
+                 exclusions: Exclusions) -> None:
+        self._dirs = dict(dirs)
+        self._manifest = manifest
+        self._client = client
+        self._metrics = metrics
+        self._hosts = hosts
+        self._exclusions = exclusions
+        self._dedup = ContentDeduplicator(manifest, dirs)
+        # The hash state of parts whose download stopped: (content hash, bytes, hasher).
+        self._prefixes: dict[tuple[FileKind, str], tuple[str, int, blake3]] = {}
+
+    async def fetch(self, job: FetchJob) -> bool:
+        """Make the job's version present here; False when no source could provide it now."""
+        e = job.entry
+        final = await asyncio.to_thread(destination, self._dirs[e.kind], e.relpath)
+        if await asyncio.to_thread(self._would_clobber, e, final):
+            log.warning("not replacing %s/%s: the file here is not the one last recorded (being "
+                        "written?); it is hashed once it settles", e.kind.value, e.relpath)
+            return False
+        if e.link_target is not None:
+            await asyncio.to_thread(self._link, e, final)
+            return True
+        if await asyncio.to_thread(self._deduplicated, e, final):
+            return True
+        part = await asyncio.to_thread(self._open_part, e, final)
+        try:
+            done = await self._download(job, part, final)
+        finally:
+            part.close()
+        if not done:  # next round resumes without reading the part again to hash it
+            self._prefixes[e.ident] = (e.hash, part.written, part.hasher.copy())
+        return done
+
+    # -- local shortcuts ---------------------------------------------------------------------------
+
+    def _link(self, e: IndexEntry, final: Path) -> None:
+        assert e.link_target is not None
+        target = e.link_target
+        publish_symlink(final, target, e.mtime_ns, lambda st: self._manifest.record(
+            record_for(e.kind, e.relpath, st, "", target)))
+        self._metrics.files_published.labels(kind=e.kind.value, how="symlink").inc()
+        log.info("published %s/%s -> %s", e.kind.value, e.relpath, e.link_target)
+
+    def _deduplicated(self, e: IndexEntry, final: Path) -> bool:
+        rec = self._dedup.holder(e.hash)
+        if rec is None:
+            return False
+        holder, part = self._dedup.path_of(rec), final.with_name(part_name(final.name))
+        may_link = not (is_written_in_place(rec.relpath) or is_written_in_place(e.relpath))
+        try:
+            linked = self._dedup.materialize(holder, part, e.hash, may_link=may_link)
+        except (OSError, FileChangedError) as exc:
+            log.warning("cannot reuse %s for %s/%s (%s); fetching it", holder, e.kind.value,
+                        e.relpath, exc)
+            return False
+        # A hard link shares its twin's mtime: setting ours would change the twin's too.
+        self._publish(e, part, final, None if linked else e.mtime_ns, "linked" if linked else "copied")
+        return True
+
+    def _would_clobber(self, e: IndexEntry, final: Path) -> bool:
+        """True when ``final`` exists but is not what the manifest recorded there: a local
+        file that is new or being rewritten, which a download must never replace."""
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            return False
+        rec = self._manifest.get(e.kind, e.relpath)
+        return rec is None or rec.stat_key != (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def _publish(self, e: IndexEntry, part: Path, final: Path, mtime_ns: int | None, how: str) -> None:
+        if self._would_clobber(e, final):
+            raise FileExistsError(f"{final} changed here during the download; not replaced")
+        st_part = os.lstat(part)
+        # Recorded before the rename (the inode, size and mtime survive it), so the scanner
+        # never mistakes our own file for a new local one and hashes it again.
+        times = st_part.st_mtime_ns if mtime_ns is None else mtime_ns
+        rec = dataclasses.replace(record_for(e.kind, e.relpath, st_part, e.hash), mtime_ns=times)
+        self._manifest.publish(rec)
+        publish_file(part, final, mtime_ns)
+        self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
+        log.info("published %s/%s (%d bytes, %s)", e.kind.value, e.relpath, e.size, how)
+
+    # -- the download ----------------------------------------------------------------------------
+
+    def _open_part(self, e: IndexEntry, final: Path) -> _Part:
+        """The temp file, resumed where the journal says its bytes are safely on disk."""
+        path = final.with_name(part_name(final.name))
+        journal = self._manifest.transfer(e.kind, e.relpath)
+        keep = 0
+        if journal is not None and journal.hash == e.hash and journal.size == e.size:
+            keep = journal.done
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        keep = min(keep, os.fstat(fd).st_size)
+        os.ftruncate(fd, keep)
+        cached = self._prefixes.pop(e.ident, None)
+        if cached is not None and cached[:2] == (e.hash, keep):
+            hasher = cached[2]
+        else:
+            hasher = new_hasher()
+            feed_file(hasher, fd, keep)
+        if keep:
+            log.info("resuming %s/%s at %d of %d bytes", e.kind.value, e.relpath, keep, e.size)
+        source = journal.source if journal is not None and keep else ""
+        self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns, keep, source))
+        return _Part(path, fd, keep, hasher, {source} if source else set())
+
+    async def _download(self, job: FetchJob, part: _Part, final: Path) -> bool:
+        e = job.entry
+        sources = list(job.sources)
+        random.shuffle(sources)  # spread the load over every holder
+        for source in sources:
+            if source.peer in self._exclusions.by_hash.get(e.hash, set()):
+                continue
+            host = self._hosts(source.peer)
+            if host is None:
+                continue
+            try:
+                await self._from(host, source, e, part)
+            except TransportError as exc:
+                log.warning("fetching %s/%s from %s stopped at %d of %d bytes: %s", e.kind.value,
+                            e.relpath, source.peer, part.written, e.size, exc)
+                await part.io(self._checkpoint, e, part, source.peer)
+                continue
+            except CorruptDataError as exc:
+                await part.io(self._reject, e, part, exc)
+                continue
+            if part.written == e.size:
+                if part.hasher.hexdigest() == e.hash:
+                    await asyncio.to_thread(self._publish, e, part.path, final, e.mtime_ns,
+                                            f"fetched from {', '.join(sorted(part.sources))}")
+                    return True
+                await part.io(self._reject, e, part, CorruptDataError(
+                    f"content hash {part.hasher.hexdigest()[:16]}… is not the expected {e.hash[:16]}…"))
+        return False
+
+    async def _from(self, host: Host, source: Source, e: IndexEntry, part: _Part) -> None:
+        async with self._client.open(host, source, part.written) as body:
+            if body.hash != e.hash:
+                raise TransportError(source.peer, "it now holds another version of this content")
+            if body.start != part.written:
+                if body.start != 0:
+                    raise TransportError(source.peer, f"answered bytes from {body.start}, not the "
+                                                      f"{part.written} asked for")
+                await part.io(self._restart, part)  # it ignored our Range (a 200): start over
+            part.sources.add(source.peer)
+            pending = bytearray()
+            since_checkpoint = 0
+            async for chunk in body.chunks():
+                if part.written + len(pending) + len(chunk) > e.size:
+                    raise CorruptDataError(f"{source.peer} sent more than the {e.size} bytes expected")
+                pending += chunk
+                if len(pending) >= WRITE_BYTES:
+                    since_checkpoint += await self._write(e, part, pending)
+                    if since_checkpoint >= CHECKPOINT_BYTES:
+                        await part.io(self._checkpoint, e, part, source.peer)
+                        since_checkpoint = 0
+            await self._write(e, part, pending)
+            if part.written != e.size:
+                raise TransportError(source.peer, f"answer ended at {part.written} of {e.size} bytes")
+
+    async def _write(self, e: IndexEntry, part: _Part, pending: bytearray) -> int:
+        data = bytes(pending)
+        pending.clear()
+        if data:
+            await part.io(_append, part, data)
+            self._metrics.file_bytes_fetched.labels(kind=e.kind.value).inc(len(data))
+        return len(data)
+
+    def _checkpoint(self, e: IndexEntry, part: _Part, peer: str) -> None:
+        """fsync the part, then record its length: a restart resumes from here."""
+        os.fsync(part.fd)
+        self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns,
+                                              part.written, peer))
+
+    def _restart(self, part: _Part) -> None:
+        os.ftruncate(part.fd, 0)
+        part.written = 0
+        part.hasher = new_hasher()
+        part.sources.clear()
+
+    def _reject(self, e: IndexEntry, part: _Part, exc: Exception) -> None:
+        """Wrong bytes: the part is discarded. A single source is not asked for this content
+        again; when several contributed (a resumed download), none is blamed, and the next
+        attempt, from one source and from byte 0, tells which."""
+        self._metrics.file_hash_mismatches.labels(kind=e.kind.value).inc()
+        blamed = part.sources if len(part.sources) == 1 else set()
+        log.warning("discarding the download of %s/%s from %s: %s%s", e.kind.value, e.relpath,
+                    ", ".join(sorted(part.sources)) or "unknown", exc,
+                    "; not asking it for this content again" if blamed else "")
+        self._exclusions.add(e.hash, set(blamed))
+        self._restart(part)
+        self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, ""))
+
+
+def _append(part: _Part, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(part.fd, view, part.written)
+        part.written += n
+        view = view[n:]
+    part.hasher.update(data)
+
+
+def discard_stale_parts(dirs: Mapping[FileKind, Path], manifest: FileManifest) -> int:
+    """Remove part files no journal entry resumes (left by a run whose journal was lost)."""
+    live = {(t.kind, t.relpath) for t in manifest.transfers()}
+    removed = 0
+    for kind, root in dirs.items():
+        for part in root.rglob(part_name("*")) if root.is_dir() else ():
+            name = part.name[1:].removesuffix(PART_SUFFIX)
+            ident = (kind, (part.parent / name).relative_to(root).as_posix())
+            if ident not in live and part.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+                    removed += 1
+    return removed

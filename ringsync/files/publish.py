@@ -1,0 +1,134 @@
+"""Atomic publication under models/ and training/, and ContentDeduplicator."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ringsync.files.hashing import CHUNK, new_hasher
+from ringsync.files.kinds import FileKind, part_name
+from ringsync.files.manifest import FileManifest, FileRecord
+from ringsync.files.paths import resolve_inside
+
+log = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def destination(root: Path, relpath: str) -> Path:
+    """Where ``relpath`` lands under ``root``, its parent directories made (never through a
+    symlink out of ``root``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (Path(os.path.realpath(root)) / relpath).parent.mkdir(parents=True, exist_ok=True)
+    return resolve_inside(root, relpath)
+
+
+def publish_file(part: Path, final: Path, mtime_ns: int | None) -> os.stat_result:
+    """Make a complete, verified ``part`` visible as ``final`` in one step.
+
+    fsync the data, set the source's mtime (so every holder offers the same version),
+    rename, fsync the directory: a crash leaves either the old file or the new one,
+    never a partial one under a shipped name.
+    """
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if mtime_ns is not None:
+        os.utime(part, ns=(mtime_ns, mtime_ns))
+    os.replace(part, final)
+    fsync_dir(final.parent)
+    return os.lstat(final)
+
+
+def publish_symlink(final: Path, target: str, mtime_ns: int,
+                    before_rename: Callable[[os.stat_result], None]) -> None:
+    """Point ``final`` at ``target`` atomically (replacing what was there).
+
+    ``before_rename`` gets the link's stat (the rename keeps it) so that it is recorded
+    before a scan can see the link and take it for a new local one.
+    """
+    tmp = final.with_name(part_name(final.name))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.utime(tmp, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+    before_rename(os.lstat(tmp))
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+class ContentDeduplicator:
+    """File-level dedup: content this node holds under any name is linked, not fetched again.
+
+    A hard link costs no space or bytes; where linking fails (another file system,
+    a link limit) the bytes are copied locally and verified against the hash.
+    """
+
+    def __init__(self, manifest: FileManifest, dirs: Mapping[FileKind, Path]) -> None:
+        self._manifest = manifest
+        self._dirs = dict(dirs)
+
+    def holder(self, digest: str) -> FileRecord | None:
+        """A local file with content ``digest`` that is still as it was hashed, or None."""
+        for rec in self._manifest.with_hash(digest):
+            try:
+                st = os.lstat(self.path_of(rec))
+            except FileNotFoundError:
+                continue
+            if (st.st_size, st.st_mtime_ns, st.st_ino) == rec.stat_key:
+                return rec
+        return None
+
+    def path_of(self, rec: FileRecord) -> Path:
+        return self._dirs[rec.kind] / rec.relpath
+
+    def materialize(self, source: Path, part: Path, digest: str, *, may_link: bool = True) -> bool:
+        """Put ``source``'s content at ``part``; True when hard-linked (shares the inode).
+
+        ``may_link`` False (either name is one RingRift rewrites in place): copied, so that
+        such a rewrite never changes the other name's content.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        if may_link:
+            try:
+                os.link(source, part)
+                return True
+            except OSError as exc:
+                log.info("cannot hard-link %s (%s); copying it instead", source, exc.strerror)
+        if _copy_hashed(source, part) != digest:
+            part.unlink()
+            raise FileChangedError(f"{source} changed while it was copied")
+        return False
+
+
+class FileChangedError(Exception):
+    """A local file changed under a copy; the copy is discarded and the file fetched instead."""
+
+
+def _copy_hashed(source: Path, part: Path) -> str:
+    hasher = new_hasher()
+    with source.open("rb") as src, part.open("wb") as dst:
+        while chunk := src.read(CHUNK):
+            hasher.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return hasher.hexdigest()
+
+
+def record_for(rec_kind: FileKind, relpath: str, st: os.stat_result, digest: str,
+               link_target: str | None = None) -> FileRecord:
+    return FileRecord(rec_kind, relpath, st.st_size, st.st_mtime_ns,
+                      st.st_ino, digest, link_target)

@@ -1,0 +1,166 @@
+"""The data server's file routes: GET /v1/files/index and GET /v1/files/<kind>/<relpath>."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ringsync.errors import UnsafePathError
+from ringsync.files.hashing import CHUNK
+from ringsync.files.kinds import FileKind
+from ringsync.files.layout import FILES_PREFIX, HASH_HEADER, INDEX_PATH, file_dirs, manifest_path
+from ringsync.files.manifest import FileManifest
+from ringsync.files.paths import resolve_inside, safe_relpath
+from ringsync.files.plan import IndexEntry
+from ringsync.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Pacer:
+    """Spaces the chunks this node serves so that all file responses together stay under
+    a rate (RINGRIFT_FILE_SERVE_MBPS); a rate of 0 never waits."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        self._rate = bytes_per_second
+        self._next = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        if self._rate <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next)
+        self._next = start + nbytes / self._rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class FileRoutes:
+    """Serves what the file manifest says this node holds, and only while it is unchanged
+    on disk: a file rewritten in place is withheld until it is hashed again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._dirs = file_dirs(settings)
+        self._pacer = Pacer(settings.file_serve_mbps * 1e6 / 8)
+        self._manifest: FileManifest | None = None
+
+    async def _open(self, app: web.Application) -> AsyncIterator[None]:
+        self._manifest = await asyncio.to_thread(FileManifest, manifest_path(self._settings))
+        yield
+        manifest, self._manifest = self._manifest, None
+        manifest.close()
+
+    def _held(self) -> FileManifest:
+        if self._manifest is None:
+            raise web.HTTPServiceUnavailable(text="file manifest not open yet")
+        return self._manifest
+
+    async def index(self, request: web.Request) -> web.Response:
+        entries = await asyncio.to_thread(self._current_entries)
+        body = {"node": self._settings.node_id, "files": [e.as_dict() for e in entries]}
+        return web.json_response(body, dumps=json.dumps)
+
+    def _current_entries(self) -> list[IndexEntry]:
+        out = []
+        for rec in self._held().records():
+            try:
+                st = os.lstat(self._dirs[rec.kind] / rec.relpath)
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns, st.st_ino) == rec.stat_key:
+                out.append(IndexEntry.of(rec))
+        return out
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        try:
+            kind = FileKind(request.match_info["kind"])
+        except ValueError:
+            raise web.HTTPNotFound(text=f"unknown file kind; use one of "
+                                        f"{', '.join(k.value for k in FileKind)}") from None
+        try:
+            relpath = safe_relpath(request.match_info["relpath"])
+        except UnsafePathError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
+        try:
+            return await self._stream(request, fd, size, digest)
+        finally:
+            os.close(fd)
+
+    def _open_held(self, kind: FileKind, relpath: str) -> tuple[int, int, str]:
+        rec = self._held().get(kind, relpath)
+        if rec is None or rec.link_target is not None:
+            raise web.HTTPNotFound(text=f"{kind.value}/{relpath} is not a file held here "
+                                        "(symlinks are listed in the index)")
+        try:
+            fd = os.open(resolve_inside(self._dirs[kind], relpath), os.O_RDONLY | os.O_NOFOLLOW)
+        except (OSError, UnsafePathError):
+            raise web.HTTPNotFound(text=f"{kind.value}/{relpath} is gone") from None
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != rec.stat_key:
+            os.close(fd)
+            raise web.HTTPConflict(text=f"{kind.value}/{relpath} changed since it was hashed; "
+                                        "it is offered again once it settles")
+        return fd, st.st_size, rec.hash
+
+    async def _stream(self, request: web.Request, fd: int, size: int,
+                      digest: str) -> web.StreamResponse:
+        start = _range_start(request, size)
+        response = web.StreamResponse(status=206 if start else 200)
+        response.headers.update({
+            HASH_HEADER: digest, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+            "Content-Length": str(size - start),
+        })
+        if start:
+            response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        await response.prepare(request)
+        position = start
+        try:
+            while position < size:
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, size - position), position)
+                if not chunk:
+                    break  # truncated under us: the receiver's length and hash checks catch it
+                await self._pacer.take(len(chunk))
+                await response.write(chunk)
+                position += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The peer went away (stopped, killed): it resumes from its journal later.
+            log.info("%s stopped reading %s at %d of %d bytes", request.remote,
+                     request.match_info["relpath"], position, size)
+        return response
+
+
+def _range_start(request: web.Request, size: int) -> int:
+    """The first byte asked for: only 'bytes=N-' (and 'bytes=N-<last>') is supported."""
+    header = request.headers.get("Range")
+    if header is None:
+        return 0
+    try:
+        rng = request.http_range
+    except ValueError:
+        rng = None
+    if rng is None or rng.start is None or rng.start < 0 or rng.step not in (None, 1) or (
+            rng.stop is not None and rng.stop < size):
+        raise web.HTTPRequestRangeNotSatisfiable(
+            text="only 'Range: bytes=<start>-' is supported", headers={"Content-Range": f"bytes */{size}"})
+    if rng.start >= size:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            text=f"range starts at or beyond the end ({size} bytes)",
+            headers={"Content-Range": f"bytes */{size}"})
+    return int(rng.start)
+
+
+def add_file_routes(app: web.Application, settings: Settings) -> None:
+    """Register the file routes on the data server's app (behind its token middleware)."""
+    routes = FileRoutes(settings)
+    app.cleanup_ctx.append(routes._open)
+    app.router.add_get(INDEX_PATH, routes.index)
+    app.router.add_get(FILES_PREFIX + "{kind}/{relpath:.+}", routes.serve)
+

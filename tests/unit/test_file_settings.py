@@ -1,0 +1,46 @@
+"""RINGRIFT_MODELS_DIR, RINGRIFT_TRAINING_DIR and the file-sync timings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ringsync.errors import ConfigError
+from ringsync.files.kinds import FileKind
+from ringsync.files.layout import file_dirs, manifest_path
+from ringsync.settings import load_settings
+
+BASE = {"RINGRIFT_NODE_ID": "n1", "RINGRIFT_ENV_FILE": os.devnull}
+
+
+def test_defaults_live_in_the_data_dir(tmp_path: Path) -> None:
+    s = load_settings({**BASE, "RINGRIFT_DATA_DIR": "data"}, cwd=tmp_path)
+    assert file_dirs(s) == {FileKind.MODELS: tmp_path / "data" / "models",
+                            FileKind.TRAINING_DATA: tmp_path / "data" / "training"}
+    assert manifest_path(s) == tmp_path / "data" / ".ringsync" / "n1" / "files.db"
+    assert (s.file_settle_time, s.file_poll_interval, s.file_serve_mbps) == (5.0, 10.0, 0.0)
+
+
+def test_ringrift_layout_models_beside_data(tmp_path: Path) -> None:
+    s = load_settings({**BASE, "RINGRIFT_DATA_DIR": "ai-service/data",
+                       "RINGRIFT_MODELS_DIR": "ai-service/models", "RINGRIFT_FILE_SETTLE_TIME": "2",
+                       "RINGRIFT_FILE_POLL_INTERVAL": "0.5", "RINGRIFT_FILE_SERVE_MBPS": "800"},
+                      cwd=tmp_path)
+    assert s.models_dir == tmp_path / "ai-service" / "models"
+    assert s.training_dir == tmp_path / "ai-service" / "data" / "training"
+    assert (s.file_settle_time, s.file_poll_interval, s.file_serve_mbps) == (2.0, 0.5, 800.0)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("RINGRIFT_FILE_SETTLE_TIME", "0", "RINGRIFT_FILE_SETTLE_TIME = '0' is out of range"),
+    ("RINGRIFT_FILE_POLL_INTERVAL", "soon", "RINGRIFT_FILE_POLL_INTERVAL = 'soon' is not a number"),
+    ("RINGRIFT_FILE_SERVE_MBPS", "-1", "RINGRIFT_FILE_SERVE_MBPS = '-1' is out of range"),
+    ("RINGRIFT_MODELS_DIR", "afile", "RINGRIFT_MODELS_DIR = 'afile' is not a directory"),
+])
+def test_bad_values_name_the_variable_and_the_fix(tmp_path: Path, name: str, value: str,
+                                                  message: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=message):
+        load_settings({**BASE, name: value}, cwd=tmp_path)

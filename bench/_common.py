@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ringsync.localcluster import Cluster
 from ringsync.store import ringrift_schema
-from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES, TARGET_PAGE_SIZE
+from ringsync.store.gamemerge import DEFAULT_SHARD_BYTES, TARGET_PAGE_SIZE, GameMerger
 from ringsync.store.shards import parse_shard, shard_path, shard_paths
 
 # One local ext4 root mount: AutoSyncDaemon must not take the data dir for shared storage.
@@ -276,6 +276,14 @@ def place_prefilled(merged: Path, template_db: Path, games: int, cache: Path | N
     for db in dbs:
         (os.link if in_place else shutil.copyfile)(db, synced / db.name)
         evict_from_page_cache(synced / db.name)
+    if len(dbs) > 1:  # the filter of the full shards' ids a node that ran before has saved
+        merger = GameMerger(synced, shard_bytes=shard_bytes)
+        try:
+            merger.prepare_filter(key)
+        finally:
+            merger.close()
+        for db in dbs:  # the filter's read left the games indexes cached: cold again
+            evict_from_page_cache(synced / db.name)
     size = fmt(sum(db.stat().st_size for db in dbs) / MB)
     if in_place:
         return f"{built}linked in place from {cached}: {len(dbs)} DBs ({layout}), {size} MB"

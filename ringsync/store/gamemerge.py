@@ -38,7 +38,13 @@ from ringsync.store._sqlite import (
     _sqlite_errors,
     _transaction,
 )
-from ringsync.store.shards import HeldFilter, parse_shard, shard_path, shard_paths
+from ringsync.store.shards import (
+    HeldFilter,
+    held_filter_path,
+    parse_shard,
+    shard_path,
+    shard_paths,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -49,6 +55,8 @@ _T = TypeVar("_T")
 MAX_OPEN_TARGETS = 256  # full shards are looked up in on every merge: kept open
 # A config's merged DB takes new games until it holds this much (RINGRIFT_MERGED_SHARD_MB).
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+# Full shards a saved filter may miss and still be completed on a merge's path (~50 ms each).
+_COVER_HERE = 4
 TARGET_PAGE_SIZE = 16384
 # A checkpoint runs once the WAL holds this much, not after every merge: a page that many
 # merges dirty (an index leaf, the tail of a table) is copied into the DB once per
@@ -188,11 +196,12 @@ class _TargetDB:
                 raise
             return []  # no games table: it holds none of them
 
-    def add_ids_to(self, held: HeldFilter) -> None:
-        """Add every game id this DB holds to ``held``, read row by row (none without a
-        games table): a million ids never sit in memory at once."""
+    def game_ids(self) -> Iterator[str]:
+        """Every game id this DB holds, row by row (none without a games table): a million
+        ids never sit in memory at once. Consume it under ``lock``."""
         if self._has_games():
-            held.add(str(r[0]) for r in self.conn.execute(f"SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)}"))
+            yield from (str(r[0]) for r in self.conn.execute(
+                f"SELECT {_q(GAME_ID)} FROM main.{_q(GAMES)}"))
 
     def game_count(self) -> int:
         """Rows in games (by its primary key's index): sizes a filter before it is filled."""
@@ -642,10 +651,12 @@ class _Shards:
     merged into the newest one as one step, so two pushes of it cannot both miss it.
     """
 
+    key: str
     lock: threading.Lock
     paths: list[Path]
     sealed: Path | None = None  # the newest, once found full: it stays full in this process
-    held: HeldFilter | None = None  # the ids of the full ones, once built
+    held: HeldFilter | None = None  # the ids of the full ones, once loaded or built
+    loaded: bool = False  # the saved filter was tried
     building: threading.Thread | None = None  # building ``held`` in the background
 
 
@@ -700,6 +711,8 @@ class GameMerger:
                                            or self._is_full(shards.paths[-1]))
             if full:  # sticky: its WAL file going away on close must not reopen it to new games
                 shards.sealed = shards.paths[-1]
+            elif shards.paths:
+                self._taking_games(shards, shards.paths[-1])
             older = shards.paths if full else shards.paths[:-1]
             ids, held, updated = list(batch.game_ids), 0, 0
             if older:
@@ -726,22 +739,56 @@ class GameMerger:
     def _shards_of(self, key: str) -> _Shards:
         with self._lock:
             if key not in self._shards:
-                self._shards[key] = _Shards(threading.Lock(), shard_paths(self.synced_dir, key))
+                self._shards[key] = _Shards(key, threading.Lock(), shard_paths(self.synced_dir, key))
             return self._shards[key]
+
+    def prepare_filter(self, key: str) -> bool:
+        """Load, or build now and save, the filter of ``key``'s full shards, as a node that
+        ran before has it (the benchmarks start from that state); True if one is ready."""
+        shards = self._shards_of(validate_config_key(key))
+        with shards.lock:
+            full = shards.paths if shards.paths and self._is_full(shards.paths[-1]) else shards.paths[:-1]
+            if not full:
+                return False
+            self._held_filter(shards, full)
+            builder = shards.building
+        if builder is not None:
+            builder.join()
+        return shards.held is not None
+
+    def _saved_filter(self, shards: _Shards) -> HeldFilter | None:
+        """The filter, loaded from beside the shards the first time (the caller holds
+        ``shards.lock``)."""
+        if not shards.loaded:
+            shards.loaded = True
+            shards.held = HeldFilter.load(held_filter_path(self.synced_dir, shards.key))
+        return shards.held
+
+    def _taking_games(self, shards: _Shards, path: Path) -> None:
+        """``path`` takes new games: a filter must not say it covers them (a shard found
+        full by an earlier process, under a smaller RINGRIFT_MERGED_SHARD_MB, may take
+        games again). Saved at once, so a restart does not believe it either."""
+        held = self._saved_filter(shards)
+        if held is not None and held.covered.pop(path, None) is not None:
+            self._save_filter(shards.key, held)
 
     def _held_filter(self, shards: _Shards, older: list[Path]) -> HeldFilter | None:
         """The filter of the ids in ``older`` (the full shards; the caller holds
         ``shards.lock``), or None while it is being built: then every id is looked up.
 
-        Built in a thread of its own (reading a million ids and adding them takes ~3 s,
-        which would hold up the first merge after a start); a shard found full later is
-        added here (~50 ms for 15k ids). Past its capacity it is built again, twice as big.
+        Loaded from beside the shards (a restart reads ~4 MB at a million ids); a shard
+        found full later is added here (~50 ms for 15k ids) and the filter saved again.
+        Built from scratch, in a thread of its own, when there is none, when it misses
+        more than a few shards (reading a million ids takes ~2 s, which would hold up the
+        merges), or when it is full: then twice as big.
         """
-        held = shards.held
+        held = self._saved_filter(shards)
         new = [] if held is None else [path for path in older if path not in held.covered]
         if held is not None and new:
-            if held.count + sum(self._shard(path, _TargetDB.game_count) for path in new) <= held.capacity:
+            count = sum(self._shard(path, _TargetDB.game_count) for path in new[:_COVER_HERE])
+            if len(new) <= _COVER_HERE and held.count + count <= held.capacity:
                 self._cover(held, new)
+                self._save_filter(shards.key, held)
             else:
                 shards.held = held = None
         if held is None and shards.building is None and not self._closed:
@@ -758,6 +805,7 @@ class GameMerger:
             if not self._closed:
                 with shards.lock:
                     shards.held = held
+                    self._save_filter(shards.key, held)
         except sqlite3.Error as exc:  # merges go on looking every id up; tried again later
             log.warning("could not read the game ids of the full merged DBs (%s: %s); each "
                         "merge looks its games up in all of them", type(exc).__name__, exc)
@@ -769,8 +817,16 @@ class GameMerger:
         for path in paths:
             if self._closed:
                 return
-            self._shard(path, lambda db: db.add_ids_to(held))
-            held.covered.add(path)
+            with self._locked(path) as target:
+                held.cover(path, target.game_ids())
+
+    def _save_filter(self, key: str, held: HeldFilter) -> None:
+        """Keep the filter for the next start; failing to changes nothing else (logged)."""
+        try:
+            held.save(held_filter_path(self.synced_dir, key))
+        except OSError as exc:
+            log.warning("could not save the filter of %s's full merged DBs (%s); the next "
+                        "start reads their game ids again", key, exc)
 
     def _shard(self, path: Path, read: Callable[[_TargetDB], _T]) -> _T:
         """``read`` the open DB at ``path`` under its lock."""

@@ -15,7 +15,13 @@ import pytest
 from ringsync.selfplay_sim import SelfplayWriter
 from ringsync.store.gamedb import GameMerger, GameSource
 from ringsync.store.received_configs import ReceivedConfigs
-from ringsync.store.shards import HeldFilter, config_keys, parse_shard, shard_paths
+from ringsync.store.shards import (
+    HeldFilter,
+    config_keys,
+    held_filter_path,
+    parse_shard,
+    shard_paths,
+)
 from tests.unit.test_gamedb import one_batch
 from tests.unit.test_merge_scale import plan_problems
 
@@ -219,6 +225,106 @@ def test_the_held_filter_never_misses_and_rarely_says_maybe() -> None:
     others = [uuid.uuid4().hex for _ in range(20_000)]
     false_positives = sum(held.may_hold(i) for i in others)
     assert false_positives < 200  # 16 bits and 4 probes per id: about 0.24 % expected
+
+
+def test_a_restart_reads_the_saved_filter_instead_of_every_id(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path) -> None:
+    ids = written(writer, source, 9)
+    merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[3:6]))  # the first DB is full: its filter is built
+    filter_built(merger)
+    merger.close()
+    assert held_filter_path(synced, KEY).is_file()
+
+    again = GameMerger(synced, shard_bytes=1)
+    try:
+        full = again._target(synced / f"{KEY}.db")
+        statements: list[str] = []
+        full.conn.set_trace_callback(statements.append)
+        result = again.merge(one_batch(source, ids))
+        full.conn.set_trace_callback(None)
+        assert again._shards[KEY].building is None  # nothing was rebuilt
+    finally:
+        again.close()
+    assert (result.inserted, result.duplicates) == (3, 6)
+    assert not [s for s in statements if s.startswith('SELECT "game_id" FROM main."games"')]
+    assert every_game(games_per_shard(synced)) == Counter(ids)
+
+
+def test_prepare_filter_builds_and_saves_it_before_any_merge(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path) -> None:
+    assert not merger.prepare_filter(KEY)  # no DB yet: nothing to filter
+    ids = written(writer, source, 6)
+    merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[3:]))
+    merger.close()
+    held_filter_path(synced, KEY).unlink(missing_ok=True)
+    fresh = GameMerger(synced, shard_bytes=1)
+    try:
+        assert fresh.prepare_filter(KEY)
+    finally:
+        fresh.close()
+    saved = HeldFilter.load(held_filter_path(synced, KEY))
+    assert saved is not None
+    assert set(saved.covered) == {synced / f"{KEY}.db", synced / f"{KEY}+2.db"}
+    assert all(saved.may_hold(i) for i in ids)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-inode"])
+def test_a_damaged_or_stale_saved_filter_is_rebuilt_and_nothing_is_duplicated(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path,
+        damage: str) -> None:
+    ids = written(writer, source, 9)
+    merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[3:6]))
+    filter_built(merger)
+    merger.close()
+    saved = held_filter_path(synced, KEY)
+    if damage == "garbage":
+        saved.write_bytes(b"\x00not a filter\n" * 10)
+    elif damage == "truncated":
+        saved.write_bytes(saved.read_bytes()[:-100])
+    else:  # the first DB restored from a backup: another file, the same name
+        first = synced / f"{KEY}.db"
+        copy = first.with_name("copy")
+        copy.write_bytes(first.read_bytes())
+        copy.replace(first)
+
+    again = GameMerger(synced, shard_bytes=1)
+    try:
+        result = again.merge(one_batch(source, ids))
+        filter_built(again)
+        assert (again.merge(one_batch(source, ids))).inserted == 0
+    finally:
+        again.close()
+    assert (result.inserted, result.duplicates) == (3, 6)
+    assert every_game(games_per_shard(synced)) == Counter(ids)
+    assert HeldFilter.load(saved) is not None  # saved whole again
+
+
+def test_a_db_taking_games_again_after_a_restart_is_no_longer_covered(
+        writer: SelfplayWriter, source: GameSource, merger: GameMerger, synced: Path) -> None:
+    """An operator raises RINGRIFT_MERGED_SHARD_MB: the newest DB, found full before, takes
+    games again; the saved filter must stop claiming to cover it."""
+    ids = written(writer, source, 9)
+    merger.merge(one_batch(source, ids[:3]))
+    merger.merge(one_batch(source, ids[:3]))  # found full, covered, saved
+    filter_built(merger)
+    merger.close()
+    raised = GameMerger(synced, shard_bytes=10 ** 12)
+    try:
+        raised.merge(one_batch(source, ids[3:6]))  # into the first DB again
+    finally:
+        raised.close()
+    lowered = GameMerger(synced, shard_bytes=1)
+    try:
+        result = lowered.merge(one_batch(source, ids))
+    finally:
+        lowered.close()
+    assert (result.inserted, result.duplicates) == (3, 6)
+    held = games_per_shard(synced)
+    assert set(held[f"{KEY}.db"]) == set(ids[:6])
+    assert every_game(held) == Counter(ids)
 
 
 @pytest.mark.parametrize(("name", "parsed"), [

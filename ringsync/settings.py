@@ -181,8 +181,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
     EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
            "indexes for models and training data this node lacks (> 0)"),
-    EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
-           "training files at, over all peers (0: unlimited)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -239,7 +237,6 @@ class Settings:
     training_dir_setting: Path | None = None  # None: <data_dir>/training
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
-    file_serve_mbps: float = 0.0
 
     @property
     def state_root(self) -> Path:
@@ -361,7 +358,6 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
-        file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
     )
 
 
@@ -510,6 +506,7 @@ def _merge_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
     """The .env file's values, overridden by every non-empty real environment value."""
     merged = {k: v for k, v in _read_env_file(environ, cwd).items() if v is not None}
     merged.update({k: v for k, v in environ.items() if v.strip()})
+    _refuse_replaced(merged)
     _warn_on_typos(merged)
     return merged
 
@@ -530,6 +527,22 @@ def _read_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str | Non
         return dotenv_values(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"env file {path}: cannot read it ({exc})") from exc
+
+
+# Variables that once existed and are no longer read: set, they stop the start with the fix.
+# Keyed without the prefix: they are deliberately absent from ENV_VARS and .env.example.
+_REPLACED = {
+    "FILE_SERVE_MBPS": "file serving is now paced by the node's one bandwidth limiter, "
+    "with games and pushes: set RINGRIFT_BANDWIDTH_LIMIT_MBPS (or auto_sync.bandwidth_limit_mbps, "
+    "bandwidth_mbps, auto_sync.host_bandwidth_overrides in the inventory) and remove it",
+}
+
+
+def _refuse_replaced(values: Mapping[str, str]) -> None:
+    for suffix, fix in _REPLACED.items():
+        name = "RINGRIFT_" + suffix
+        if values.get(name, "").strip():
+            raise ConfigError(f"{name} is no longer read: {fix}")
 
 
 def _warn_on_typos(values: Mapping[str, str]) -> None:

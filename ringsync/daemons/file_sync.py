@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # could not now (the chain's next step is tried); a raised error ends this attempt.
 FileStep = Callable[[FetchJob], Awaitable[bool]]
 
-FETCHES_IN_FLIGHT = 4
+FETCHES_IN_FLIGHT = 4  # per file kind
 INDEX_POLLS_IN_FLIGHT = 16
 _JITTER = 0.1
 
@@ -58,7 +58,9 @@ class FileSyncDaemon(Daemon):
         self._client = FileClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+        # Per kind: a backlog of training data never holds the slots a new model needs here
+        # (the serving side then gives the model its priority's share of the bandwidth).
+        self._slots = {kind: asyncio.Semaphore(FETCHES_IN_FLIGHT) for kind in FileKind}
         self._failing_peers: set[str] = set()
         self._stuck: set[Ident] = set()  # files no source could serve last time
         self._stopping = False
@@ -172,7 +174,7 @@ class FileSyncDaemon(Daemon):
     async def _fetch(self, steps: Mapping[str, FileStep], job: FetchJob) -> None:
         e = job.entry
         try:
-            async with self._slots:
+            async with self._slots[e.kind]:
                 if self._stopping or await self._through_chain(steps, job):
                     self._stuck.discard(e.ident)
                 elif e.ident not in self._stuck:  # logged when it starts failing, not each round

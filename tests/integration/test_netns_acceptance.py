@@ -88,8 +88,8 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                                     ("train-2", "nn_training_primary", h2)],
                               root=scratch / "nodes", sync_interval=2.0)
         cluster.nodes["selfplay-1"].extra_env.update({
-            "RINGRIFT_CIRCUIT_FAILURE_THRESHOLD": "2", "RINGRIFT_CIRCUIT_RECOVERY": "2",
-            "RINGRIFT_CIRCUIT_RECOVERY_MAX": "4", "RINGRIFT_PUSH_TIMEOUT": "3"})
+            "RINGRIFT_CIRCUIT_FAILURE_THRESHOLD": "2", "RINGRIFT_CIRCUIT_RECOVERY": "4",
+            "RINGRIFT_CIRCUIT_RECOVERY_MAX": "8", "RINGRIFT_PUSH_TIMEOUT": "3"})
         selfplay, train1, train2 = (cluster.nodes[n] for n in ("selfplay-1", "train-1", "train-2"))
         source = selfplay.data_dir / SOURCE_DB
 
@@ -111,7 +111,7 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                 time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
                 assert len(held_game_ids(train2)) > at_cut + 150  # the other kept receiving
                 assert len(held_game_ids(train1)) == during  # nothing reaches a cut-off host
-                assert breaker() == 2
+                assert breaker() in (1, 2)  # open, or half-open while a probe tries
                 lab.heal(h1)
                 assert writer.wait(30) == 0
             finally:

@@ -182,7 +182,10 @@ class AutoSyncDaemon(Daemon):
                 await self._sources.discover(force=trigger.rescans)
             targets = self._choose_targets()
             self._batches.new_cycle()
-            siblings = await self._sharing.siblings(targets)
+            siblings, unreachable = await self._sharing.siblings(targets)
+            for name, exc in unreachable.items():  # its delivery would fail the same way
+                self._report(name, self._policy.failed(name, exc), exc)
+            targets = [t for t in targets if t.name not in unreachable]
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
                     tg.create_task(self._deliver(target, siblings.get(target.name)))

@@ -86,13 +86,14 @@ class FileRoutes:
             relpath = safe_relpath(request.match_info["relpath"])
         except UnsafePathError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
-        fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
-        try:
-            peer, priority = self._peer_of(request), file_priority(kind, relpath)
-            async with self._limiter.transfer(peer, priority):
+        peer, priority = self._peer_of(request), file_priority(kind, relpath)
+        # The slot first: a request waiting for one holds no file descriptor and no buffer.
+        async with self._limiter.transfer(peer, priority):
+            fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
+            try:
                 return await self._stream(request, fd, size, digest, Pace(peer, priority))
-        finally:
-            os.close(fd)
+            finally:
+                os.close(fd)
 
     def _peer_of(self, request: web.Request) -> str:
         """The bucket a request is paced in: the inventory host its X-Ringsync-Node names (so

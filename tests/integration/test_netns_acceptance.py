@@ -241,12 +241,13 @@ def test_the_configured_rate_holds_under_a_tbf_cap_and_a_model_overtakes_a_train
         scratch: Path) -> None:
     with netns_lab(scratch / "lab", 2) as lab:
         h0, h1 = lab.hosts
+        # The operator's per-peer limit: sends to train-2 at most 40 Mbit/s (its bandwidth_mbps).
         cluster = lab_cluster(lab, [("train-1", "gpu_training_primary", h0),
-                                    ("train-2", "nn_training_primary", h1)], root=scratch / "nodes")
+                                    ("train-2", "nn_training_primary", h1)], root=scratch / "nodes",
+                              host_fields={"train-2": {"bandwidth_mbps": LIMIT_MBPS}})
         src, dst = (cluster.nodes[n].data_dir for n in ("train-1", "train-2"))
         for i in range(4):  # a backlog of 64 MB of training data, there before the nodes start
             random_file(src / "training" / f"sq19_{i}.npz", 16 * MB, age=3600)
-        cluster.nodes["train-1"].extra_env["RINGRIFT_BANDWIDTH_LIMIT_MBPS"] = str(LIMIT_MBPS)
         lab.cap(h0, 60)  # the link allows more than the limit: the limiter must hold the rate
         try:
             file_nodes(cluster, "train-1", "train-2")
@@ -273,8 +274,9 @@ def test_the_configured_rate_holds_under_a_tbf_cap_and_a_model_overtakes_a_train
             assert left >= 20 * MB  # it did not wait behind the backlog...
             assert backlog_after >= model_took + 3  # ...which finished long after it
             assert digest(received) == digest(model)
-            sent = scrape(lab, h0, cluster.nodes["train-1"].port, 'ringsync_bandwidth_bytes_total{')
-            assert sent >= 72 * MB  # file serving went through the node's limiter
+            sent = scrape(lab, h0, cluster.nodes["train-1"].port,
+                          'ringsync_bandwidth_bytes_total{peer="train-2"')
+            assert sent >= 72 * MB  # file serving went through the node's limiter, as train-2's
             assert scrape(lab, h1, cluster.nodes["train-2"].port,
                           'ringsync_transport_attempts_total{data_type="models",outcome="ok",'
                           'transport="http"}') >= 1

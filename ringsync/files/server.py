@@ -97,7 +97,8 @@ class FileRoutes:
 
     def _peer_of(self, request: web.Request) -> str:
         """The bucket a request is paced in: the inventory host its X-Ringsync-Node names (so
-        its bandwidth_mbps applies), else its address (a name alone would let a client pick)."""
+        its bandwidth_mbps applies), else its address: a made-up name never makes a new
+        bucket or metric label of its own."""
         name = request.headers.get(NODE_HEADER, "")
         return name if self._settings.inventory.get(name) is not None else str(request.remote)
 

@@ -8,7 +8,9 @@ removes its big files (the lab's tmp dir) when it ends.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +91,7 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                               root=scratch / "nodes", sync_interval=2.0)
         cluster.nodes["selfplay-1"].extra_env.update({
             "RINGRIFT_CIRCUIT_FAILURE_THRESHOLD": "2", "RINGRIFT_CIRCUIT_RECOVERY": "4",
-            "RINGRIFT_CIRCUIT_RECOVERY_MAX": "8", "RINGRIFT_PUSH_TIMEOUT": "3"})
+            "RINGRIFT_CIRCUIT_RECOVERY_MAX": "8", "RINGRIFT_PUSH_TIMEOUT": "5"})
         selfplay, train1, train2 = (cluster.nodes[n] for n in ("selfplay-1", "train-1", "train-2"))
         source = selfplay.data_dir / SOURCE_DB
 
@@ -97,7 +99,8 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
             return scrape(lab, h0, selfplay.port, 'ringsync_circuit_state{peer="train-1"')
 
         try:
-            cluster.start_all()
+            for name in ("train-1", "train-2", "selfplay-1"):  # receivers up before the sender
+                cluster.start(name)
             writer = subprocess.Popen([sys.executable, "-m", "ringsync.selfplay_sim", str(source),
                                        "--games", "450", "--rate", "15", "--moves", "20", "--seed", "17"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,10 +109,15 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                 lab.cut(h1)
                 cut_at, at_cut = time.monotonic(), len(held_game_ids(train2))
                 wait_until(lambda: breaker() == 2, 25, "train-1's breaker open")
+                opened_after = time.monotonic() - cut_at
+                health = auto_sync_health(lab, h0, cluster)
+                assert health["state"] == "degraded", health
+                assert re.search(r"train-1: circuit (open|half_open) over http for \d+s", health["detail"])
                 during = len(held_game_ids(train1))
                 assert scrape(lab, h0, selfplay.port, 'ringsync_circuit_state{peer="train-2"') == 0
                 time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
-                assert len(held_game_ids(train2)) > at_cut + 150  # the other kept receiving
+                flowed = len(held_game_ids(train2)) - at_cut
+                assert flowed > 150  # the other kept receiving
                 assert len(held_game_ids(train1)) == during  # nothing reaches a cut-off host
                 assert breaker() in (1, 2)  # open, or half-open while a probe tries
                 lab.heal(h1)
@@ -125,12 +133,23 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
             for trainer in ("train-1", "train-2"):
                 assert_holds_exactly(cluster, trainer, completed)
             wait_until(lambda: breaker() == 0, 10, "train-1's breaker closed again")
+            print(f"breaker open {opened_after:.1f} s after the cut; train-2 got {flowed} games "
+                  "during the 30 s cut; train-1 caught up after the heal")
+            assert auto_sync_health(lab, h0, cluster)["state"] == "healthy"
             log = selfplay.log_path.read_text()
             assert "circuit to train-1 over http: closed -> open" in log, log[-3000:]
             assert "circuit to train-1 over http: half_open -> closed" in log, log[-3000:]
             assert "circuit to train-2" not in log
         finally:
             cluster.stop_all()
+
+
+def auto_sync_health(lab: NetnsLab, host: LabHost, cluster: Cluster) -> dict[str, str]:
+    """What an operator sees in the selfplay node's /v1/status: auto_sync's state and detail."""
+    node = cluster.nodes["selfplay-1"]
+    body = lab.run(host, "curl", "-sf", "--max-time", "5", "-H",
+                   f"Authorization: Bearer {cluster.token}", f"http://{host.address}:{node.port}/v1/status")
+    return dict(json.loads(body)["daemons"]["auto_sync"])
 
 
 # -- (b) a 200 MB model to every selfplay host, past a source serving corrupt bytes -------------

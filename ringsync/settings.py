@@ -27,6 +27,7 @@ from ringsync.inventory import (
     parse_transport_order,
 )
 from ringsync.policy.bandwidth import BandwidthLimits
+from ringsync.policy.chains import TransportChains, parse_chains
 from ringsync.policy.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourcePatterns, parse_patterns
 from ringsync.protocol.batch import validate_source_node
 
@@ -155,6 +156,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "one cannot reach the peer: comma-separated " + ", ".join(TRANSPORT_NAMES) + " (ssh: the "
            "same peer API through an SSH connection to the peer's ssh_host, to its data server on "
            "127.0.0.1); a host's transport field in the inventory wins"),
+    EnvVar("RINGRIFT_TRANSPORT_CHAINS", "", "Fallback chains per data type, tried in order: "
+           "key=t1,t2 parts separated by ';', key one of games, models, training_data, "
+           "large_files (files of RINGRIFT_LARGE_FILE_MB or more); games take http, ssh; files "
+           "also aria2, rsync (a step this build lacks is skipped and counted as unavailable). "
+           "Each step's outcome is in ringsync_transport_attempts_total. games= replaces "
+           "RINGRIFT_TRANSPORT_ORDER (set one of them)",
+           default_text="games=RINGRIFT_TRANSPORT_ORDER;models=http;training_data=http;"
+           "large_files=aria2,http,rsync"),
+    EnvVar("RINGRIFT_LARGE_FILE_MB", "256", "MiB from which a model or training file takes the "
+           "large_files chain of RINGRIFT_TRANSPORT_CHAINS (>= 1)"),
     EnvVar("RINGRIFT_SSH_KNOWN_HOSTS", "~/.ssh/known_hosts", "The known_hosts file SSH peers' host "
            "keys are checked against; a peer whose key is missing or different is refused"),
     EnvVar("RINGRIFT_SSH_MAX_CHANNELS", "10", "Most channels (concurrent requests) on the one SSH "
@@ -181,8 +192,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
     EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
            "indexes for models and training data this node lacks (> 0)"),
-    EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
-           "training files at, over all peers (0: unlimited)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -224,6 +233,7 @@ class Settings:
     merged_shard_mb: int = 512
     scan_chunk_rows: int = 10_000
     transport_order: tuple[str, ...] = ("http",)
+    transport_chains: TransportChains = field(default_factory=TransportChains)
     ssh_known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     ssh_max_channels: int = 10
     ssh_keepalive_interval: float = 3.0
@@ -239,7 +249,6 @@ class Settings:
     training_dir_setting: Path | None = None  # None: <data_dir>/training
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
-    file_serve_mbps: float = 0.0
 
     @property
     def state_root(self) -> Path:
@@ -311,6 +320,8 @@ class Settings:
                 value = str(value.source) if value.source else None
             elif isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, TransportChains):
+                value = value.describe()
             out[f.name] = value
         out["hosts"] = len(self.inventory.hosts)
         out["replication_target"] = self.replication_target
@@ -361,7 +372,6 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
-        file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
     )
 
 
@@ -510,6 +520,7 @@ def _merge_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
     """The .env file's values, overridden by every non-empty real environment value."""
     merged = {k: v for k, v in _read_env_file(environ, cwd).items() if v is not None}
     merged.update({k: v for k, v in environ.items() if v.strip()})
+    _refuse_replaced(merged)
     _warn_on_typos(merged)
     return merged
 
@@ -530,6 +541,22 @@ def _read_env_file(environ: Mapping[str, str], cwd: Path) -> dict[str, str | Non
         return dotenv_values(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"env file {path}: cannot read it ({exc})") from exc
+
+
+# Variables that once existed and are no longer read: set, they stop the start with the fix.
+# Keyed without the prefix: they are deliberately absent from ENV_VARS and .env.example.
+_REPLACED = {
+    "FILE_SERVE_MBPS": "file serving is now paced by the node's one bandwidth limiter, "
+    "with games and pushes: set RINGRIFT_BANDWIDTH_LIMIT_MBPS (or auto_sync.bandwidth_limit_mbps, "
+    "bandwidth_mbps, auto_sync.host_bandwidth_overrides in the inventory) and remove it",
+}
+
+
+def _refuse_replaced(values: Mapping[str, str]) -> None:
+    for suffix, fix in _REPLACED.items():
+        name = "RINGRIFT_" + suffix
+        if values.get(name, "").strip():
+            raise ConfigError(f"{name} is no longer read: {fix}")
 
 
 def _warn_on_typos(values: Mapping[str, str]) -> None:
@@ -729,6 +756,7 @@ def _sendable_node_id(node_id: str) -> str:
 
 class _SshSettings(TypedDict):
     transport_order: tuple[str, ...]
+    transport_chains: TransportChains
     ssh_known_hosts: Path
     ssh_max_channels: int
     ssh_keepalive_interval: float
@@ -743,15 +771,30 @@ def _ssh_settings(env: _Env, cwd: Path) -> _SshSettings:
         transport_order = parse_transport_order(order.split(",")) if order else ("http",)
     except ValueError as exc:
         raise env.fail("RINGRIFT_TRANSPORT_ORDER", str(exc)) from None
+    chains = _transport_chains(env, transport_order)
     known_hosts = env.get("RINGRIFT_SSH_KNOWN_HOSTS") or "~/.ssh/known_hosts"
     return _SshSettings(
-        transport_order=transport_order,
+        transport_order=chains.games,
+        transport_chains=chains,
         ssh_known_hosts=_resolve(known_hosts, cwd, "RINGRIFT_SSH_KNOWN_HOSTS"),
         ssh_max_channels=env.integer("RINGRIFT_SSH_MAX_CHANNELS", 10, minimum=1, maximum=1000),
         ssh_keepalive_interval=env.number("RINGRIFT_SSH_KEEPALIVE_INTERVAL", 3.0),
         ssh_keepalive_count_max=env.integer("RINGRIFT_SSH_KEEPALIVE_COUNT_MAX", 3, minimum=1),
         ssh_connect_timeout=env.number("RINGRIFT_SSH_CONNECT_TIMEOUT", 10.0),
     )
+
+
+def _transport_chains(env: _Env, transport_order: tuple[str, ...]) -> TransportChains:
+    large = env.integer("RINGRIFT_LARGE_FILE_MB", 256, minimum=1) << 20
+    try:
+        chains = parse_chains(env.get("RINGRIFT_TRANSPORT_CHAINS") or "",
+                              games_default=transport_order, large_file_bytes=large)
+    except ValueError as exc:
+        raise env.fail("RINGRIFT_TRANSPORT_CHAINS", str(exc)) from None
+    if "games" in chains.named and env.get("RINGRIFT_TRANSPORT_ORDER") is not None:
+        raise env.fail("RINGRIFT_TRANSPORT_CHAINS", "sets games= while RINGRIFT_TRANSPORT_ORDER "
+                       "is set too; keep the games order in one of them")
+    return chains
 
 
 class _CircuitSettings(TypedDict):

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.errors import BadInputError, TransportError
@@ -22,10 +22,15 @@ from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
+from ringsync.policy.chains import Outcome
 
 log = logging.getLogger(__name__)
 
-FETCHES_IN_FLIGHT = 4
+# One transport's way to make a file present here: True once published, False when it
+# could not now (the chain's next step is tried); a raised error ends this attempt.
+FileStep = Callable[[FetchJob], Awaitable[bool]]
+
+FETCHES_IN_FLIGHT = 4  # per file kind
 INDEX_POLLS_IN_FLIGHT = 16
 _JITTER = 0.1
 
@@ -53,7 +58,9 @@ class FileSyncDaemon(Daemon):
         self._client = FileClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+        # Per kind: a backlog of training data never holds the slots a new model needs here
+        # (the serving side then gives the model its priority's share of the bandwidth).
+        self._slots = {kind: asyncio.Semaphore(FETCHES_IN_FLIGHT) for kind in FileKind}
         self._failing_peers: set[str] = set()
         self._stuck: set[Ident] = set()  # files no source could serve last time
         self._stopping = False
@@ -70,6 +77,9 @@ class FileSyncDaemon(Daemon):
             scanner = FileScanner(self._dirs, manifest, s.file_settle_time)
             fetcher = FileFetcher(self._dirs, manifest, self._client, self._ctx.metrics,
                                   s.inventory.get, self._exclusions)
+            # The transports a file's chain (RINGRIFT_TRANSPORT_CHAINS) may name, as built
+            # here: aria2 and rsync plug in beside http with the same FileStep shape.
+            steps: dict[str, FileStep] = {"http": fetcher.fetch}
             log.info("file sync: models in %s, training data in %s; fetching %s", s.models_dir,
                      s.training_dir, ", ".join(sorted(k.value for k in self._wanted)) or "nothing")
             self._health = Health(HealthState.HEALTHY)
@@ -80,7 +90,7 @@ class FileSyncDaemon(Daemon):
                 tg.create_task(watch_renames(self._dirs, functools.partial(self._renamed, scanner)))
                 tg.create_task(self._scan_loop(scanner, manifest))
                 if self._wanted:
-                    tg.create_task(self._pull_loop(tg, scanner, manifest, fetcher))
+                    tg.create_task(self._pull_loop(tg, scanner, manifest, steps))
         finally:
             self._health = Health(HealthState.STOPPED)
             await asyncio.shield(self._client.close())
@@ -124,7 +134,7 @@ class FileSyncDaemon(Daemon):
     # -- pulling from peers ---------------------------------------------------------------------
 
     async def _pull_loop(self, tg: asyncio.TaskGroup, scanner: FileScanner, manifest: FileManifest,
-                         fetcher: FileFetcher) -> None:
+                         steps: Mapping[str, FileStep]) -> None:
         interval = self._ctx.settings.file_poll_interval
         while not self._stopping:
             indexes = await self._poll_indexes()
@@ -135,7 +145,7 @@ class FileSyncDaemon(Daemon):
             for job in jobs:
                 ident = job.entry.ident
                 if ident not in self._in_flight and not self._stopping:
-                    self._in_flight[ident] = tg.create_task(self._fetch(fetcher, job))
+                    self._in_flight[ident] = tg.create_task(self._fetch(steps, job))
             self._update_health(local)
             await asyncio.sleep(interval * random.uniform(1 - _JITTER, 1 + _JITTER))
 
@@ -161,11 +171,11 @@ class FileSyncDaemon(Daemon):
         answers = await asyncio.gather(*(one(p) for p in peers))
         return {p.name: a for p, a in zip(peers, answers, strict=True) if a is not None}
 
-    async def _fetch(self, fetcher: FileFetcher, job: FetchJob) -> None:
+    async def _fetch(self, steps: Mapping[str, FileStep], job: FetchJob) -> None:
         e = job.entry
         try:
-            async with self._slots:
-                if self._stopping or await fetcher.fetch(job):
+            async with self._slots[e.kind]:
+                if self._stopping or await self._through_chain(steps, job):
                     self._stuck.discard(e.ident)
                 elif e.ident not in self._stuck:  # logged when it starts failing, not each round
                     self._stuck.add(e.ident)
@@ -175,6 +185,28 @@ class FileSyncDaemon(Daemon):
             log.warning("fetching %s/%s failed: %s", e.kind.value, e.relpath, bounded(str(exc)))
         finally:
             self._in_flight.pop(e.ident, None)
+
+    async def _through_chain(self, steps: Mapping[str, FileStep], job: FetchJob) -> bool:
+        """The job's chain, step by step, until one publishes the file; each step counted."""
+        e = job.entry
+        for name in self._ctx.settings.transport_chains.for_file(e.kind.value, e.size):
+            step = steps.get(name)
+            if step is None:
+                self._attempted(e.kind, name, Outcome.UNAVAILABLE)
+                continue
+            try:
+                done = await step(job)
+            except (OSError, TransportError, BadInputError):
+                self._attempted(e.kind, name, Outcome.FAILED)
+                raise
+            self._attempted(e.kind, name, Outcome.OK if done else Outcome.NEXT)
+            if done:
+                return True
+        return False
+
+    def _attempted(self, kind: FileKind, transport: str, outcome: Outcome) -> None:
+        self._ctx.metrics.transport_attempts.labels(
+            data_type=kind.value, transport=transport, outcome=outcome.value).inc()
 
     def _update_health(self, local: Mapping[Ident, object]) -> None:
         detail = f"{len(local)} files held, {len(self._in_flight)} fetching"

@@ -6,6 +6,7 @@ import enum
 import fnmatch
 
 from ringsync.inventory import Host, Inventory
+from ringsync.policy.bandwidth import Priority
 from ringsync.policy.router import SyncRouter
 
 
@@ -35,6 +36,20 @@ WRITTEN_IN_PLACE = ("canonical_*",)
 def is_written_in_place(relpath: str) -> bool:
     name = relpath.rsplit("/", 1)[-1]
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in WRITTEN_IN_PLACE)
+
+
+# A promoted model (RINGRIFT_FACTS §5): every selfplay node should play with it within seconds.
+PROMOTED = ("canonical_*", "ringrift_best_*")
+
+
+def file_priority(kind: FileKind, relpath: str) -> Priority:
+    """The bandwidth share a file travels at: a promoted model first, then any model, games
+    (NORMAL, elsewhere), and training data last, so a model never waits behind an NPZ backlog."""
+    if kind is FileKind.TRAINING_DATA:
+        return Priority.LOW
+    name = relpath.rsplit("/", 1)[-1]
+    promoted = any(fnmatch.fnmatchcase(name, pattern) for pattern in PROMOTED)
+    return Priority.CRITICAL if promoted else Priority.HIGH
 
 
 def is_shippable_name(kind: FileKind, name: str) -> bool:

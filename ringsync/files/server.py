@@ -7,47 +7,46 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from ringsync.errors import UnsafePathError
+from ringsync.files.client import NODE_HEADER
 from ringsync.files.hashing import CHUNK
-from ringsync.files.kinds import FileKind
+from ringsync.files.kinds import FileKind, file_priority
 from ringsync.files.layout import FILES_PREFIX, HASH_HEADER, INDEX_PATH, file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.paths import resolve_inside, safe_relpath
 from ringsync.files.plan import IndexEntry
+from ringsync.policy.bandwidth import BandwidthLimiter, Priority
 from ringsync.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class Pacer:
-    """Spaces the chunks this node serves so that all file responses together stay under
-    a rate (RINGRIFT_FILE_SERVE_MBPS); a rate of 0 never waits."""
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """Whom a response is paced for, and at which priority."""
 
-    def __init__(self, bytes_per_second: float) -> None:
-        self._rate = bytes_per_second
-        self._next = 0.0
-
-    async def take(self, nbytes: int) -> None:
-        if self._rate <= 0:
-            return
-        now = asyncio.get_running_loop().time()
-        start = max(now, self._next)
-        self._next = start + nbytes / self._rate
-        if start > now:
-            await asyncio.sleep(start - now)
+    peer: str
+    priority: Priority
 
 
 class FileRoutes:
     """Serves what the file manifest says this node holds, and only while it is unchanged
-    on disk: a file rewritten in place is withheld until it is hashed again."""
+    on disk: a file rewritten in place is withheld until it is hashed again.
 
-    def __init__(self, settings: Settings) -> None:
+    Every response goes through the node's one ``BandwidthLimiter``, the one game pushes use:
+    a file's bytes leave this host here, so this is where they are paced, per requesting peer
+    and in total, at the file's priority (``file_priority``). A response waits for a transfer
+    slot before it starts and for tokens before each chunk; it holds one read chunk at most.
+    """
+
+    def __init__(self, settings: Settings, limiter: BandwidthLimiter) -> None:
         self._settings = settings
         self._dirs = file_dirs(settings)
-        self._pacer = Pacer(settings.file_serve_mbps * 1e6 / 8)
+        self._limiter = limiter
         self._manifest: FileManifest | None = None
 
     async def _open(self, app: web.Application) -> AsyncIterator[None]:
@@ -87,11 +86,21 @@ class FileRoutes:
             relpath = safe_relpath(request.match_info["relpath"])
         except UnsafePathError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
-        fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
-        try:
-            return await self._stream(request, fd, size, digest)
-        finally:
-            os.close(fd)
+        peer, priority = self._peer_of(request), file_priority(kind, relpath)
+        # The slot first: a request waiting for one holds no file descriptor and no buffer.
+        async with self._limiter.transfer(peer, priority):
+            fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
+            try:
+                return await self._stream(request, fd, size, digest, Pace(peer, priority))
+            finally:
+                os.close(fd)
+
+    def _peer_of(self, request: web.Request) -> str:
+        """The bucket a request is paced in: the inventory host its X-Ringsync-Node names (so
+        its bandwidth_mbps applies), else its address: a made-up name never makes a new
+        bucket or metric label of its own."""
+        name = request.headers.get(NODE_HEADER, "")
+        return name if self._settings.inventory.get(name) is not None else str(request.remote)
 
     def _open_held(self, kind: FileKind, relpath: str) -> tuple[int, int, str]:
         rec = self._held().get(kind, relpath)
@@ -109,8 +118,8 @@ class FileRoutes:
                                         "it is offered again once it settles")
         return fd, st.st_size, rec.hash
 
-    async def _stream(self, request: web.Request, fd: int, size: int,
-                      digest: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, fd: int, size: int, digest: str,
+                      pace: Pace) -> web.StreamResponse:
         start = _range_start(request, size)
         response = web.StreamResponse(status=206 if start else 200)
         response.headers.update({
@@ -126,8 +135,8 @@ class FileRoutes:
                 chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, size - position), position)
                 if not chunk:
                     break  # truncated under us: the receiver's length and hash checks catch it
-                await self._pacer.take(len(chunk))
-                await response.write(chunk)
+                async for piece in self._limiter.paced(pace.peer, chunk, pace.priority):
+                    await response.write(piece)
                 position += len(chunk)
             await response.write_eof()
         except ConnectionError:
@@ -157,9 +166,9 @@ def _range_start(request: web.Request, size: int) -> int:
     return int(rng.start)
 
 
-def add_file_routes(app: web.Application, settings: Settings) -> None:
+def add_file_routes(app: web.Application, settings: Settings, limiter: BandwidthLimiter) -> None:
     """Register the file routes on the data server's app (behind its token middleware)."""
-    routes = FileRoutes(settings)
+    routes = FileRoutes(settings, limiter)
     app.cleanup_ctx.append(routes._open)
     app.router.add_get(INDEX_PATH, routes.index)
     app.router.add_get(FILES_PREFIX + "{kind}/{relpath:.+}", routes.serve)

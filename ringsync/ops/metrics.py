@@ -265,6 +265,14 @@ class Metrics:
             ["priority", "reason"], registry=r,
         )
 
+        self.transport_attempts = Counter(
+            "ringsync_transport_attempts_total",
+            "Steps of the fallback chains (RINGRIFT_TRANSPORT_CHAINS) by data type, transport and "
+            "outcome (ok; next: could not do it now, the next transport was tried; failed: a "
+            "final answer for this attempt; unavailable: named but not provided here).",
+            ["data_type", "transport", "outcome"], registry=r,
+        )
+
         # -- models and training data (issue 8 §4); kind is 'models' or 'training_data'
         self.files_picked_up = Counter(
             "ringsync_files_picked_up_total",

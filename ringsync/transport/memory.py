@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ringsync.errors import PeerUnreachableError, RingsyncError, delivery_error
+from ringsync.errors import PeerRejectedError, PeerUnreachableError, RingsyncError, delivery_error
 from ringsync.inventory import Host
 from ringsync.protocol.results import MergeResult
 from ringsync.store.receiver import GameReceiver
@@ -45,8 +45,10 @@ class MemoryTransport:
     async def peer_data_dir_id(self, peer: Host) -> str:
         self.probes += 1
         marker = self.data_dir_ids.get(peer.name)
-        if marker is None or peer.name in self.down:
-            raise PeerUnreachableError(peer.name, "no data dir id (memory transport)")
+        if peer.name in self.down or peer.name not in self.receivers:
+            raise PeerUnreachableError(peer.name, "unreachable (memory transport)")
+        if marker is None:  # as an HTTP peer without the storage route answers: reached, no id
+            raise PeerRejectedError(peer.name, "no data dir id (memory transport)")
         return marker
 
     async def close(self) -> None:

@@ -8,7 +8,9 @@ from typing import TypeVar
 
 from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.inventory import Host
+from ringsync.ops.metrics import Metrics
 from ringsync.policy.bandwidth import BandwidthLimiter
+from ringsync.policy.chains import Outcome
 from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
 from ringsync.transport.base import GameTransport
@@ -16,20 +18,33 @@ from ringsync.transport.http import HttpTransport
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+AttemptCallback = Callable[[str, Outcome], None]  # transport, outcome
 
 
-def build_transport(s: Settings, *, limiter: BandwidthLimiter | None = None) -> GameTransport:
-    """Plain HTTP unless some peer may be reached over SSH; then an ordered fallback chain.
-    Every one sends through ``limiter`` (the node's bandwidth limits)."""
-    orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
+def build_transport(s: Settings, *, limiter: BandwidthLimiter | None = None,
+                    on_attempt: AttemptCallback | None = None) -> GameTransport:
+    """The games chain (RINGRIFT_TRANSPORT_CHAINS games=, or RINGRIFT_TRANSPORT_ORDER), with
+    SSH built only where some peer may be reached over it. Every transport sends through
+    ``limiter`` (the node's bandwidth limits); ``on_attempt`` hears each step's outcome."""
+    order = s.transport_chains.for_games()
+    orders = {h.transport or order for h in s.inventory.hosts.values()}
     http = HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout, limiter=limiter)
-    if all(order == ("http",) for order in orders | {s.transport_order}):
-        return http
+    if all(o == ("http",) for o in orders | {order}):
+        return http if on_attempt is None else TransportChain({"http": http}, order,
+                                                              on_attempt=on_attempt)
     from ringsync.transport.ssh import SshOptions, SshTransport  # asyncssh only where it is used
 
     ssh = SshTransport(s.node_id, s.auth_token, SshOptions.from_settings(s),
                        read_timeout=s.push_timeout, limiter=limiter)
-    return TransportChain({"http": http, "ssh": ssh}, s.transport_order)
+    return TransportChain({"http": http, "ssh": ssh}, order, on_attempt=on_attempt)
+
+
+def count_attempts(metrics: Metrics, data_type: str) -> AttemptCallback:
+    """An ``on_attempt`` that counts into ringsync_transport_attempts_total."""
+    def counted(transport: str, outcome: Outcome) -> None:
+        metrics.transport_attempts.labels(data_type=data_type, transport=transport,
+                                          outcome=outcome.value).inc()
+    return counted
 
 
 class TransportChain:
@@ -41,11 +56,13 @@ class TransportChain:
     peer reachable only over SSH does not pay an HTTP timeout on every push.
     """
 
-    name = "chain"
-
-    def __init__(self, transports: dict[str, GameTransport], default_order: tuple[str, ...]) -> None:
+    def __init__(self, transports: dict[str, GameTransport], default_order: tuple[str, ...], *,
+                 on_attempt: AttemptCallback | None = None) -> None:
         self._transports = transports
         self._default = default_order
+        self._on_attempt = on_attempt
+        # Breakers and their metric are per (peer, transport): HTTP alone keeps its own name.
+        self.name = "http" if set(transports) == {"http"} else "chain"
         self._working: dict[str, str] = {}  # peer -> the transport that last reached it
 
     def order(self, peer: Host) -> list[str]:
@@ -71,16 +88,31 @@ class TransportChain:
     async def _first(self, peer: Host, call: Callable[[GameTransport], Awaitable[_T]]) -> _T:
         failures: list[tuple[str, TransportError]] = []
         for name in self.order(peer):
+            transport = self._transports.get(name)
+            if transport is None:  # named in a host's transport field, not built here
+                self._attempted(name, Outcome.UNAVAILABLE)
+                continue
             try:
-                result = await call(self._transports[name])
+                result = await call(transport)
             except PeerUnreachableError as exc:
+                self._attempted(name, Outcome.NEXT)
                 failures.append((name, exc))
                 continue
+            except TransportError:
+                self._attempted(name, Outcome.FAILED)
+                raise
+            self._attempted(name, Outcome.OK)
             if self._working.get(peer.name) != name:
                 log.info("%s is reached over %s", peer.name, name)
                 self._working[peer.name] = name
             return result
+        if not failures:
+            raise PeerUnreachableError(peer.name, "no transport of its chain is available here")
         if len(failures) == 1:
             raise failures[0][1]  # as the one transport typed it
         raise PeerUnreachableError(peer.name, "; ".join(f"{n}: {e.reason}" for n, e in failures)) \
             from failures[-1][1]
+
+    def _attempted(self, name: str, outcome: Outcome) -> None:
+        if self._on_attempt is not None:
+            self._on_attempt(name, outcome)

@@ -270,7 +270,7 @@ def test_a_receiver_killed_mid_download_resumes_where_its_journal_says(
     size = 300 * MIB
     model = models(cluster, "train-1") / "candidate_hexagonal_4p.pth"
     expected = old_file(model, size)
-    cluster.nodes["train-1"].extra_env["RINGRIFT_FILE_SERVE_MBPS"] = "480"  # 60 MB/s: ~5 s
+    cluster.nodes["train-1"].extra_env["RINGRIFT_BANDWIDTH_LIMIT_MBPS"] = "480"  # 60 MB/s: ~5 s
     start(cluster, "train-1", "selfplay-1")
     wait_until(lambda: journal_done(cluster, "selfplay-1") >= 160 * MIB, 30, "half downloaded")
     cluster.kill("selfplay-1")
@@ -328,7 +328,7 @@ def test_sigterm_mid_download_stops_promptly_and_the_restart_resumes(
     cluster = make_cluster([("train-1", "gpu_training_primary"), ("train-2", "nn_training_primary")])
     npz = training(cluster, "train-1") / "hexagonal_4p.npz"
     expected = old_file(npz, 120 * MIB)
-    cluster.nodes["train-1"].extra_env["RINGRIFT_FILE_SERVE_MBPS"] = "240"  # 30 MB/s: ~4 s
+    cluster.nodes["train-1"].extra_env["RINGRIFT_BANDWIDTH_LIMIT_MBPS"] = "240"  # 30 MB/s: ~4 s
     start(cluster, "train-1", "train-2")
     wait_until(lambda: journal_done(cluster, "train-2") >= 32 * MIB, 30, "a quarter downloaded")
     began = time.monotonic()

@@ -26,7 +26,7 @@ BREAKER = BreakerConfig(failure_threshold=3, recovery_s=30.0, recovery_max_s=120
 
 
 class CountingTransport(MemoryTransport):
-    """The in-memory transport, counting the pushes tried per peer."""
+    """The in-memory transport, counting the requests (pushes, data dir probes) tried per peer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,6 +36,10 @@ class CountingTransport(MemoryTransport):
                          data_dir_id: str | None = None) -> MergeResult:
         self.tried[peer.name] += 1
         return await super().push_games(peer, payload, digest, data_dir_id=data_dir_id)
+
+    async def peer_data_dir_id(self, peer: Host) -> str:
+        self.tried[peer.name] += 1
+        return await super().peer_data_dir_id(peer)
 
 
 def circuit(ctx: NodeContext, peer: str) -> float | None:

@@ -20,23 +20,24 @@ def test_defaults_live_in_the_data_dir(tmp_path: Path) -> None:
     assert file_dirs(s) == {FileKind.MODELS: tmp_path / "data" / "models",
                             FileKind.TRAINING_DATA: tmp_path / "data" / "training"}
     assert manifest_path(s) == tmp_path / "data" / ".ringsync" / "n1" / "files.db"
-    assert (s.file_settle_time, s.file_poll_interval, s.file_serve_mbps) == (5.0, 10.0, 0.0)
+    assert (s.file_settle_time, s.file_poll_interval) == (5.0, 10.0)
 
 
 def test_ringrift_layout_models_beside_data(tmp_path: Path) -> None:
     s = load_settings({**BASE, "RINGRIFT_DATA_DIR": "ai-service/data",
                        "RINGRIFT_MODELS_DIR": "ai-service/models", "RINGRIFT_FILE_SETTLE_TIME": "2",
-                       "RINGRIFT_FILE_POLL_INTERVAL": "0.5", "RINGRIFT_FILE_SERVE_MBPS": "800"},
+                       "RINGRIFT_FILE_POLL_INTERVAL": "0.5"},
                       cwd=tmp_path)
     assert s.models_dir == tmp_path / "ai-service" / "models"
     assert s.training_dir == tmp_path / "ai-service" / "data" / "training"
-    assert (s.file_settle_time, s.file_poll_interval, s.file_serve_mbps) == (2.0, 0.5, 800.0)
+    assert (s.file_settle_time, s.file_poll_interval) == (2.0, 0.5)
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("RINGRIFT_FILE_SETTLE_TIME", "0", "RINGRIFT_FILE_SETTLE_TIME = '0' is out of range"),
     ("RINGRIFT_FILE_POLL_INTERVAL", "soon", "RINGRIFT_FILE_POLL_INTERVAL = 'soon' is not a number"),
-    ("RINGRIFT_FILE_SERVE_MBPS", "-1", "RINGRIFT_FILE_SERVE_MBPS = '-1' is out of range"),
+    ("RINGRIFT_FILE_SERVE_MBPS", "800", "RINGRIFT_FILE_SERVE_MBPS is no longer read: .* set "
+                                        "RINGRIFT_BANDWIDTH_LIMIT_MBPS"),
     ("RINGRIFT_MODELS_DIR", "afile", "RINGRIFT_MODELS_DIR = 'afile' is not a directory"),
 ])
 def test_bad_values_name_the_variable_and_the_fix(tmp_path: Path, name: str, value: str,

@@ -31,7 +31,7 @@ from ringsync.policy.shared_storage import Siblings
 from ringsync.settings import Settings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.select import build_transport
+from ringsync.transport.select import build_transport, count_attempts
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class AutoSyncDaemon(Daemon):
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or build_transport(s, limiter=ctx.bandwidth)
+        self._transport = transport or build_transport(
+            s, limiter=ctx.bandwidth, on_attempt=count_attempts(ctx.metrics, "games"))
         self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
                                       retry_max=max(1.0, min(60.0, s.sync_interval)),
                                       breaker=breaker or breaker_config(s), clock=clock)
@@ -181,7 +182,10 @@ class AutoSyncDaemon(Daemon):
                 await self._sources.discover(force=trigger.rescans)
             targets = self._choose_targets()
             self._batches.new_cycle()
-            siblings = await self._sharing.siblings(targets)
+            siblings, unreachable = await self._sharing.siblings(targets)
+            for name, exc in unreachable.items():  # its delivery would fail the same way
+                self._report(name, self._policy.failed(name, exc), exc)
+            targets = [t for t in targets if t.name not in unreachable]
             async with asyncio.TaskGroup() as tg:
                 for target in targets:
                     tg.create_task(self._deliver(target, siblings.get(target.name)))

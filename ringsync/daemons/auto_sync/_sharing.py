@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ringsync.errors import TransportError
+from ringsync.errors import TransientError, TransportError
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.policy.shared_storage import (
@@ -76,16 +76,8 @@ class StorageSharing:
 
     async def shares(self, target: Host) -> bool:
         """Whether ``target`` uses our data dir; its marker is asked for when unknown or old."""
-        shared = self._ctx.shared
-        if shared.needs_probe(target.name, time.monotonic()):
-            try:
-                marker = await self._transport.peer_data_dir_id(target)
-            except TransportError as exc:  # unknown: send (the receiver de-duplicates)
-                log.debug("cannot learn %s's data dir id: %s", target.name, exc)
-                shared.forget(target.name)
-                return False
-            shared.learned(target.name, marker, time.monotonic())
-        sharing = shared.shares(target.name, time.monotonic())
+        await self._probe(target)
+        sharing = self._ctx.shared.shares(target.name, time.monotonic())
         if sharing:
             self._note_sharing(target.name)
         elif target.name in self._sharing:
@@ -93,15 +85,35 @@ class StorageSharing:
             log.info("%s no longer uses this node's data dir: games are sent to it again", target.name)
         return sharing
 
-    async def siblings(self, targets: Sequence[Host]) -> dict[str, Siblings]:
-        """Targets that use one data dir with another target (not ours), by target name.
+    async def _probe(self, target: Host) -> TransientError | None:
+        """Ask ``target`` for its marker when unknown or old; the error when it is unreachable."""
+        shared = self._ctx.shared
+        if not shared.needs_probe(target.name, time.monotonic()):
+            return None
+        try:
+            marker = await self._transport.peer_data_dir_id(target)
+        except TransportError as exc:  # unknown: send (the receiver de-duplicates)
+            log.debug("cannot learn %s's data dir id: %s", target.name, exc)
+            shared.forget(target.name)
+            return exc if isinstance(exc, TransientError) else None
+        shared.learned(target.name, marker, time.monotonic())
+        return None
 
-        Probes every target's marker first, so the decision is made once per cycle, before
-        any delivery starts. A target whose push failed has no known marker until it
+    async def siblings(self, targets: Sequence[Host]) -> tuple[dict[str, Siblings],
+                                                                dict[str, TransientError]]:
+        """Targets that use one data dir with another target (not ours), by target name; and
+        the targets the probe found unreachable, with why.
+
+        Probes every target's marker first, at once, so the decision is made once per cycle,
+        before any delivery starts, and a cut-off target costs the cycle one connect timeout,
+        not one per target. A target whose push failed has no known marker until it
         answers again, so its siblings are sent to meanwhile.
         """
+        errors = await asyncio.gather(*(self._probe(t) for t in targets))
+        unreachable = {t.name: e for t, e in zip(targets, errors, strict=True) if e is not None}
         for target in targets:
-            await self.shares(target)
+            if target.name not in unreachable:
+                await self.shares(target)  # the marker is fresh now: no second request
         now = time.monotonic()
         markers = {t.name: self._ctx.shared.marker_of(t.name, now) for t in targets
                    if t.name not in self._sharing}
@@ -112,7 +124,7 @@ class StorageSharing:
                             "held by both (one copy on that storage)", name, group.pusher,
                             group.pusher)
         self._siblings = groups
-        return groups
+        return groups, unreachable
 
     async def held_with(self, target: str, others: Sequence[str]) -> None:
         """Games the other targets on ``target``'s data dir acknowledged are held by it too."""

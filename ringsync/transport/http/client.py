@@ -47,7 +47,9 @@ class HttpTransport:
         self._node_id = node_id
         self._limiter = limiter or BandwidthLimiter()  # default: no rate limit
         self._token = token
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
+        # A black-holed peer (link down) is noticed within the push timeout, not 10 s later.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout,
+                                              sock_connect=min(10.0, read_timeout))
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:

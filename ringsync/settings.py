@@ -183,6 +183,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "indexes for models and training data this node lacks (> 0)"),
     EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
            "training files at, over all peers (0: unlimited)"),
+    EnvVar("RINGRIFT_ARIA2_MIN_MB", "64", "Files of at least this many MB held by two or more "
+           "peers are fetched from all of them at once with aria2c, when it is installed (> 0)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -240,6 +242,7 @@ class Settings:
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
     file_serve_mbps: float = 0.0
+    aria2_min_mb: float = 64.0
 
     @property
     def state_root(self) -> Path:
@@ -362,6 +365,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
         file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
+        aria2_min_mb=env.number("RINGRIFT_ARIA2_MIN_MB", 64.0),
     )
 
 

@@ -22,6 +22,7 @@ from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
+from ringsync.transport.aria2 import Aria2Transport
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class FileSyncDaemon(Daemon):
         self._wanted = self._routing.kinds_wanted_here()
         self._client = FileClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
+        self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
+                                     self._exclusions, min_bytes=int(s.aria2_min_mb * 1e6))
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         self._failing_peers: set[str] = set()
@@ -69,7 +72,7 @@ class FileSyncDaemon(Daemon):
             s = self._ctx.settings
             scanner = FileScanner(self._dirs, manifest, s.file_settle_time)
             fetcher = FileFetcher(self._dirs, manifest, self._client, self._ctx.metrics,
-                                  s.inventory.get, self._exclusions)
+                                  s.inventory.get, self._exclusions, self._aria2)
             log.info("file sync: models in %s, training data in %s; fetching %s", s.models_dir,
                      s.training_dir, ", ".join(sorted(k.value for k in self._wanted)) or "nothing")
             self._health = Health(HealthState.HEALTHY)
@@ -84,6 +87,7 @@ class FileSyncDaemon(Daemon):
         finally:
             self._health = Health(HealthState.STOPPED)
             await asyncio.shield(self._client.close())
+            await asyncio.shield(self._aria2.close())
             await asyncio.shield(asyncio.to_thread(manifest.close))
 
     async def drain(self) -> None:

@@ -8,9 +8,10 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from blake3 import blake3
 
@@ -73,10 +74,22 @@ class _Part:
             os.close(self.fd)
 
 
+class MultiSource(Protocol):
+    """A fetch from several sources at once (the Aria2Transport), for large files."""
+
+    def wants(self, e: IndexEntry, sources: Sequence[Source]) -> bool: ...
+
+    async def fetch_into(self, e: IndexEntry, sources: Sequence[Source], part: Path) -> bool | None:
+        """True: ``part`` holds the verified content; False: not now (resumable); None: use
+        the single-source path (``part`` removed)."""
+        ...
+
+
 class FileFetcher:
     def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: FileClient,
                  metrics: Metrics, hosts: Callable[[str], Host | None],
-                 exclusions: Exclusions) -> None:
+                 exclusions: Exclusions, multi: MultiSource | None = None) -> None:
+        self._multi = multi
         self._dirs = dict(dirs)
         self._manifest = manifest
         self._client = client
@@ -100,6 +113,10 @@ class FileFetcher:
             return True
         if await asyncio.to_thread(self._deduplicated, e, final):
             return True
+        if self._multi is not None and self._multi.wants(e, job.sources):
+            multi = await self._fetch_multi(self._multi, job, final)
+            if multi is not None:
+                return multi
         part = await asyncio.to_thread(self._open_part, e, final)
         try:
             done = await self._download(job, part, final)
@@ -158,6 +175,19 @@ class FileFetcher:
         self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
         log.info("published %s/%s (%d bytes, %s)", e.kind.value, e.relpath, e.size, how)
 
+    async def _fetch_multi(self, multi: MultiSource, job: FetchJob, final: Path) -> bool | None:
+        e = job.entry
+        part = final.with_name(part_name(final.name))
+        # Journalled at 0 bytes: the part is the multi-source fetcher's (it resumes from its
+        # own control file); the single-source path never trusts its bytes.
+        await asyncio.to_thread(self._manifest.save_transfer, Transfer(
+            e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, "multi-source"))
+        done = await multi.fetch_into(e, job.sources, part)
+        if done:
+            await asyncio.to_thread(self._publish, e, part, final, e.mtime_ns,
+                                    f"fetched from {len(job.sources)} sources at once")
+        return done
+
     # -- the download ----------------------------------------------------------------------------
 
     def _open_part(self, e: IndexEntry, final: Path) -> _Part:
@@ -192,6 +222,7 @@ class FileFetcher:
             host = self._hosts(source.peer)
             if host is None:
                 continue
+            started = part.written
             try:
                 await self._from(host, source, e, part)
             except TransportError as exc:
@@ -202,6 +233,9 @@ class FileFetcher:
             except CorruptDataError as exc:
                 await part.io(self._reject, e, part, exc)
                 continue
+            finally:
+                self._metrics.file_source_bytes.labels(peer=source.peer, transport="http").inc(
+                    max(0, part.written - started))
             if part.written == e.size:
                 if part.hasher.hexdigest() == e.hash:
                     await asyncio.to_thread(self._publish, e, part.path, final, e.mtime_ns,
@@ -266,6 +300,8 @@ class FileFetcher:
                     ", ".join(sorted(part.sources)) or "unknown", exc,
                     "; not asking it for this content again" if blamed else "")
         self._exclusions.add(e.hash, set(blamed))
+        for peer in blamed:
+            self._metrics.file_source_exclusions.labels(peer=peer).inc()
         self._restart(part)
         self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, ""))
 

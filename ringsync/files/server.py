@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ringsync.errors import UnsafePathError
+from ringsync.files.client import NODE_HEADER
 from ringsync.files.hashing import CHUNK
 from ringsync.files.kinds import FileKind
 from ringsync.files.layout import FILES_PREFIX, HASH_HEADER, INDEX_PATH, file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.paths import resolve_inside, safe_relpath
 from ringsync.files.plan import IndexEntry
+from ringsync.files.server_pieces import add_piece_routes
+from ringsync.ops.metrics import Metrics
 from ringsync.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,9 @@ class FileRoutes:
     """Serves what the file manifest says this node holds, and only while it is unchanged
     on disk: a file rewritten in place is withheld until it is hashed again."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._dirs = file_dirs(settings)
         self._pacer = Pacer(settings.file_serve_mbps * 1e6 / 8)
         self._manifest: FileManifest | None = None
@@ -111,19 +115,20 @@ class FileRoutes:
 
     async def _stream(self, request: web.Request, fd: int, size: int,
                       digest: str) -> web.StreamResponse:
-        start = _range_start(request, size)
-        response = web.StreamResponse(status=206 if start else 200)
+        start, stop = _range(request, size)
+        partial = start > 0 or stop < size
+        response = web.StreamResponse(status=206 if partial else 200)
         response.headers.update({
             HASH_HEADER: digest, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-            "Content-Length": str(size - start),
+            "Content-Length": str(stop - start),
         })
-        if start:
-            response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        if partial:
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         await response.prepare(request)
         position = start
         try:
-            while position < size:
-                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, size - position), position)
+            while position < stop:
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, stop - position), position)
                 if not chunk:
                     break  # truncated under us: the receiver's length and hash checks catch it
                 await self._pacer.take(len(chunk))
@@ -134,33 +139,43 @@ class FileRoutes:
             # The peer went away (stopped, killed): it resumes from its journal later.
             log.info("%s stopped reading %s at %d of %d bytes", request.remote,
                      request.match_info["relpath"], position, size)
+        finally:
+            if self._metrics is not None and position > start:
+                asker = request.headers.get(NODE_HEADER, "")
+                if asker not in self._settings.inventory.hosts:
+                    asker = "other"  # a label per unknown name would let a peer grow the metric
+                self._metrics.file_bytes_served.labels(peer=asker).inc(position - start)
         return response
 
 
-def _range_start(request: web.Request, size: int) -> int:
-    """The first byte asked for: only 'bytes=N-' (and 'bytes=N-<last>') is supported."""
+def _range(request: web.Request, size: int) -> tuple[int, int]:
+    """The bytes [start, stop) asked for: one range 'bytes=N-' or 'bytes=N-M' (a multi-source
+    downloader such as aria2 asks each source for a segment)."""
     header = request.headers.get("Range")
     if header is None:
-        return 0
+        return 0, size
     try:
         rng = request.http_range
     except ValueError:
         rng = None
     if rng is None or rng.start is None or rng.start < 0 or rng.step not in (None, 1) or (
-            rng.stop is not None and rng.stop < size):
+            rng.stop is not None and rng.stop <= rng.start):
         raise web.HTTPRequestRangeNotSatisfiable(
-            text="only 'Range: bytes=<start>-' is supported", headers={"Content-Range": f"bytes */{size}"})
+            text="only one 'Range: bytes=<start>-[<last>]' is supported",
+            headers={"Content-Range": f"bytes */{size}"})
     if rng.start >= size:
         raise web.HTTPRequestRangeNotSatisfiable(
             text=f"range starts at or beyond the end ({size} bytes)",
             headers={"Content-Range": f"bytes */{size}"})
-    return int(rng.start)
+    stop = size if rng.stop is None else min(int(rng.stop), size)
+    return int(rng.start), stop
 
 
-def add_file_routes(app: web.Application, settings: Settings) -> None:
+def add_file_routes(app: web.Application, settings: Settings, metrics: Metrics | None = None) -> None:
     """Register the file routes on the data server's app (behind its token middleware)."""
-    routes = FileRoutes(settings)
+    routes = FileRoutes(settings, metrics)
     app.cleanup_ctx.append(routes._open)
+    add_piece_routes(app, routes._open_held)
     app.router.add_get(INDEX_PATH, routes.index)
     app.router.add_get(FILES_PREFIX + "{kind}/{relpath:.+}", routes.serve)
 

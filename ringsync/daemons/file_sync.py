@@ -17,6 +17,7 @@ from ringsync.files.kinds import FileKind, FileRouting
 from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import FetchJob, Ident, IndexEntry, plan_fetches
+from ringsync.files.relay import Relay, RelayClient, with_relays
 from ringsync.files.scanner import FileScanner, ScanResult
 from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
@@ -52,6 +53,7 @@ class FileSyncDaemon(Daemon):
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
         self._client = FileClient(s.node_id, s.auth_token)
+        self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
                                      self._exclusions, min_bytes=int(s.aria2_min_mb * 1e6))
@@ -88,6 +90,7 @@ class FileSyncDaemon(Daemon):
             self._health = Health(HealthState.STOPPED)
             await asyncio.shield(self._client.close())
             await asyncio.shield(self._aria2.close())
+            await asyncio.shield(self._relay_client.close())
             await asyncio.shield(asyncio.to_thread(manifest.close))
 
     async def drain(self) -> None:
@@ -136,6 +139,8 @@ class FileSyncDaemon(Daemon):
             gone = await asyncio.to_thread(manifest.gone)
             jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
                                 self._exclusions.by_hash, gone)
+            if any(ident not in self._in_flight for ident in (j.entry.ident for j in jobs)):
+                jobs = with_relays(jobs, await self._poll_relays(), self._exclusions.by_hash)
             for job in jobs:
                 ident = job.entry.ident
                 if ident not in self._in_flight and not self._stopping:
@@ -164,6 +169,12 @@ class FileSyncDaemon(Daemon):
 
         answers = await asyncio.gather(*(one(p) for p in peers))
         return {p.name: a for p, a in zip(peers, answers, strict=True) if a is not None}
+
+    async def _poll_relays(self) -> dict[str, list[Relay]]:
+        """Peers' downloads in progress: sources for receivers the holders turn away."""
+        peers = self._routing.peers()
+        answers = await asyncio.gather(*(self._relay_client.relays(p) for p in peers))
+        return {p.name: a for p, a in zip(peers, answers, strict=True) if a}
 
     async def _fetch(self, fetcher: FileFetcher, job: FetchJob) -> None:
         e = job.entry

@@ -29,6 +29,7 @@ from ringsync.files.publish import (
     publish_symlink,
     record_for,
 )
+from ringsync.files.relay import MULTI_SOURCE, streaming_into
 from ringsync.inventory import Host
 from ringsync.ops.metrics import Metrics
 
@@ -181,7 +182,7 @@ class FileFetcher:
         # Journalled at 0 bytes: the part is the multi-source fetcher's (it resumes from its
         # own control file); the single-source path never trusts its bytes.
         await asyncio.to_thread(self._manifest.save_transfer, Transfer(
-            e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, "multi-source"))
+            e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, MULTI_SOURCE))
         done = await multi.fetch_into(e, job.sources, part)
         if done:
             await asyncio.to_thread(self._publish, e, part, final, e.mtime_ns,
@@ -214,9 +215,10 @@ class FileFetcher:
 
     async def _download(self, job: FetchJob, part: _Part, final: Path) -> bool:
         e = job.entry
-        sources = list(job.sources)
+        sources, relays = list(job.sources), list(job.relays)
         random.shuffle(sources)  # spread the load over every holder
-        for source in sources:
+        random.shuffle(relays)
+        for source in sources + relays:  # relays when the holders are busy
             if source.peer in self._exclusions.by_hash.get(e.hash, set()):
                 continue
             host = self._hosts(source.peer)
@@ -224,7 +226,8 @@ class FileFetcher:
                 continue
             started = part.written
             try:
-                await self._from(host, source, e, part)
+                with streaming_into(part.path):
+                    await self._from(host, source, e, part)
             except TransportError as exc:
                 log.warning("fetching %s/%s from %s stopped at %d of %d bytes: %s", e.kind.value,
                             e.relpath, source.peer, part.written, e.size, exc)

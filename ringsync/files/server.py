@@ -18,6 +18,7 @@ from ringsync.files.layout import FILES_PREFIX, HASH_HEADER, INDEX_PATH, file_di
 from ringsync.files.manifest import FileManifest
 from ringsync.files.paths import resolve_inside, safe_relpath
 from ringsync.files.plan import IndexEntry
+from ringsync.files.relay import Ready, RelayRoutes, add_relay_routes
 from ringsync.files.server_pieces import add_piece_routes
 from ringsync.ops.metrics import Metrics
 from ringsync.settings import Settings
@@ -53,6 +54,8 @@ class FileRoutes:
         self._dirs = file_dirs(settings)
         self._pacer = Pacer(settings.file_serve_mbps * 1e6 / 8)
         self._manifest: FileManifest | None = None
+        self._relay = RelayRoutes(self._dirs, self._held)
+        self._streams: dict[str, int] = {}  # content hash -> whole-file answers streaming now
 
     async def _open(self, app: web.Application) -> AsyncIterator[None]:
         self._manifest = await asyncio.to_thread(FileManifest, manifest_path(self._settings))
@@ -91,9 +94,16 @@ class FileRoutes:
             relpath = safe_relpath(request.match_info["relpath"])
         except UnsafePathError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
-        fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
+        ready: Ready | None = None
         try:
-            return await self._stream(request, fd, size, digest)
+            fd, size, digest = await asyncio.to_thread(self._open_held, kind, relpath)
+        except web.HTTPNotFound:
+            partial = await asyncio.to_thread(self._relay.open_partial, kind, relpath)
+            if partial is None:
+                raise
+            fd, size, digest, ready = partial  # still downloading here: relay what is held
+        try:
+            return await self._stream(request, fd, size, digest, ready)
         finally:
             os.close(fd)
 
@@ -113,9 +123,28 @@ class FileRoutes:
                                         "it is offered again once it settles")
         return fd, st.st_size, rec.hash
 
-    async def _stream(self, request: web.Request, fd: int, size: int,
-                      digest: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, fd: int, size: int, digest: str,
+                      ready: Ready | None) -> web.StreamResponse:
         start, stop = _range(request, size)
+        # Whole-file streams are limited per content: the peers turned away fetch it from
+        # those still downloading it (relays). Segments (aria2, piece repairs) are not.
+        whole = stop == size
+        if whole and self._streams.get(digest, 0) >= self._settings.file_upload_slots:
+            raise web.HTTPServiceUnavailable(
+                text="streaming this content to as many peers as allowed; fetch it from a relay",
+                headers={"Retry-After": "1"})
+        if whole:
+            self._streams[digest] = self._streams.get(digest, 0) + 1
+        try:
+            return await self._send(request, fd, size, digest, ready, start, stop)
+        finally:
+            if whole:
+                self._streams[digest] -= 1
+                if not self._streams[digest]:
+                    del self._streams[digest]
+
+    async def _send(self, request: web.Request, fd: int, size: int, digest: str,
+                    ready: Ready | None, start: int, stop: int) -> web.StreamResponse:
         partial = start > 0 or stop < size
         response = web.StreamResponse(status=206 if partial else 200)
         response.headers.update({
@@ -126,9 +155,15 @@ class FileRoutes:
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         await response.prepare(request)
         position = start
+        upto = stop if ready is None else start  # a relay sends what its download holds
         try:
             while position < stop:
-                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, stop - position), position)
+                if position >= upto and ready is not None:
+                    held = await ready(position)
+                    if held is None:
+                        break  # the download here was given up: the receiver sees a short answer
+                    upto = min(stop, held)
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, upto - position), position)
                 if not chunk:
                     break  # truncated under us: the receiver's length and hash checks catch it
                 await self._pacer.take(len(chunk))
@@ -176,6 +211,7 @@ def add_file_routes(app: web.Application, settings: Settings, metrics: Metrics |
     routes = FileRoutes(settings, metrics)
     app.cleanup_ctx.append(routes._open)
     add_piece_routes(app, routes._open_held)
+    add_relay_routes(app, routes._relay)
     app.router.add_get(INDEX_PATH, routes.index)
     app.router.add_get(FILES_PREFIX + "{kind}/{relpath:.+}", routes.serve)
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 FETCHES_IN_FLIGHT = 4
 INDEX_POLLS_IN_FLIGHT = 16
 _JITTER = 0.1
+# A fetch every source turned away (busy: it streams to as many peers as it may) is tried
+# again this soon, with jitter, a bounded number of times: relays appear within a second.
+QUICK_RETRY_SECONDS = 0.3
+QUICK_RETRIES = 30
 
 
 class FileSyncDaemon(Daemon):
@@ -61,6 +65,8 @@ class FileSyncDaemon(Daemon):
         self._slots = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         self._failing_peers: set[str] = set()
         self._stuck: set[Ident] = set()  # files no source could serve last time
+        self._quick: dict[Ident, int] = {}  # quick retries spent per file
+        self._retry = asyncio.Event()  # a fetch failed: poll again soon
         self._stopping = False
         self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
@@ -146,7 +152,11 @@ class FileSyncDaemon(Daemon):
                 if ident not in self._in_flight and not self._stopping:
                     self._in_flight[ident] = tg.create_task(self._fetch(fetcher, job))
             self._update_health(local)
-            await asyncio.sleep(interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval * random.uniform(1 - _JITTER, 1 + _JITTER)):
+                    await self._retry.wait()
+                    await asyncio.sleep(QUICK_RETRY_SECONDS * random.uniform(0.5, 1.5))
+            self._retry.clear()
 
     async def _poll_indexes(self) -> dict[str, list[IndexEntry]]:
         limit = asyncio.Semaphore(INDEX_POLLS_IN_FLIGHT)
@@ -182,7 +192,12 @@ class FileSyncDaemon(Daemon):
             async with self._slots:
                 if self._stopping or await fetcher.fetch(job):
                     self._stuck.discard(e.ident)
-                elif e.ident not in self._stuck:  # logged when it starts failing, not each round
+                    self._quick.pop(e.ident, None)
+                    return
+                if self._quick.get(e.ident, 0) < QUICK_RETRIES:
+                    self._quick[e.ident] = self._quick.get(e.ident, 0) + 1
+                    self._retry.set()
+                if e.ident not in self._stuck:  # logged when it starts failing, not each round
                     self._stuck.add(e.ident)
                     log.info("%s/%s not fetched: no source could serve it now; retrying every "
                              "poll", e.kind.value, e.relpath)

@@ -226,7 +226,7 @@ class FileFetcher:
                 continue
             started = part.written
             try:
-                with streaming_into(part.path):
+                with streaming_into(part.path, lambda: part.written):
                     await self._from(host, source, e, part)
             except TransportError as exc:
                 log.warning("fetching %s/%s from %s stopped at %d of %d bytes: %s", e.kind.value,

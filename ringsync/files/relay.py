@@ -37,25 +37,26 @@ from ringsync.inventory import Host
 
 RELAYS_PATH = "/v1/relays"
 MULTI_SOURCE = "multi-source"  # journal source of an aria2 fetch: written out of order, not relayed
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.05
 IDLE_SECONDS = 10.0  # a relay whose own download stalls this long ends the answer
 MAX_RELAYS = 10_000
 MAX_LIST_BYTES = 4 * 1024 * 1024
 
 Ready = Callable[[int], Awaitable[int | None]]
 
-# Part files a download of this process is streaming into right now (path -> streams).
-_active: dict[Path, int] = {}
+# Part files a download of this process is streaming into right now, and how many bytes
+# each holds (written, not yet journalled: relayed bytes are checked by their receiver).
+_active: dict[Path, Callable[[], int]] = {}
 
 
 @contextlib.contextmanager
-def streaming_into(part: Path) -> Iterator[None]:
-    _active[part] = _active.get(part, 0) + 1
+def streaming_into(part: Path, written: Callable[[], int]) -> Iterator[None]:
+    """Mark ``part`` as being downloaded into by this process (one download per part)."""
+    _active[part] = written
     try:
         yield
     finally:
-        _active[part] -= 1
-        if not _active[part]:
+        if _active.get(part) is written:
             del _active[part]
 
 
@@ -118,11 +119,13 @@ class RelayRoutes:
                 if t is None or t.hash != digest:
                     rec = await asyncio.to_thread(self._held().get, kind, relpath)
                     return size if rec is not None and rec.hash == digest else None
-                if t.done < position:
-                    return None
-                if t.done > position:
-                    return t.done
-                idle = 0.0 if part in _active else idle + POLL_SECONDS
+                progress = _active.get(part)
+                held = t.done if progress is None else max(t.done, progress())
+                if held < position:
+                    return None  # started over
+                if held > position:
+                    return held
+                idle = 0.0 if progress is not None else idle + POLL_SECONDS
                 if idle > IDLE_SECONDS:
                     return None
                 await asyncio.sleep(POLL_SECONDS)

@@ -21,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import emit_result, print_table
+from _common import cpu_seconds, emit_result, print_table
 
 from ringsync.files.hashing import hash_file
 
@@ -38,8 +39,9 @@ STATIC_PORT = 8899
 DEADLINE = 600.0
 
 
-def fan_out(lab: Any, root: Path, model: Path, n: int, env: dict[str, str]) -> float:
-    """Seconds from the rename at the training host until N selfplay nodes published it."""
+def fan_out(lab: Any, root: Path, model: Path, n: int, env: dict[str, str],
+            logs: Path | None) -> Spread:
+    """From the rename at the training host until N selfplay nodes published it."""
     train, receivers = lab.hosts[0], lab.hosts[1:n + 1]
     nodes: list[tuple[str, str, Any]] = [("train-1", "gpu_training_primary", train)]
     nodes += [(f"selfplay-{i + 1}", "gpu_selfplay", h) for i, h in enumerate(receivers)]
@@ -55,18 +57,33 @@ def fan_out(lab: Any, root: Path, model: Path, n: int, env: dict[str, str]) -> f
         finals = [cluster.nodes[f"selfplay-{i + 1}"].data_dir / "models" / NAME for i in range(n)]
         started = time.monotonic()
         os.rename(src / "canonical_hex8_2p.tmp", src / NAME)
-        while not all(f.is_file() for f in finals):
+        arrivals: dict[Path, float] = {}
+        while len(arrivals) < n:
+            for f in finals:
+                if f not in arrivals and f.is_file():
+                    arrivals[f] = time.monotonic() - started
             if time.monotonic() - started > DEADLINE:
                 raise RuntimeError(f"N={n}: the model did not reach every node in {DEADLINE}s")
             time.sleep(0.02)
-        elapsed = time.monotonic() - started
+        cpu = sum(cpu_seconds(node.process.pid) for node in cluster.nodes.values())
         expected = hash_file(model)
         for f in finals:
             if hash_file(f) != expected:
                 raise RuntimeError(f"{f} has the wrong content")
-        return elapsed
+        return Spread(max(arrivals.values()), sorted(arrivals.values()), cpu)
     finally:
         cluster.stop_all()
+        if logs is not None:
+            for name, node in cluster.nodes.items():
+                (logs / f"n{n}").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(node.log_path, logs / f"n{n}" / f"{name}.log")
+
+
+@dataclass
+class Spread:
+    seconds: float  # until the last receiver published it
+    arrivals: list[float]  # each receiver's publication, seconds after the rename
+    cpu_seconds: float  # of every node process, from start to the last arrival
 
 
 def curl_reference(lab: Any, model: Path, n: int) -> float:
@@ -100,7 +117,8 @@ def main() -> None:
     parser.add_argument("--ns", default="1,2,4,8", help="receiver counts (default 1,2,4,8)")
     parser.add_argument("--mbit", type=float, default=200.0, help="tbf cap per host (default 200)")
     parser.add_argument("--poll", default="0.5", help="RINGRIFT_FILE_POLL_INTERVAL (default 0.5)")
-    parser.add_argument("--slots", default="2", help="RINGRIFT_FILE_UPLOAD_SLOTS (default 2)")
+    parser.add_argument("--slots", default="1", help="RINGRIFT_FILE_UPLOAD_SLOTS (default 1)")
+    parser.add_argument("--logs", type=Path, help="copy every node's log into this directory")
     args = parser.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
     env = {"RINGRIFT_FILE_POLL_INTERVAL": args.poll, "RINGRIFT_FILE_UPLOAD_SLOTS": args.slots}
@@ -115,8 +133,12 @@ def main() -> None:
             with netns.netns_lab(Path(tmp) / f"lab{n}", n + 1) as lab:
                 for host in lab.hosts:
                     lab.cap(host, args.mbit)
-                ours[n] = fan_out(lab, Path(tmp) / f"cluster{n}", model, n, env)
+                load = os.getloadavg()[0]
+                spread = fan_out(lab, Path(tmp) / f"cluster{n}", model, n, env, args.logs)
+                ours[n] = spread.seconds
                 ref[n] = curl_reference(lab, model, n)
+            print(f"N={n}: arrivals {', '.join(f'{a:.1f}' for a in spread.arrivals)} s; node CPU "
+                  f"{spread.cpu_seconds:.1f} s; load average before {load:.1f}", flush=True)
             rows.append([n, f"{ours[n]:.1f}", f"{ours[n] / ours[ns[0]]:.2f}", f"{ref[n]:.1f}",
                          f"{ref[n] / ref[ns[0]]:.2f}"])
             print(f"N={n}: ringsync {ours[n]:.1f} s, curl from one source {ref[n]:.1f} s", flush=True)

@@ -183,9 +183,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "indexes for models and training data this node lacks (> 0)"),
     EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
            "training files at, over all peers (0: unlimited)"),
-    EnvVar("RINGRIFT_FILE_UPLOAD_SLOTS", "2", "Peers this node streams one model or training "
+    EnvVar("RINGRIFT_FILE_UPLOAD_SLOTS", "1", "Peers this node streams one model or training "
            "file to at once (>= 1); the others fetch it from nodes still downloading it, which "
-           "relay what they hold, so a new file spreads as a tree"),
+           "relay what they hold, so a new file spreads as a pipeline (1: each uplink carries "
+           "one full-rate stream; more: a tree, each stream slower)"),
     EnvVar("RINGRIFT_ARIA2_MIN_MB", "64", "Files of at least this many MB held by two or more "
            "peers are fetched from all of them at once with aria2c, when it is installed (> 0)"),
 )
@@ -246,7 +247,7 @@ class Settings:
     file_poll_interval: float = 10.0
     file_serve_mbps: float = 0.0
     aria2_min_mb: float = 64.0
-    file_upload_slots: int = 2
+    file_upload_slots: int = 1
 
     @property
     def state_root(self) -> Path:
@@ -370,7 +371,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
         file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
         aria2_min_mb=env.number("RINGRIFT_ARIA2_MIN_MB", 64.0),
-        file_upload_slots=env.integer("RINGRIFT_FILE_UPLOAD_SLOTS", 2, minimum=1),
+        file_upload_slots=env.integer("RINGRIFT_FILE_UPLOAD_SLOTS", 1, minimum=1),
     )
 
 

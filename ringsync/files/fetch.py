@@ -16,7 +16,7 @@ from typing import Protocol
 from blake3 import blake3
 
 from ringsync.errors import CorruptDataError, TransportError
-from ringsync.files.client import FileClient
+from ringsync.files.client import Body, FileClient
 from ringsync.files.hashing import feed_file, new_hasher
 from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
@@ -226,8 +226,7 @@ class FileFetcher:
                 continue
             started = part.written
             try:
-                with streaming_into(part.path, lambda: part.written):
-                    await self._from(host, source, e, part)
+                await self._from(host, source, e, part)
             except TransportError as exc:
                 log.warning("fetching %s/%s from %s stopped at %d of %d bytes: %s", e.kind.value,
                             e.relpath, source.peer, part.written, e.size, exc)
@@ -258,20 +257,26 @@ class FileFetcher:
                                                       f"{part.written} asked for")
                 await part.io(self._restart, part)  # it ignored our Range (a 200): start over
             part.sources.add(source.peer)
-            pending = bytearray()
-            since_checkpoint = 0
-            async for chunk in body.chunks():
-                if part.written + len(pending) + len(chunk) > e.size:
-                    raise CorruptDataError(f"{source.peer} sent more than the {e.size} bytes expected")
-                pending += chunk
-                if len(pending) >= WRITE_BYTES:
-                    since_checkpoint += await self._write(e, part, pending)
-                    if since_checkpoint >= CHECKPOINT_BYTES:
-                        await part.io(self._checkpoint, e, part, source.peer)
-                        since_checkpoint = 0
-            await self._write(e, part, pending)
-            if part.written != e.size:
-                raise TransportError(source.peer, f"answer ended at {part.written} of {e.size} bytes")
+            # Relayed to peers only now that a source answers: two nodes turned away by the
+            # holders never relay to each other with nothing behind them.
+            with streaming_into(part.path, lambda: part.written):
+                await self._stream_body(e, part, body, source.peer)
+
+    async def _stream_body(self, e: IndexEntry, part: _Part, body: Body, peer: str) -> None:
+        pending = bytearray()
+        since_checkpoint = 0
+        async for chunk in body.chunks():
+            if part.written + len(pending) + len(chunk) > e.size:
+                raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
+            pending += chunk
+            if len(pending) >= WRITE_BYTES:
+                since_checkpoint += await self._write(e, part, pending)
+                if since_checkpoint >= CHECKPOINT_BYTES:
+                    await part.io(self._checkpoint, e, part, peer)
+                    since_checkpoint = 0
+        await self._write(e, part, pending)
+        if part.written != e.size:
+            raise TransportError(peer, f"answer ended at {part.written} of {e.size} bytes")
 
     async def _write(self, e: IndexEntry, part: _Part, pending: bytearray) -> int:
         data = bytes(pending)

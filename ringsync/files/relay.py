@@ -115,17 +115,22 @@ class RelayRoutes:
             content); None when the download was given up or started over."""
             idle = 0.0
             while True:
+                progress = _active.get(part)
+                if progress is not None:  # downloading now: its byte count, no journal read
+                    written = progress()
+                    if written != position:
+                        return written if written > position else None
+                    idle = 0.0
+                    await asyncio.sleep(POLL_SECONDS)
+                    continue
                 t = await asyncio.to_thread(self._held().transfer, kind, relpath)
                 if t is None or t.hash != digest:
                     rec = await asyncio.to_thread(self._held().get, kind, relpath)
                     return size if rec is not None and rec.hash == digest else None
-                progress = _active.get(part)
-                held = t.done if progress is None else max(t.done, progress())
-                if held < position:
-                    return None  # started over
-                if held > position:
-                    return held
-                idle = 0.0 if progress is not None else idle + POLL_SECONDS
+                if t.done > position:
+                    return t.done
+                # Between two sources, just done (publishing), or stalled: wait, boundedly.
+                idle += POLL_SECONDS
                 if idle > IDLE_SECONDS:
                     return None
                 await asyncio.sleep(POLL_SECONDS)

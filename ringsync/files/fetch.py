@@ -259,10 +259,11 @@ class FileFetcher:
             part.sources.add(source.peer)
             # Relayed to peers only now that a source answers: two nodes turned away by the
             # holders never relay to each other with nothing behind them.
-            with streaming_into(part.path, lambda: part.written):
-                await self._stream_body(e, part, body, source.peer)
+            with streaming_into(part.path, lambda: part.written) as grew:
+                await self._stream_body(e, part, body, source.peer, grew)
 
-    async def _stream_body(self, e: IndexEntry, part: _Part, body: Body, peer: str) -> None:
+    async def _stream_body(self, e: IndexEntry, part: _Part, body: Body, peer: str,
+                           grew: Callable[[], None]) -> None:
         pending = bytearray()
         since_checkpoint = 0
         async for chunk in body.chunks():
@@ -271,6 +272,7 @@ class FileFetcher:
             pending += chunk
             if len(pending) >= WRITE_BYTES:
                 since_checkpoint += await self._write(e, part, pending)
+                grew()
                 if since_checkpoint >= CHECKPOINT_BYTES:
                     await part.io(self._checkpoint, e, part, peer)
                     since_checkpoint = 0

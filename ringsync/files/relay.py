@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -44,20 +44,28 @@ MAX_LIST_BYTES = 4 * 1024 * 1024
 
 Ready = Callable[[int], Awaitable[int | None]]
 
-# Part files a download of this process is streaming into right now, and how many bytes
-# each holds (written, not yet journalled: relayed bytes are checked by their receiver).
-_active: dict[Path, Callable[[], int]] = {}
+@dataclass
+class _Progress:
+    written: Callable[[], int]  # bytes in the part (not yet journalled: receivers check them)
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# Part files a download of this process is streaming into right now.
+_active: dict[Path, _Progress] = {}
 
 
 @contextlib.contextmanager
-def streaming_into(part: Path, written: Callable[[], int]) -> Iterator[None]:
-    """Mark ``part`` as being downloaded into by this process (one download per part)."""
-    _active[part] = written
+def streaming_into(part: Path, written: Callable[[], int]) -> Iterator[Callable[[], None]]:
+    """Mark ``part`` as being downloaded into by this process (one download per part);
+    yields the function to call after each write, which wakes the relays of this part."""
+    progress = _Progress(written)
+    _active[part] = progress
     try:
-        yield
+        yield progress.grew.set
     finally:
-        if _active.get(part) is written:
+        if _active.get(part) is progress:
             del _active[part]
+        progress.grew.set()
 
 
 def part_path(root: Path, relpath: str) -> Path:
@@ -117,11 +125,14 @@ class RelayRoutes:
             while True:
                 progress = _active.get(part)
                 if progress is not None:  # downloading now: its byte count, no journal read
-                    written = progress()
+                    progress.grew.clear()
+                    written = progress.written()
                     if written != position:
                         return written if written > position else None
                     idle = 0.0
-                    await asyncio.sleep(POLL_SECONDS)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(POLL_SECONDS):
+                            await progress.grew.wait()
                     continue
                 t = await asyncio.to_thread(self._held().transfer, kind, relpath)
                 if t is None or t.hash != digest:

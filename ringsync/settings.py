@@ -164,8 +164,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "RINGRIFT_TRANSPORT_ORDER (set one of them)",
            default_text="games=RINGRIFT_TRANSPORT_ORDER;models=http;training_data=http;"
            "large_files=aria2,http,rsync"),
-    EnvVar("RINGRIFT_LARGE_FILE_MB", "256", "MiB from which a model or training file takes the "
-           "large_files chain of RINGRIFT_TRANSPORT_CHAINS (>= 1)"),
+    EnvVar("RINGRIFT_LARGE_FILE_MB", "64", "MiB from which a model or training file takes the "
+           "large_files chain of RINGRIFT_TRANSPORT_CHAINS: by default aria2c from every peer "
+           "holding it at once (when two or more do and aria2c is installed), then http (>= 1)"),
     EnvVar("RINGRIFT_SSH_KNOWN_HOSTS", "~/.ssh/known_hosts", "The known_hosts file SSH peers' host "
            "keys are checked against; a peer whose key is missing or different is refused"),
     EnvVar("RINGRIFT_SSH_MAX_CHANNELS", "10", "Most channels (concurrent requests) on the one SSH "
@@ -192,6 +193,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
     EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
            "indexes for models and training data this node lacks (> 0)"),
+    EnvVar("RINGRIFT_FILE_UPLOAD_SLOTS", "1", "Peers this node streams one model or training "
+           "file to at once (>= 1); the others fetch it from nodes still downloading it, which "
+           "relay what they hold, so a new file spreads as a pipeline (1: each uplink carries "
+           "one full-rate stream; more: a tree, each stream slower)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -249,6 +254,7 @@ class Settings:
     training_dir_setting: Path | None = None  # None: <data_dir>/training
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
+    file_upload_slots: int = 1
 
     @property
     def state_root(self) -> Path:
@@ -372,6 +378,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
+        file_upload_slots=env.integer("RINGRIFT_FILE_UPLOAD_SLOTS", 1, minimum=1),
     )
 
 
@@ -785,7 +792,7 @@ def _ssh_settings(env: _Env, cwd: Path) -> _SshSettings:
 
 
 def _transport_chains(env: _Env, transport_order: tuple[str, ...]) -> TransportChains:
-    large = env.integer("RINGRIFT_LARGE_FILE_MB", 256, minimum=1) << 20
+    large = env.integer("RINGRIFT_LARGE_FILE_MB", 64, minimum=1) << 20
     try:
         chains = parse_chains(env.get("RINGRIFT_TRANSPORT_CHAINS") or "",
                               games_default=transport_order, large_file_bytes=large)

@@ -17,12 +17,14 @@ from ringsync.files.kinds import FileKind, FileRouting
 from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import FetchJob, Ident, IndexEntry, plan_fetches
+from ringsync.files.relay import Relay, RelayClient, with_relays
 from ringsync.files.scanner import FileScanner, ScanResult
 from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
 from ringsync.policy.chains import Outcome
+from ringsync.transport.aria2 import Aria2Transport
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ FileStep = Callable[[FetchJob], Awaitable[bool]]
 FETCHES_IN_FLIGHT = 4  # per file kind
 INDEX_POLLS_IN_FLIGHT = 16
 _JITTER = 0.1
+# A fetch every source turned away (busy: it streams to as many peers as it may) is tried
+# again this soon, with jitter, a bounded number of times: relays appear within a second.
+QUICK_RETRY_SECONDS = 0.3
+QUICK_RETRIES = 30
 
 
 class FileSyncDaemon(Daemon):
@@ -56,13 +62,18 @@ class FileSyncDaemon(Daemon):
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
         self._client = FileClient(s.node_id, s.auth_token)
+        self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
+        self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
+                                     self._exclusions, min_bytes=s.transport_chains.large_file_bytes)
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
         # Per kind: a backlog of training data never holds the slots a new model needs here
         # (the serving side then gives the model its priority's share of the bandwidth).
         self._slots = {kind: asyncio.Semaphore(FETCHES_IN_FLIGHT) for kind in FileKind}
         self._failing_peers: set[str] = set()
         self._stuck: set[Ident] = set()  # files no source could serve last time
+        self._quick: dict[Ident, int] = {}  # quick retries spent per file
+        self._retry = asyncio.Event()  # a fetch failed: poll again soon
         self._stopping = False
         self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
@@ -76,10 +87,14 @@ class FileSyncDaemon(Daemon):
             s = self._ctx.settings
             scanner = FileScanner(self._dirs, manifest, s.file_settle_time)
             fetcher = FileFetcher(self._dirs, manifest, self._client, self._ctx.metrics,
-                                  s.inventory.get, self._exclusions)
+                                  s.inventory.get, self._exclusions, self._aria2)
             # The transports a file's chain (RINGRIFT_TRANSPORT_CHAINS) may name, as built
-            # here: aria2 and rsync plug in beside http with the same FileStep shape.
-            steps: dict[str, FileStep] = {"http": fetcher.fetch}
+            # here: aria2 (every holder at once, when two or more hold it) and http (one source
+            # at a time, relays included); rsync plugs in with the same FileStep shape.
+            steps: dict[str, FileStep] = {
+                "aria2": functools.partial(fetcher.fetch, single=False),
+                "http": functools.partial(fetcher.fetch, multi=False),
+            }
             log.info("file sync: models in %s, training data in %s; fetching %s", s.models_dir,
                      s.training_dir, ", ".join(sorted(k.value for k in self._wanted)) or "nothing")
             self._health = Health(HealthState.HEALTHY)
@@ -94,6 +109,8 @@ class FileSyncDaemon(Daemon):
         finally:
             self._health = Health(HealthState.STOPPED)
             await asyncio.shield(self._client.close())
+            await asyncio.shield(self._aria2.close())
+            await asyncio.shield(self._relay_client.close())
             await asyncio.shield(asyncio.to_thread(manifest.close))
 
     async def drain(self) -> None:
@@ -142,12 +159,18 @@ class FileSyncDaemon(Daemon):
             gone = await asyncio.to_thread(manifest.gone)
             jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
                                 self._exclusions.by_hash, gone)
+            if any(ident not in self._in_flight for ident in (j.entry.ident for j in jobs)):
+                jobs = with_relays(jobs, await self._poll_relays(), self._exclusions.by_hash)
             for job in jobs:
                 ident = job.entry.ident
                 if ident not in self._in_flight and not self._stopping:
                     self._in_flight[ident] = tg.create_task(self._fetch(steps, job))
             self._update_health(local)
-            await asyncio.sleep(interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval * random.uniform(1 - _JITTER, 1 + _JITTER)):
+                    await self._retry.wait()
+                    await asyncio.sleep(QUICK_RETRY_SECONDS * random.uniform(0.5, 1.5))
+            self._retry.clear()
 
     async def _poll_indexes(self) -> dict[str, list[IndexEntry]]:
         limit = asyncio.Semaphore(INDEX_POLLS_IN_FLIGHT)
@@ -171,13 +194,24 @@ class FileSyncDaemon(Daemon):
         answers = await asyncio.gather(*(one(p) for p in peers))
         return {p.name: a for p, a in zip(peers, answers, strict=True) if a is not None}
 
+    async def _poll_relays(self) -> dict[str, list[Relay]]:
+        """Peers' downloads in progress: sources for receivers the holders turn away."""
+        peers = self._routing.peers()
+        answers = await asyncio.gather(*(self._relay_client.relays(p) for p in peers))
+        return {p.name: a for p, a in zip(peers, answers, strict=True) if a}
+
     async def _fetch(self, steps: Mapping[str, FileStep], job: FetchJob) -> None:
         e = job.entry
         try:
             async with self._slots[e.kind]:
                 if self._stopping or await self._through_chain(steps, job):
                     self._stuck.discard(e.ident)
-                elif e.ident not in self._stuck:  # logged when it starts failing, not each round
+                    self._quick.pop(e.ident, None)
+                    return
+                if self._quick.get(e.ident, 0) < QUICK_RETRIES:
+                    self._quick[e.ident] = self._quick.get(e.ident, 0) + 1
+                    self._retry.set()
+                if e.ident not in self._stuck:  # logged when it starts failing, not each round
                     self._stuck.add(e.ident)
                     log.info("%s/%s not fetched: no source could serve it now; retrying every "
                              "poll", e.kind.value, e.relpath)

@@ -8,14 +8,15 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from blake3 import blake3
 
 from ringsync.errors import CorruptDataError, TransportError
-from ringsync.files.client import FileClient
+from ringsync.files.client import Body, FileClient
 from ringsync.files.hashing import feed_file, new_hasher
 from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
@@ -28,6 +29,7 @@ from ringsync.files.publish import (
     publish_symlink,
     record_for,
 )
+from ringsync.files.relay import MULTI_SOURCE, streaming_into
 from ringsync.inventory import Host
 from ringsync.ops.metrics import Metrics
 
@@ -73,10 +75,22 @@ class _Part:
             os.close(self.fd)
 
 
+class MultiSource(Protocol):
+    """A fetch from several sources at once (the Aria2Transport), for large files."""
+
+    def wants(self, e: IndexEntry, sources: Sequence[Source]) -> bool: ...
+
+    async def fetch_into(self, e: IndexEntry, sources: Sequence[Source], part: Path) -> bool | None:
+        """True: ``part`` holds the verified content; False: not now (resumable); None: use
+        the single-source path (``part`` removed)."""
+        ...
+
+
 class FileFetcher:
     def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: FileClient,
                  metrics: Metrics, hosts: Callable[[str], Host | None],
-                 exclusions: Exclusions) -> None:
+                 exclusions: Exclusions, multi: MultiSource | None = None) -> None:
+        self._multi = multi
         self._dirs = dict(dirs)
         self._manifest = manifest
         self._client = client
@@ -87,8 +101,12 @@ class FileFetcher:
         # The hash state of parts whose download stopped: (content hash, bytes, hasher).
         self._prefixes: dict[tuple[FileKind, str], tuple[str, int, blake3]] = {}
 
-    async def fetch(self, job: FetchJob) -> bool:
-        """Make the job's version present here; False when no source could provide it now."""
+    async def fetch(self, job: FetchJob, *, multi: bool = True, single: bool = True) -> bool:
+        """Make the job's version present here; False when no source could provide it now.
+
+        ``multi``: from every holder at once (the MultiSource, aria2) when it wants the file;
+        ``single``: from one source at a time. The daemon's transport chain picks them.
+        """
         e = job.entry
         final = await asyncio.to_thread(destination, self._dirs[e.kind], e.relpath)
         if await asyncio.to_thread(self._would_clobber, e, final):
@@ -100,6 +118,12 @@ class FileFetcher:
             return True
         if await asyncio.to_thread(self._deduplicated, e, final):
             return True
+        if multi and self._multi is not None and self._multi.wants(e, job.sources):
+            many = await self._fetch_multi(self._multi, job, final)
+            if many is not None:
+                return many
+        if not single:
+            return False
         part = await asyncio.to_thread(self._open_part, e, final)
         try:
             done = await self._download(job, part, final)
@@ -158,6 +182,19 @@ class FileFetcher:
         self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
         log.info("published %s/%s (%d bytes, %s)", e.kind.value, e.relpath, e.size, how)
 
+    async def _fetch_multi(self, multi: MultiSource, job: FetchJob, final: Path) -> bool | None:
+        e = job.entry
+        part = final.with_name(part_name(final.name))
+        # Journalled at 0 bytes: the part is the multi-source fetcher's (it resumes from its
+        # own control file); the single-source path never trusts its bytes.
+        await asyncio.to_thread(self._manifest.save_transfer, Transfer(
+            e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, MULTI_SOURCE))
+        done = await multi.fetch_into(e, job.sources, part)
+        if done:
+            await asyncio.to_thread(self._publish, e, part, final, e.mtime_ns,
+                                    f"fetched from {len(job.sources)} sources at once")
+        return done
+
     # -- the download ----------------------------------------------------------------------------
 
     def _open_part(self, e: IndexEntry, final: Path) -> _Part:
@@ -184,14 +221,16 @@ class FileFetcher:
 
     async def _download(self, job: FetchJob, part: _Part, final: Path) -> bool:
         e = job.entry
-        sources = list(job.sources)
+        sources, relays = list(job.sources), list(job.relays)
         random.shuffle(sources)  # spread the load over every holder
-        for source in sources:
+        random.shuffle(relays)
+        for source in sources + relays:  # relays when the holders are busy
             if source.peer in self._exclusions.by_hash.get(e.hash, set()):
                 continue
             host = self._hosts(source.peer)
             if host is None:
                 continue
+            started = part.written
             try:
                 await self._from(host, source, e, part)
             except TransportError as exc:
@@ -202,6 +241,9 @@ class FileFetcher:
             except CorruptDataError as exc:
                 await part.io(self._reject, e, part, exc)
                 continue
+            finally:
+                self._metrics.file_source_bytes.labels(peer=source.peer, transport="http").inc(
+                    max(0, part.written - started))
             if part.written == e.size:
                 if part.hasher.hexdigest() == e.hash:
                     await asyncio.to_thread(self._publish, e, part.path, final, e.mtime_ns,
@@ -221,20 +263,28 @@ class FileFetcher:
                                                       f"{part.written} asked for")
                 await part.io(self._restart, part)  # it ignored our Range (a 200): start over
             part.sources.add(source.peer)
-            pending = bytearray()
-            since_checkpoint = 0
-            async for chunk in body.chunks():
-                if part.written + len(pending) + len(chunk) > e.size:
-                    raise CorruptDataError(f"{source.peer} sent more than the {e.size} bytes expected")
-                pending += chunk
-                if len(pending) >= WRITE_BYTES:
-                    since_checkpoint += await self._write(e, part, pending)
-                    if since_checkpoint >= CHECKPOINT_BYTES:
-                        await part.io(self._checkpoint, e, part, source.peer)
-                        since_checkpoint = 0
-            await self._write(e, part, pending)
-            if part.written != e.size:
-                raise TransportError(source.peer, f"answer ended at {part.written} of {e.size} bytes")
+            # Relayed to peers only now that a source answers: two nodes turned away by the
+            # holders never relay to each other with nothing behind them.
+            with streaming_into(part.path, lambda: part.written) as grew:
+                await self._stream_body(e, part, body, source.peer, grew)
+
+    async def _stream_body(self, e: IndexEntry, part: _Part, body: Body, peer: str,
+                           grew: Callable[[], None]) -> None:
+        pending = bytearray()
+        since_checkpoint = 0
+        async for chunk in body.chunks():
+            if part.written + len(pending) + len(chunk) > e.size:
+                raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
+            pending += chunk
+            if len(pending) >= WRITE_BYTES:
+                since_checkpoint += await self._write(e, part, pending)
+                grew()
+                if since_checkpoint >= CHECKPOINT_BYTES:
+                    await part.io(self._checkpoint, e, part, peer)
+                    since_checkpoint = 0
+        await self._write(e, part, pending)
+        if part.written != e.size:
+            raise TransportError(peer, f"answer ended at {part.written} of {e.size} bytes")
 
     async def _write(self, e: IndexEntry, part: _Part, pending: bytearray) -> int:
         data = bytes(pending)
@@ -266,6 +316,8 @@ class FileFetcher:
                     ", ".join(sorted(part.sources)) or "unknown", exc,
                     "; not asking it for this content again" if blamed else "")
         self._exclusions.add(e.hash, set(blamed))
+        for peer in blamed:
+            self._metrics.file_source_exclusions.labels(peer=peer).inc()
         self._restart(part)
         self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, ""))
 

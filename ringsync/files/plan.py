@@ -57,6 +57,7 @@ class Source:
 class FetchJob:
     entry: IndexEntry
     sources: tuple[Source, ...]  # empty for a symlink (made locally)
+    relays: tuple[Source, ...] = ()  # peers still downloading it that serve what they hold
 
 
 def parse_index(body: bytes) -> list[IndexEntry]:

@@ -298,6 +298,30 @@ class Metrics:
             "ringsync_files_held", "Model and training files this node holds and offers.",
             ["kind"], registry=r,
         )
+        # -- multi-source fetches and peer-to-peer spread (issue 8 §2, §4); peer is a node name
+        self.file_bytes_served = Counter(
+            "ringsync_file_bytes_served_total",
+            "Bytes of model and training files this node served, by the peer that asked.",
+            ["peer"], registry=r,
+        )
+        self.file_source_bytes = Counter(
+            "ringsync_file_source_bytes_total",
+            "Bytes of model and training files fetched here, by source peer and transport "
+            "(aria2 cannot say which source served which segment: its bytes count under the "
+            "source 'aria2-mixed'; ranged piece repairs count under their source).",
+            ["peer", "transport"], registry=r,
+        )
+        self.file_source_exclusions = Counter(
+            "ringsync_file_source_exclusions_total",
+            "Sources proven to serve wrong bytes for some content and not asked for it again.",
+            ["peer"], registry=r,
+        )
+        self.file_multi_source_fetches = Counter(
+            "ringsync_file_multi_source_fetches_total",
+            "Multi-source (aria2) fetches by outcome: published, repaired (bad pieces fetched "
+            "again from another source), failed (retried later), fallback (single-source HTTP).",
+            ["outcome"], registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

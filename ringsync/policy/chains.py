@@ -18,7 +18,7 @@ __all__ = [
 GAME_TRANSPORTS = ("http", "ssh")  # what can carry a games batch (the peer protocol)
 CHAIN_TRANSPORTS = ("http", "ssh", "aria2", "rsync")
 CHAIN_KEYS = ("games", "models", "training_data", "large_files")
-DEFAULT_LARGE_FILE_BYTES = 256 * 1024 * 1024
+DEFAULT_LARGE_FILE_BYTES = 64 * 1024 * 1024
 
 
 class Outcome(enum.Enum):

@@ -33,7 +33,9 @@ def source(tmp_path: Path) -> Iterator[Cluster]:
     os.utime(model, (time.time() - 3600, time.time() - 3600))
     cluster.nodes["train-1"].extra_env.update({
         "RINGRIFT_BANDWIDTH_LIMIT_MBPS": str(LIMIT_MBPS), "RINGRIFT_MAX_TRANSFERS_PER_PEER": "4",
-        "RINGRIFT_FILE_SETTLE_TIME": "0.5"})
+        "RINGRIFT_FILE_SETTLE_TIME": "0.5",
+        # every request streams from here (no relays in this test): the limiter's slots decide
+        "RINGRIFT_FILE_UPLOAD_SLOTS": "64"})
     cluster.start("train-1")
     try:
         yield cluster

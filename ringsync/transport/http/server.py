@@ -456,5 +456,5 @@ def build_app(ctx: NodeContext, noise: PeerNoise | None = None) -> web.Applicati
     app.router.add_get(STORAGE_PATH, storage)
     app.router.add_post(GAMES_PATH, _within_upload_budget(receive_games))
     app.router.add_post("/v1/notify", notify)
-    add_file_routes(app, ctx.settings, ctx.bandwidth)
+    add_file_routes(app, ctx.settings, ctx.bandwidth, ctx.metrics)
     return app

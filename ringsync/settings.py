@@ -183,6 +183,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "indexes for models and training data this node lacks (> 0)"),
     EnvVar("RINGRIFT_FILE_SERVE_MBPS", "0", "Megabits per second this node serves model and "
            "training files at, over all peers (0: unlimited)"),
+    EnvVar("RINGRIFT_RSYNC_MIN_FILES", "50", "Files owed by one SSH-reachable peer (transport "
+           "field or RINGRIFT_TRANSPORT_ORDER lists ssh) from which they are fetched in one rsync "
+           "run over SSH instead of one request each; the peer's directories are its inventory "
+           "models_dir / training_dir, else the same paths as here (0: never use rsync)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -240,6 +244,7 @@ class Settings:
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
     file_serve_mbps: float = 0.0
+    rsync_min_files: int = 50
 
     @property
     def state_root(self) -> Path:
@@ -362,6 +367,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
         file_serve_mbps=env.number("RINGRIFT_FILE_SERVE_MBPS", 0.0, allow_zero=True),
+        rsync_min_files=env.integer("RINGRIFT_RSYNC_MIN_FILES", 50, minimum=0),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from blake3 import blake3
 
 from ringsync.errors import CorruptDataError, TransportError
-from ringsync.files.client import FileClient
+from ringsync.files.client import PeerFiles
 from ringsync.files.hashing import feed_file, new_hasher
 from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
@@ -74,7 +74,7 @@ class _Part:
 
 
 class FileFetcher:
-    def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: FileClient,
+    def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: PeerFiles,
                  metrics: Metrics, hosts: Callable[[str], Host | None],
                  exclusions: Exclusions) -> None:
         self._dirs = dict(dirs)
@@ -157,6 +157,18 @@ class FileFetcher:
         publish_file(part, final, mtime_ns)
         self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
         log.info("published %s/%s (%d bytes, %s)", e.kind.value, e.relpath, e.size, how)
+
+    def publish_staged(self, e: IndexEntry, staged: Path, how: str) -> None:
+        """A complete file whose hash was checked by the caller (an rsync batch), published
+        like a download; FileExistsError when a local file there must not be replaced."""
+        self._publish(e, staged, destination(self._dirs[e.kind], e.relpath), e.mtime_ns, how)
+
+    def reject_copy(self, e: IndexEntry, peer: str, why: str) -> None:
+        """``peer`` served wrong bytes for ``e`` (already discarded): never asked for it again."""
+        self._metrics.file_hash_mismatches.labels(kind=e.kind.value).inc()
+        log.warning("discarding %s/%s from %s: %s; not asking it for this content again",
+                    e.kind.value, e.relpath, peer, why)
+        self._exclusions.add(e.hash, {peer})
 
     # -- the download ----------------------------------------------------------------------------
 

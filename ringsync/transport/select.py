@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.inventory import Host
 from ringsync.policy.bandwidth import BandwidthLimiter
 from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
+from ringsync.transport.order import TransportOrder
 
-log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
@@ -37,24 +35,17 @@ class TransportChain:
 
     Only a ``PeerUnreachableError`` moves on to the next transport; any other error (the
     peer answered, or was reached and could not take it now) is final for this attempt.
-    The transport that last worked for a peer is tried first next time, so a
-    peer reachable only over SSH does not pay an HTTP timeout on every push.
+    The transport that last worked for a peer is tried first next time (TransportOrder).
     """
 
     name = "chain"
 
     def __init__(self, transports: dict[str, GameTransport], default_order: tuple[str, ...]) -> None:
         self._transports = transports
-        self._default = default_order
-        self._working: dict[str, str] = {}  # peer -> the transport that last reached it
+        self._order = TransportOrder(default_order)
 
     def order(self, peer: Host) -> list[str]:
-        order = list(peer.transport or self._default)
-        working = self._working.get(peer.name)
-        if working in order:
-            order.remove(working)
-            order.insert(0, working)
-        return order
+        return self._order.order(peer)
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
                          data_dir_id: str | None = None) -> MergeResult:
@@ -69,18 +60,4 @@ class TransportChain:
             await transport.close()
 
     async def _first(self, peer: Host, call: Callable[[GameTransport], Awaitable[_T]]) -> _T:
-        failures: list[tuple[str, TransportError]] = []
-        for name in self.order(peer):
-            try:
-                result = await call(self._transports[name])
-            except PeerUnreachableError as exc:
-                failures.append((name, exc))
-                continue
-            if self._working.get(peer.name) != name:
-                log.info("%s is reached over %s", peer.name, name)
-                self._working[peer.name] = name
-            return result
-        if len(failures) == 1:
-            raise failures[0][1]  # as the one transport typed it
-        raise PeerUnreachableError(peer.name, "; ".join(f"{n}: {e.reason}" for n, e in failures)) \
-            from failures[-1][1]
+        return await self._order.first(peer, lambda name: call(self._transports[name]))

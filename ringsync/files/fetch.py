@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ringsync.files.publish import (
     FileChangedError,
     destination,
     publish_file,
+    publish_files,
     publish_symlink,
     record_for,
 )
@@ -158,10 +159,28 @@ class FileFetcher:
         self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
         log.info("published %s/%s (%d bytes, %s)", e.kind.value, e.relpath, e.size, how)
 
-    def publish_staged(self, e: IndexEntry, staged: Path, how: str) -> None:
-        """A complete file whose hash was checked by the caller (an rsync batch), published
-        like a download; FileExistsError when a local file there must not be replaced."""
-        self._publish(e, staged, destination(self._dirs[e.kind], e.relpath), e.mtime_ns, how)
+    def publish_staged(self, staged: Sequence[tuple[IndexEntry, Path]], how: str) -> list[IndexEntry]:
+        """Complete files whose hashes the caller checked (an rsync batch), published together
+        (publish_files); a name where a local file must not be replaced is left out."""
+        moves, entries = [], []
+        for e, part in staged:
+            final = destination(self._dirs[e.kind], e.relpath)
+            if self._would_clobber(e, final):
+                log.warning("not publishing %s/%s: a file there is not the one last recorded",
+                            e.kind.value, e.relpath)
+                continue
+            moves.append((part, final, e.mtime_ns))
+            entries.append(e)
+
+        def record(stats: list[os.stat_result]) -> None:
+            self._manifest.publish_many([record_for(e.kind, e.relpath, st, e.hash)
+                                         for e, st in zip(entries, stats, strict=True)])
+
+        publish_files(moves, record)
+        for e in entries:
+            self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
+        log.info("published %d files (%s)", len(entries), how)
+        return entries
 
     def reject_copy(self, e: IndexEntry, peer: str, why: str) -> None:
         """``peer`` served wrong bytes for ``e`` (already discarded): never asked for it again."""

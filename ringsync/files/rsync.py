@@ -74,7 +74,8 @@ class BatchResult:
     bytes_received: int = 0  # on the wire, rsync's --stats figure (a resumed file costs less)
 
 
-Publish = Callable[[IndexEntry, Path, str], None]  # (entry, verified staged file, how) -> renamed
+# (entries with their verified staged files, how) -> the entries published
+Publish = Callable[[Sequence[tuple[IndexEntry, Path]], str], list[IndexEntry]]
 Reject = Callable[[IndexEntry, str, str], None]  # (entry, peer, why): a wrong copy was discarded
 
 
@@ -158,8 +159,8 @@ class RsyncBatch:
         return result
 
     def _settle(self, peer: str, staging: Path, files: Sequence[BatchFile]) -> BatchResult:
-        """Hash each staged file against the index; publish the ones that match."""
-        result = BatchResult()
+        """Hash each staged file against the index; publish the ones that match, together."""
+        result, verified = BatchResult(), []
         for f in files:
             staged, e = staging / f.source.relpath, f.entry
             try:
@@ -177,13 +178,11 @@ class RsyncBatch:
                 self._reject(e, peer, why)
                 result.corrupt.append(e)
                 continue
-            try:
-                self._publish(e, staged, f"rsync from {peer}")
-            except FileExistsError as exc:  # a local file appeared there meanwhile: never replaced
-                log.warning("not publishing %s/%s: %s", e.kind.value, e.relpath, exc)
-                result.missing.append(e)
-                continue
-            result.published.append(e)
+            verified.append((e, staged))
+        published = self._publish(verified, f"rsync from {peer}")
+        result.published.extend(published)
+        done = {e.ident for e in published}
+        result.missing.extend(e for e, _ in verified if e.ident not in done)
         return result
 
 

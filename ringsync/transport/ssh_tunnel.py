@@ -183,7 +183,7 @@ class SshTunnels:
         watcher = _Watcher()
         try:
             conn, _ = await asyncssh.create_connection(
-                lambda: watcher, host, peer.ssh_port, username=peer.ssh_user,
+                lambda: watcher, host, peer.ssh_port, username=peer.ssh_user or (),  # (): the local user
                 client_keys=_client_keys(peer), known_hosts=str(known_hosts),
                 keepalive_interval=opts.keepalive_interval,
                 keepalive_count_max=opts.keepalive_count_max,

@@ -29,10 +29,10 @@ from ringsync.files.hashing import hash_file
 from ringsync.files.kinds import FileKind
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import IndexEntry, Source
-from ringsync.files.remote import SshFileClient
-from ringsync.files.rsync import BatchFile, RsyncBatch, RsyncOptions
 from ringsync.inventory import Host
 from ringsync.ops.metrics import Metrics
+from ringsync.transport.files import SshFileClient
+from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions
 from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 
 TARGET_BIG = 1.0

@@ -17,13 +17,13 @@ from ringsync.files.kinds import FileKind, FileRouting
 from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import FetchJob, Ident, IndexEntry, plan_fetches
-from ringsync.files.remote import build_file_client
-from ringsync.files.rsync import BatchFile, RsyncBatch, RsyncOptions, batches
 from ringsync.files.scanner import FileScanner, ScanResult
 from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
+from ringsync.transport.files import build_file_client
+from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions, batches
 
 log = logging.getLogger(__name__)
 

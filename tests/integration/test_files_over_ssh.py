@@ -17,11 +17,11 @@ from ringsync.files.kinds import FileKind, part_name
 from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest, Transfer
 from ringsync.files.plan import FetchJob, Source
-from ringsync.files.remote import FileClientChain, SshFileClient
 from ringsync.files.scanner import FileScanner
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.metrics import Metrics
+from ringsync.transport.files import FileClientChain, SshFileClient
 from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 from tests.conftest import TOKEN
 

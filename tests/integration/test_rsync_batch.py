@@ -20,9 +20,9 @@ from ringsync.files.hashing import hash_file
 from ringsync.files.kinds import FileKind
 from ringsync.files.manifest import FileManifest
 from ringsync.files.plan import FetchJob, IndexEntry, Source
-from ringsync.files.rsync import PARTIAL_DIR, STAGING_DIR, BatchFile, RsyncBatch, RsyncOptions, batches
 from ringsync.inventory import Host
 from ringsync.ops.metrics import Metrics
+from ringsync.transport.rsync import PARTIAL_DIR, STAGING_DIR, BatchFile, RsyncBatch, RsyncOptions, batches
 
 M = FileKind.MODELS
 pytestmark = [pytest.mark.timeout(90),

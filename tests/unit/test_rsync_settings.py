@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from ringsync.errors import ConfigError
-from ringsync.files.rsync import RsyncOptions, rsync_command, ssh_command
 from ringsync.inventory import Host, parse_inventory
 from ringsync.settings import load_settings
+from ringsync.transport.rsync import RsyncOptions, rsync_command, ssh_command
 
 
 def test_a_peer_names_its_own_directories_as_absolute_paths() -> None:

@@ -23,7 +23,7 @@ from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
 from ringsync.transport.files import build_file_client
-from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions, batches
+from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions, batches, bwlimit_args
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ class FileSyncDaemon(Daemon):
         s, host = self._ctx.settings, self._over_ssh(peer)
         opts = RsyncOptions(known_hosts=s.ssh_known_hosts, connect_timeout=s.ssh_connect_timeout,
                             keepalive_interval=s.ssh_keepalive_interval,
-                            keepalive_count_max=s.ssh_keepalive_count_max)
+                            keepalive_count_max=s.ssh_keepalive_count_max,
+                            extra_args=bwlimit_args(s.bandwidth_limits, peer))
         batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy)
         try:
             async with self._slots:

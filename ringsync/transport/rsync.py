@@ -27,6 +27,7 @@ from ringsync.files.kinds import FileKind
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
+from ringsync.policy.bandwidth import BandwidthLimits, bytes_per_second
 from ringsync.transport.ssh_tunnel import (
     checked_known_hosts,
     client_key,
@@ -103,6 +104,14 @@ def rsync_command(peer: Host, remote_root: str, files_from: Path, staging: Path,
             *opts.extra_args,
             "-e", shlex.join(ssh_command(peer, opts)),
             f"{ssh_address(peer)}:{remote_root.rstrip('/')}/", f"{staging}/"]
+
+
+def bwlimit_args(limits: BandwidthLimits, peer: str) -> tuple[str, ...]:
+    """rsync cannot draw from the node's token buckets: it is capped at the smaller of the
+    peer's limit and the node's total instead (``--bwlimit`` in KiB/s)."""
+    caps = [c for c in (bytes_per_second(limits.peer_mbps(peer)), bytes_per_second(limits.total_mbps))
+            if c]
+    return (f"--bwlimit={max(1, int(min(caps) // 1024))}",) if caps else ()
 
 
 def batches(jobs: Iterable[FetchJob], over_ssh: Callable[[str], Host | None],

@@ -8,8 +8,9 @@ import pytest
 
 from ringsync.errors import ConfigError
 from ringsync.inventory import Host, parse_inventory
+from ringsync.policy.bandwidth import BandwidthLimits
 from ringsync.settings import load_settings
-from ringsync.transport.rsync import RsyncOptions, rsync_command, ssh_command
+from ringsync.transport.rsync import RsyncOptions, bwlimit_args, rsync_command, ssh_command
 
 
 def test_a_peer_names_its_own_directories_as_absolute_paths() -> None:
@@ -44,3 +45,10 @@ def test_the_batch_threshold_is_read_and_checked(tmp_path: Path) -> None:
     assert load_settings({**env, "RINGRIFT_RSYNC_MIN_FILES": "7"}).rsync_min_files == 7
     with pytest.raises(ConfigError, match="RINGRIFT_RSYNC_MIN_FILES"):
         load_settings({**env, "RINGRIFT_RSYNC_MIN_FILES": "-1"})
+
+
+def test_rsync_is_capped_at_the_smaller_of_the_peer_and_total_limits() -> None:
+    limits = BandwidthLimits(total_mbps=100.0, peer_mbps={"slow": 8.0}.get)
+    assert bwlimit_args(limits, "slow") == ("--bwlimit=976",)  # 8 Mbit/s = 1,000,000 B/s
+    assert bwlimit_args(limits, "other") == ("--bwlimit=12207",)  # the node's 100 Mbit/s
+    assert bwlimit_args(BandwidthLimits(), "other") == ()

@@ -44,6 +44,7 @@ IO_TIMEOUT = 60  # rsync --timeout: a stall this long fails the run (there is no
 _STOP_TIMEOUT = 5.0
 _SSH_FAILED = 255  # rsync's exit code when the ssh it ran failed (connect, host key, login)
 _NO_REMOTE_RSYNC = 127
+_SOME_FILES_FAILED = (23, 24)  # partial transfer / source files vanished: the rest arrived
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +149,9 @@ class RsyncBatch:
 
     async def fetch(self, peer: Host, remote_root: str, files: Sequence[BatchFile]) -> BatchResult:
         """Run rsync, then verify and publish whatever arrived whole, even after a failed run
-        (its verified files need not be fetched again). A failed run raises afterwards:
-        PeerUnreachableError when ssh could not log in, else TransientError."""
+        (its verified files need not be fetched again). Files that did not arrive are in
+        ``missing``; a run that failed as a whole raises afterwards: PeerUnreachableError
+        when ssh could not log in, else TransientError."""
         staging = self.staging(peer.name)
         await asyncio.to_thread(_clean_staging, staging)
         wanted = {f.source.relpath for f in files}
@@ -162,7 +164,10 @@ class RsyncBatch:
             await asyncio.to_thread(list_file.unlink, missing_ok=True)
         result = await asyncio.to_thread(self._settle, peer.name, staging, files)
         result.bytes_received = _received(stdout)
-        if code != 0:
+        if code in _SOME_FILES_FAILED:  # e.g. removed at the peer since its index was read
+            log.info("rsync from %s: %d of %d files did not arrive (%s)", peer.name, len(result.missing),
+                     len(files), bounded(" ".join(stderr.split()), 300))
+        elif code != 0:
             raise _failure(peer, code, stderr, self._opts.known_hosts)
         await asyncio.to_thread(_remove_if_empty, staging)
         return result

@@ -169,6 +169,16 @@ async def test_a_file_corrupted_at_the_source_is_detected_and_not_published(
     assert not list((node.models / STAGING_DIR).rglob(Path(bad.relpath).name))  # discarded
 
 
+async def test_a_file_removed_at_the_peer_is_missing_and_the_rest_is_published(
+        sshd: SshServer, node: Node) -> None:
+    files = [offer(node, f"model_{i}.pth", os.urandom(3000)) for i in range(4)]
+    (node.remote / "model_1.pth").unlink()  # gone since the index was read
+    result = await batch_for(node, sshd).fetch(peer_of(sshd), str(node.remote), files)
+    assert [e.relpath for e in result.missing] == ["model_1.pth"]
+    assert sorted(e.relpath for e in result.published) == ["model_0.pth", "model_2.pth", "model_3.pth"]
+    assert result.corrupt == []
+
+
 async def test_an_interrupted_rsync_resumes_from_its_partial_file(sshd: SshServer, node: Node) -> None:
     size = 48 * 1024 * 1024
     files = [offer(node, "big.pth", os.urandom(size)), offer(node, "small.pth", os.urandom(1000))]

@@ -64,6 +64,8 @@ class Host:
     bandwidth_mbps: float | None = None
     nfs_enabled: bool = False  # nfs_enabled or has_nfs in the file: the host mounts shared NFS
     transport: tuple[str, ...] = ()  # ringsync extension; empty: RINGRIFT_TRANSPORT_ORDER decides
+    models_dir: str | None = None  # ringsync extension: its RINGRIFT_MODELS_DIR, for rsync
+    training_dir: str | None = None  # ringsync extension: its RINGRIFT_TRAINING_DIR, for rsync
 
     @property
     def address(self) -> str:
@@ -340,7 +342,19 @@ def _parse_host(source: str, name: str, raw: object) -> Host:
         bandwidth_mbps=f.number("bandwidth_mbps", minimum=0.0, allow_zero=True, hint=_NO_LIMIT),
         nfs_enabled=f.flag("nfs_enabled", False) or f.flag("has_nfs", False),
         transport=_transport_order(f),
+        models_dir=_absolute(f, "models_dir"),
+        training_dir=_absolute(f, "training_dir"),
     )
+
+
+def _absolute(f: _Fields, key: str) -> str | None:
+    """A directory on that host, as rsync names it there: an absolute path."""
+    path = f.text(key)
+    if path is not None and not path.startswith("/"):
+        raise f.fail(key, path, "is not an absolute path; give the directory as that host sees it "
+                                "(its RINGRIFT_MODELS_DIR / RINGRIFT_TRAINING_DIR), e.g. "
+                                "/home/ubuntu/ringrift/ai-service/models")
+    return path
 
 
 def _transport_order(f: _Fields) -> tuple[str, ...]:

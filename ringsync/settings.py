@@ -197,6 +197,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "file to at once (>= 1); the others fetch it from nodes still downloading it, which "
            "relay what they hold, so a new file spreads as a pipeline (1: each uplink carries "
            "one full-rate stream; more: a tree, each stream slower)"),
+    EnvVar("RINGRIFT_RSYNC_MIN_FILES", "50", "Files owed by one SSH-reachable peer (transport "
+           "field or RINGRIFT_TRANSPORT_ORDER lists ssh) from which they are fetched in one rsync "
+           "run over SSH instead of one request each; the peer's directories are its inventory "
+           "models_dir / training_dir, else the same paths as here (0: never use rsync)"),
 )
 ENV_VAR_NAMES = frozenset(v.name for v in ENV_VARS)
 _SECRET_NAMES = frozenset(v.name for v in ENV_VARS if v.secret)
@@ -255,6 +259,7 @@ class Settings:
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
     file_upload_slots: int = 1
+    rsync_min_files: int = 50
 
     @property
     def state_root(self) -> Path:
@@ -379,6 +384,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
         file_upload_slots=env.integer("RINGRIFT_FILE_UPLOAD_SLOTS", 1, minimum=1),
+        rsync_min_files=env.integer("RINGRIFT_RSYNC_MIN_FILES", 50, minimum=0),
     )
 
 

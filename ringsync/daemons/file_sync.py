@@ -7,11 +7,11 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
 from ringsync.errors import BadInputError, TransportError
-from ringsync.files.client import FileClient
 from ringsync.files.fetch import Exclusions, FileFetcher, discard_stale_parts
 from ringsync.files.kinds import FileKind, FileRouting
 from ringsync.files.layout import file_dirs, manifest_path
@@ -25,6 +25,8 @@ from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
 from ringsync.policy.chains import Outcome
 from ringsync.transport.aria2 import Aria2Transport
+from ringsync.transport.files import build_file_client
+from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions, batches, bwlimit_args
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ _JITTER = 0.1
 # again this soon, with jitter, a bounded number of times: relays appear within a second.
 QUICK_RETRY_SECONDS = 0.3
 QUICK_RETRIES = 30
+RSYNC_RETRY_AFTER = 300.0  # seconds a peer whose rsync run failed gets per-file fetches only
 
 
 class FileSyncDaemon(Daemon):
@@ -61,7 +64,7 @@ class FileSyncDaemon(Daemon):
         self._dirs = file_dirs(s)
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
-        self._client = FileClient(s.node_id, s.auth_token)
+        self._client = build_file_client(s)
         self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
@@ -74,6 +77,7 @@ class FileSyncDaemon(Daemon):
         self._stuck: set[Ident] = set()  # files no source could serve last time
         self._quick: dict[Ident, int] = {}  # quick retries spent per file
         self._retry = asyncio.Event()  # a fetch failed: poll again soon
+        self._rsync_failed: dict[str, float] = {}  # peer -> when its rsync run last failed
         self._stopping = False
         self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
@@ -105,7 +109,7 @@ class FileSyncDaemon(Daemon):
                 tg.create_task(watch_renames(self._dirs, functools.partial(self._renamed, scanner)))
                 tg.create_task(self._scan_loop(scanner, manifest))
                 if self._wanted:
-                    tg.create_task(self._pull_loop(tg, scanner, manifest, steps))
+                    tg.create_task(self._pull_loop(tg, scanner, manifest, fetcher, steps))
         finally:
             self._health = Health(HealthState.STOPPED)
             await asyncio.shield(self._client.close())
@@ -151,7 +155,7 @@ class FileSyncDaemon(Daemon):
     # -- pulling from peers ---------------------------------------------------------------------
 
     async def _pull_loop(self, tg: asyncio.TaskGroup, scanner: FileScanner, manifest: FileManifest,
-                         steps: Mapping[str, FileStep]) -> None:
+                         fetcher: FileFetcher, steps: Mapping[str, FileStep]) -> None:
         interval = self._ctx.settings.file_poll_interval
         while not self._stopping:
             indexes = await self._poll_indexes()
@@ -159,6 +163,7 @@ class FileSyncDaemon(Daemon):
             gone = await asyncio.to_thread(manifest.gone)
             jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
                                 self._exclusions.by_hash, gone)
+            self._start_batches(tg, fetcher, [j for j in jobs if j.entry.ident not in self._in_flight])
             if any(ident not in self._in_flight for ident in (j.entry.ident for j in jobs)):
                 jobs = with_relays(jobs, await self._poll_relays(), self._exclusions.by_hash)
             for job in jobs:
@@ -241,6 +246,59 @@ class FileSyncDaemon(Daemon):
     def _attempted(self, kind: FileKind, transport: str, outcome: Outcome) -> None:
         self._ctx.metrics.transport_attempts.labels(
             data_type=kind.value, transport=transport, outcome=outcome.value).inc()
+    # -- many small files from one SSH peer: one rsync run -----------------------------------------
+
+    def _over_ssh(self, name: str) -> Host | None:
+        host = self._ctx.settings.inventory.get(name)
+        if host is None or "ssh" not in (host.transport or self._ctx.settings.transport_order):
+            return None
+        return host
+
+    def _remote_root(self, host: Host, kind: FileKind) -> str:
+        """Where the peer keeps ``kind``: its inventory models_dir / training_dir, else the
+        same path as here (one layout cluster-wide)."""
+        theirs = host.models_dir if kind is FileKind.MODELS else host.training_dir
+        return theirs or str(self._dirs[kind])
+
+    def _rsync_peer(self, name: str) -> Host | None:
+        """An SSH peer to rsync from, unless its last rsync run failed recently."""
+        failed = self._rsync_failed.get(name)
+        if failed is not None and time.monotonic() - failed < RSYNC_RETRY_AFTER:
+            return None
+        return self._over_ssh(name)
+
+    def _start_batches(self, tg: asyncio.TaskGroup, fetcher: FileFetcher, jobs: list[FetchJob]) -> None:
+        """Files owed by one SSH-reachable peer, RINGRIFT_RSYNC_MIN_FILES or more of them,
+        go in one rsync run; the rest (and any a batch did not deliver) are fetched one by one."""
+        if self._stopping:
+            return
+        groups = batches(jobs, self._rsync_peer, self._exclusions.by_hash,
+                         self._ctx.settings.rsync_min_files)
+        for (peer, kind), files in groups.items():
+            task = tg.create_task(self._rsync(fetcher, peer, kind, files))
+            for f in files:
+                self._in_flight[f.entry.ident] = task
+
+    async def _rsync(self, fetcher: FileFetcher, peer: str, kind: FileKind, files: list[BatchFile]) -> None:
+        s, host = self._ctx.settings, self._over_ssh(peer)
+        opts = RsyncOptions(known_hosts=s.ssh_known_hosts, connect_timeout=s.ssh_connect_timeout,
+                            keepalive_interval=s.ssh_keepalive_interval,
+                            keepalive_count_max=s.ssh_keepalive_count_max,
+                            extra_args=bwlimit_args(s.bandwidth_limits, peer))
+        batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy)
+        try:
+            async with self._slots[kind]:
+                if host is not None and not self._stopping:
+                    result = await batch.fetch(host, self._remote_root(host, kind), files)
+                    log.info("rsync from %s: %d of %d %s files published, %d corrupt", peer,
+                             len(result.published), len(files), kind.value, len(result.corrupt))
+        except (OSError, TransportError) as exc:
+            log.warning("rsync of %d %s files from %s failed: %s; fetching them one by one next",
+                        len(files), kind.value, peer, bounded(str(exc)))
+            self._rsync_failed[peer] = time.monotonic()
+        finally:
+            for f in files:
+                self._in_flight.pop(f.entry.ident, None)
 
     def _update_health(self, local: Mapping[Ident, object]) -> None:
         detail = f"{len(local)} files held, {len(self._in_flight)} fetching"

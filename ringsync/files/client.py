@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
 
-from ringsync.errors import TransportError
+from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.files.layout import HASH_HEADER, INDEX_PATH, MAX_INDEX_BYTES, file_url_path
 from ringsync.files.plan import IndexEntry, Source, parse_index
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
 
 NODE_HEADER = "X-Ringsync-Node"
+# Not connected at all: the next transport in the peer's order may reach it.
+_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 READ_CHUNK = 256 * 1024
 
 
@@ -29,6 +32,16 @@ class Body:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self.response.content.iter_chunked(READ_CHUNK)
+
+
+class PeerFiles(Protocol):
+    """What file sync asks of a peer, whichever transport carries it (HTTP, an SSH tunnel)."""
+
+    async def index(self, peer: Host) -> list[IndexEntry]: ...
+
+    def open(self, peer: Host, source: Source, start: int) -> AbstractAsyncContextManager[Body]: ...
+
+    async def close(self) -> None: ...
 
 
 class FileClient:
@@ -58,6 +71,8 @@ class FileClient:
                 body = await _bounded_body(peer.name, resp, MAX_INDEX_BYTES)
                 if resp.status != 200:
                     raise _failure(peer.name, resp.status, body)
+        except _UNREACHABLE as exc:
+            raise PeerUnreachableError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         return parse_index(body)
@@ -72,6 +87,8 @@ class FileClient:
                 if resp.status not in (200, 206):
                     raise _failure(peer.name, resp.status, await _bounded_body(peer.name, resp, 4096))
                 yield Body(_served_start(peer.name, resp), resp.headers.get(HASH_HEADER, ""), resp)
+        except _UNREACHABLE as exc:
+            raise PeerUnreachableError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from blake3 import blake3
 
 from ringsync.errors import CorruptDataError, TransportError
-from ringsync.files.client import Body, FileClient
+from ringsync.files.client import Body, PeerFiles
 from ringsync.files.hashing import feed_file, new_hasher
 from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
@@ -26,6 +26,7 @@ from ringsync.files.publish import (
     FileChangedError,
     destination,
     publish_file,
+    publish_files,
     publish_symlink,
     record_for,
 )
@@ -87,7 +88,7 @@ class MultiSource(Protocol):
 
 
 class FileFetcher:
-    def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: FileClient,
+    def __init__(self, dirs: Mapping[FileKind, Path], manifest: FileManifest, client: PeerFiles,
                  metrics: Metrics, hosts: Callable[[str], Host | None],
                  exclusions: Exclusions, multi: MultiSource | None = None) -> None:
         self._multi = multi
@@ -194,6 +195,35 @@ class FileFetcher:
             await asyncio.to_thread(self._publish, e, part, final, e.mtime_ns,
                                     f"fetched from {len(job.sources)} sources at once")
         return done
+    def publish_staged(self, staged: Sequence[tuple[IndexEntry, Path]], how: str) -> list[IndexEntry]:
+        """Complete files whose hashes the caller checked (an rsync batch), published together
+        (publish_files); a name where a local file must not be replaced is left out."""
+        moves, entries = [], []
+        for e, part in staged:
+            final = destination(self._dirs[e.kind], e.relpath)
+            if self._would_clobber(e, final):
+                log.warning("not publishing %s/%s: a file there is not the one last recorded",
+                            e.kind.value, e.relpath)
+                continue
+            moves.append((part, final, e.mtime_ns))
+            entries.append(e)
+
+        def record(stats: list[os.stat_result]) -> None:
+            self._manifest.publish_many([record_for(e.kind, e.relpath, st, e.hash)
+                                         for e, st in zip(entries, stats, strict=True)])
+
+        publish_files(moves, record)
+        for e in entries:
+            self._metrics.files_published.labels(kind=e.kind.value, how=how.split()[0]).inc()
+        log.info("published %d files (%s)", len(entries), how)
+        return entries
+
+    def reject_copy(self, e: IndexEntry, peer: str, why: str) -> None:
+        """``peer`` served wrong bytes for ``e`` (already discarded): never asked for it again."""
+        self._metrics.file_hash_mismatches.labels(kind=e.kind.value).inc()
+        log.warning("discarding %s/%s from %s: %s; not asking it for this content again",
+                    e.kind.value, e.relpath, peer, why)
+        self._exclusions.add(e.hash, {peer})
 
     # -- the download ----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +173,14 @@ class FileManifest:
     def drop_transfer(self, kind: FileKind, relpath: str) -> None:
         with self._txn() as db:
             db.execute("DELETE FROM transfers WHERE kind = ? AND relpath = ?", (kind.value, relpath))
+
+    def publish_many(self, recs: Sequence[FileRecord]) -> None:
+        """``publish`` for a batch (an rsync run), in one transaction."""
+        with self._txn() as db:
+            for rec in recs:
+                _upsert(db, rec)
+                db.execute("DELETE FROM transfers WHERE kind = ? AND relpath = ?",
+                           (rec.kind.value, rec.relpath))
 
     def publish(self, rec: FileRecord) -> None:
         """Record a verified, renamed download and close its journal entry, in one transaction."""

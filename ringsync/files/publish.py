@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ringsync.files.hashing import CHUNK, new_hasher
@@ -49,6 +52,52 @@ def publish_file(part: Path, final: Path, mtime_ns: int | None) -> os.stat_resul
     os.replace(part, final)
     fsync_dir(final.parent)
     return os.lstat(final)
+
+
+def publish_files(moves: Sequence[tuple[Path, Path, int]],
+                  before_rename: Callable[[list[os.stat_result]], None]) -> None:
+    """``publish_file`` for many (part, final, mtime_ns) at once, with the same guarantee:
+    the data is made durable first (one syncfs of the file system instead of an fsync per
+    file), ``before_rename`` records them, then each is renamed and each directory fsynced
+    once. For a batch of thousands of small files the fsyncs were most of the cost."""
+    if not moves:
+        return
+    for part, _, mtime_ns in moves:
+        os.utime(part, ns=(mtime_ns, mtime_ns))
+    _sync_file_systems([part for part, _, _ in moves])
+    before_rename([os.lstat(part) for part, _, _ in moves])
+    for part, final, _ in moves:
+        os.replace(part, final)
+    for parent in sorted({final.parent for _, final, _ in moves}):
+        fsync_dir(parent)
+
+
+def _sync_file_systems(paths: Sequence[Path]) -> None:
+    """syncfs(2) on the file system of ``paths`` (they share one: a staging dir beside the
+    destination); without syncfs (not Linux), an fsync per file."""
+    libc = _libc()
+    if libc is not None:
+        fd = os.open(paths[0], os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    return libc if hasattr(libc, "syncfs") else None
 
 
 def publish_symlink(final: Path, target: str, mtime_ns: int,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -15,8 +14,8 @@ from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
+from ringsync.transport.order import TransportOrder, unreachable
 
-log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 AttemptCallback = Callable[[str, Outcome], None]  # transport, outcome
 
@@ -52,26 +51,19 @@ class TransportChain:
 
     Only a ``PeerUnreachableError`` moves on to the next transport; any other error (the
     peer answered, or was reached and could not take it now) is final for this attempt.
-    The transport that last worked for a peer is tried first next time, so a
-    peer reachable only over SSH does not pay an HTTP timeout on every push.
+    The transport that last worked for a peer is tried first next time (TransportOrder).
     """
 
     def __init__(self, transports: dict[str, GameTransport], default_order: tuple[str, ...], *,
                  on_attempt: AttemptCallback | None = None) -> None:
         self._transports = transports
-        self._default = default_order
+        self._order = TransportOrder(default_order)
         self._on_attempt = on_attempt
         # Breakers and their metric are per (peer, transport): HTTP alone keeps its own name.
         self.name = "http" if set(transports) == {"http"} else "chain"
-        self._working: dict[str, str] = {}  # peer -> the transport that last reached it
 
     def order(self, peer: Host) -> list[str]:
-        order = list(peer.transport or self._default)
-        working = self._working.get(peer.name)
-        if working in order:
-            order.remove(working)
-            order.insert(0, working)
-        return order
+        return self._order.order(peer)
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
                          data_dir_id: str | None = None) -> MergeResult:
@@ -102,16 +94,11 @@ class TransportChain:
                 self._attempted(name, Outcome.FAILED)
                 raise
             self._attempted(name, Outcome.OK)
-            if self._working.get(peer.name) != name:
-                log.info("%s is reached over %s", peer.name, name)
-                self._working[peer.name] = name
+            self._order.worked(peer, name)
             return result
         if not failures:
             raise PeerUnreachableError(peer.name, "no transport of its chain is available here")
-        if len(failures) == 1:
-            raise failures[0][1]  # as the one transport typed it
-        raise PeerUnreachableError(peer.name, "; ".join(f"{n}: {e.reason}" for n, e in failures)) \
-            from failures[-1][1]
+        raise unreachable(peer, failures) from failures[-1][1]
 
     def _attempted(self, name: str, outcome: Outcome) -> None:
         if self._on_attempt is not None:

@@ -170,10 +170,6 @@ class FileManifest:
             db.execute("INSERT OR REPLACE INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (t.kind.value, t.relpath, t.hash, t.size, t.mtime_ns, t.done, t.source))
 
-    def drop_transfer(self, kind: FileKind, relpath: str) -> None:
-        with self._txn() as db:
-            db.execute("DELETE FROM transfers WHERE kind = ? AND relpath = ?", (kind.value, relpath))
-
     def publish_many(self, recs: Sequence[FileRecord]) -> None:
         """``publish`` for a batch (an rsync run), in one transaction."""
         with self._txn() as db:

@@ -785,8 +785,9 @@ class GameMerger:
         held = self._saved_filter(shards)
         new = [] if held is None else [path for path in older if path not in held.covered]
         if held is not None and new:
-            count = sum(self._shard(path, _TargetDB.game_count) for path in new[:_COVER_HERE])
-            if len(new) <= _COVER_HERE and held.count + count <= held.capacity:
+            fits = len(new) <= _COVER_HERE and held.count + sum(
+                self._shard(path, _TargetDB.game_count) for path in new) <= held.capacity
+            if fits:
                 self._cover(held, new)
                 self._save_filter(shards.key, held)
             else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from yarl import URL
 
 from ringsync.errors import ConfigError
 
@@ -71,6 +72,10 @@ class Host:
     def address(self) -> str:
         """Where this node's data server is reached: p2p_host, tailscale_ip, ssh_host."""
         return self.p2p_host or self.tailscale_ip or self.ssh_host or "127.0.0.1"
+
+    def url(self, path: str) -> URL:
+        """``path`` on this node's data server."""
+        return URL.build(scheme="http", host=self.address, port=self.p2p_port, path=path)
 
     @property
     def is_coordinator(self) -> bool:

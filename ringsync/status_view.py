@@ -11,7 +11,6 @@ import aiohttp
 
 from ringsync.inventory import Host
 from ringsync.settings import Settings
-from ringsync.transport.http.client import peer_url
 
 CONNECT_TIMEOUT = 3.0
 TOTAL_TIMEOUT = 8.0
@@ -28,7 +27,7 @@ async def fetch_status(session: aiohttp.ClientSession, host: Host, *, has_token:
                        ) -> dict[str, Any]:
     """One node's status, or {"node": name, "error": why and what to do} when it cannot be had."""
     try:
-        async with session.get(peer_url(host, "/v1/status")) as resp:
+        async with session.get(host.url("/v1/status")) as resp:
             if resp.status == 401:
                 why = "token rejected" if has_token else "no token sent"
                 return {"node": host.name, "error": f"{why}: {TOKEN_HELP}"}

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
-from yarl import URL
 
 from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.files.layout import HASH_HEADER, INDEX_PATH, MAX_INDEX_BYTES, file_url_path
@@ -67,7 +66,7 @@ class FileClient:
 
     async def index(self, peer: Host) -> list[IndexEntry]:
         try:
-            async with self._client().get(_url(peer, INDEX_PATH)) as resp:
+            async with self._client().get(peer.url(INDEX_PATH)) as resp:
                 body = await _bounded_body(peer.name, resp, MAX_INDEX_BYTES)
                 if resp.status != 200:
                     raise _failure(peer.name, resp.status, body)
@@ -82,7 +81,7 @@ class FileClient:
         """The file's bytes from ``start``; errors (HTTP or network) are TransportError."""
         headers = {"Range": f"bytes={start}-"} if start else {}
         try:
-            async with self._client().get(_url(peer, file_url_path(source.kind, source.relpath)),
+            async with self._client().get(peer.url(file_url_path(source.kind, source.relpath)),
                                           headers=headers) as resp:
                 if resp.status not in (200, 206):
                     raise _failure(peer.name, resp.status, await _bounded_body(peer.name, resp, 4096))
@@ -91,10 +90,6 @@ class FileClient:
             raise PeerUnreachableError(peer.name, f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(peer.name, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _url(peer: Host, path: str) -> URL:
-    return URL.build(scheme="http", host=peer.address, port=peer.p2p_port, path=path)
 
 
 def _served_start(peer: str, resp: aiohttp.ClientResponse) -> int:

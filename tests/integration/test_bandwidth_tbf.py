@@ -29,7 +29,7 @@ from ringsync.inventory import AutoSyncSection, Host, Inventory
 from ringsync.node import NodeContext
 from ringsync.policy.bandwidth import BandwidthLimiter, BandwidthLimits, Priority
 from ringsync.store.gamedb import game_ids
-from ringsync.transport.http import GAMES_PATH, HttpTransport, peer_url
+from ringsync.transport.http import GAMES_PATH, HttpTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -103,7 +103,7 @@ async def push_priorities(peer: Host, limit_mbps: float) -> dict[str, float]:
                    priority: Priority) -> None:
         async with limiter.transfer(peer.name, priority), \
                 aclosing(limiter.paced(peer.name, os.urandom(size), priority)) as body, \
-                session.post(peer_url(peer, GAMES_PATH), data=body,
+                session.post(peer.url(GAMES_PATH), data=body,
                              headers={"Content-Length": str(size)}) as resp:
             assert resp.status == 200, await resp.text()
         finished[name] = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """The HTTP transport: client, server and the wire names and statuses they share."""
 
-from ringsync.transport.http.client import HttpTransport, peer_url
+from ringsync.transport.http.client import HttpTransport
 from ringsync.transport.http.wire import (
     BATCH_CONTENT_TYPE,
     DATA_DIR_HEADER,
@@ -20,5 +20,4 @@ __all__ = [
     "NODE_HEADER",
     "STORAGE_PATH",
     "HttpTransport",
-    "peer_url",
 ]

@@ -8,7 +8,6 @@ from contextlib import aclosing
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from ringsync.errors import PeerUnreachableError, TransientError, TransportError
 from ringsync.inventory import Host
@@ -27,10 +26,6 @@ from ringsync.transport.http.wire import (
 )
 
 _DATA_DIR_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def peer_url(peer: Host, path: str) -> URL:
-    return URL.build(scheme="http", host=peer.address, port=peer.p2p_port, path=path)
 
 
 class HttpTransport:
@@ -79,7 +74,7 @@ class HttpTransport:
     async def _request(self, method: str, peer: Host, path: str, **kwargs: Any) -> bytes:
         """The body of a 200 answer; any other answer or failure is a typed error."""
         try:
-            async with self._client().request(method, peer_url(peer, path), **kwargs) as resp:
+            async with self._client().request(method, peer.url(path), **kwargs) as resp:
                 body = await _read_answer(peer.name, resp)
                 if resp.status != 200:
                     raise _rejection(peer.name, resp.status, body)

@@ -19,6 +19,7 @@ NODE_HEADER = "X-Ringsync-Node"
 # Not connected at all: the next transport in the peer's order may reach it.
 _UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 READ_CHUNK = 256 * 1024
+READ_BUFSIZE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,9 @@ class FileClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+            # A deep read buffer: the socket keeps being read while a write runs in a thread.
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers,
+                                                  read_bufsize=READ_BUFSIZE)
         return self._session
 
     async def close(self) -> None:

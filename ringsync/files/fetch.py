@@ -39,7 +39,7 @@ from ringsync.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 WRITE_BYTES = 1024 * 1024  # bytes gathered before one write (in a worker thread)
-MAX_PENDING = 16 * 1024 * 1024  # gathered while a write runs; beyond it, reading waits
+MAX_PENDING = 8 * 1024 * 1024  # gathered while a write runs; beyond it, reading waits
 # fsync + journal (what a restart resumes from) this often, whichever comes first
 CHECKPOINT_BYTES = 64 * 1024 * 1024
 CHECKPOINT_SECONDS = 1.0
@@ -348,9 +348,10 @@ class FileFetcher:
         """Read the body while the previous bytes are written and hashed in a worker thread.
 
         The socket is never left unread while the disk works: what arrives meanwhile is
-        gathered (up to MAX_PENDING, then reading waits for the write). Writeback of each
-        write is started at once (``start_writeback``), so a checkpoint's fsync and the
-        final one find little left to flush."""
+        gathered, up to MAX_PENDING; then reading waits for the write. A download holds at
+        most about twice MAX_PENDING plus the client's read buffer. Writeback of each write is
+        started at once (``start_writeback``), so a checkpoint's fsync and the final one
+        find little left to flush."""
         pending = bytearray()
         received = part.written
         checkpoints = _Checkpoints()

@@ -355,22 +355,33 @@ class FileFetcher:
         pending = bytearray()
         received = part.written
         checkpoints = _Checkpoints()
-        async for chunk in body.chunks():
-            received += len(chunk)
-            if received > e.size:
-                raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
-            pending += chunk
-            if len(pending) < WRITE_BYTES:
-                continue
-            if part.busy and len(pending) < MAX_PENDING:
-                continue  # keep reading while the last write runs
-            await part.wait()
-            pending = self._write(e, part, pending, checkpoints.due(len(pending)), peer, grew)
+        try:
+            async for chunk in body.chunks():
+                received += len(chunk)
+                if received > e.size:
+                    raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
+                pending += chunk
+                if len(pending) < WRITE_BYTES:
+                    continue
+                if part.busy and len(pending) < MAX_PENDING:
+                    continue  # keep reading while the last write runs
+                await part.wait()
+                pending = self._write(e, part, pending, checkpoints.due(len(pending)), peer, grew)
+        except CorruptDataError:
+            raise
+        except Exception:
+            # The stream broke: what arrived before is kept (the next source resumes after it).
+            await self._flush(e, part, pending, peer, grew)
+            raise
+        await self._flush(e, part, pending, peer, grew)
+        if part.written != e.size:
+            raise TransportError(peer, f"answer ended at {part.written} of {e.size} bytes")
+
+    async def _flush(self, e: IndexEntry, part: _Part, pending: bytearray, peer: str,
+                     grew: Callable[[], None]) -> None:
         await part.wait()
         self._write(e, part, pending, False, peer, grew)
         await part.wait()
-        if part.written != e.size:
-            raise TransportError(peer, f"answer ended at {part.written} of {e.size} bytes")
 
     def _write(self, e: IndexEntry, part: _Part, data: bytearray, checkpoint: bool, peer: str,
                grew: Callable[[], None]) -> bytearray:

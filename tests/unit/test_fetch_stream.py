@@ -95,44 +95,44 @@ def fetch_with(peer: FakePeer, models: Path, manifest: FileManifest, e: IndexEnt
 
 def test_the_body_is_read_on_while_a_write_runs(node: tuple[Path, FileManifest],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first write blocks until the peer has sent two more MiB: a fetcher that waited
-    for each write before reading on would never get them (and fail on the timeout)."""
+    """The first write (the first MiB) blocks until the peer has been read to 3 MiB: a
+    fetcher that waited for each write before reading on would never get there (and fail
+    on the timeout)."""
     models, manifest = node
     content = os.urandom(8 * MIB)
     read_on = threading.Event()
-    first_write: list[int] = []
 
     def on_chunk(offset: int) -> None:
-        if first_write and offset >= first_write[0] + 2 * MIB:
+        if offset >= 3 * MIB:
             read_on.set()
 
     real_append = fetch._append
+    writes: list[int] = []
 
     def slow_append(part: fetch._Part, data: bytearray, *then: Callable[[], None] | None) -> None:
-        if not first_write:
-            first_write.append(part.written + len(data))
+        if not writes:
             assert read_on.wait(10), "nothing was read while the first write ran"
+        writes.append(len(data))
         real_append(part, data, *then)
 
     monkeypatch.setattr(fetch, "_append", slow_append)
     e = entry_for(content)
     assert fetch_with(FakePeer(content, 64 * 1024, on_chunk=on_chunk), models, manifest, e)
-    assert read_on.is_set()
+    assert writes[0] == fetch.WRITE_BYTES
     assert (models / e.relpath).read_bytes() == content
 
 
-def test_a_cut_stream_resumes_from_the_last_checkpoint_and_each_byte_is_checked(
+def test_a_cut_stream_keeps_what_arrived_and_resumes_after_it(
         node: tuple[Path, FileManifest], monkeypatch: pytest.MonkeyPatch) -> None:
     models, manifest = node
-    monkeypatch.setattr(fetch, "CHECKPOINT_BYTES", 2 * MIB)
     content = os.urandom(12 * MIB)
     e = entry_for(content)
     assert not fetch_with(FakePeer(content, 256 * 1024, cut_at=7 * MIB), models, manifest, e)
     journal = manifest.transfer(M, e.relpath)
     assert journal is not None
     part = models / part_name(e.relpath)
-    assert 2 * MIB <= journal.done <= part.stat().st_size <= 7 * MIB
-    # what the journal vouches for is the content's prefix, on disk
+    # everything that arrived before the cut was written, fsynced and journalled
+    assert journal.done == part.stat().st_size == 7 * MIB
     assert part.read_bytes()[:journal.done] == content[:journal.done]
 
     peer = FakePeer(content, 256 * 1024)
@@ -140,6 +140,29 @@ def test_a_cut_stream_resumes_from_the_last_checkpoint_and_each_byte_is_checked(
     assert peer.served_from == [journal.done]
     assert (models / e.relpath).read_bytes() == content
     assert manifest.transfer(M, e.relpath) is None
+
+
+def test_the_journal_advances_during_a_download_never_past_the_synced_bytes(
+        node: tuple[Path, FileManifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    models, manifest = node
+    monkeypatch.setattr(fetch, "CHECKPOINT_BYTES", 2 * MIB)
+    content = os.urandom(40 * MIB)  # writes are up to MAX_PENDING (8 MiB) each
+    e = entry_for(content)
+    seen: list[tuple[int, int]] = []  # (journal's bytes, bytes on disk) at each checkpoint
+    real = FileFetcher._checkpoint
+
+    def checkpoint(self: FileFetcher, e: IndexEntry, part: fetch._Part, peer: str) -> None:
+        real(self, e, part, peer)
+        journal = manifest.transfer(M, e.relpath)
+        assert journal is not None
+        seen.append((journal.done, os.fstat(part.fd).st_size))
+
+    monkeypatch.setattr(FileFetcher, "_checkpoint", checkpoint)
+    assert fetch_with(FakePeer(content, 256 * 1024), models, manifest, e)
+    assert len(seen) >= 3, seen  # at writes 2 MiB or more apart, not only at the end
+    assert all(done <= on_disk for done, on_disk in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert 0 < seen[0][0] < len(content)
 
 
 def test_a_full_disk_stops_the_download_with_nothing_published(

@@ -235,3 +235,28 @@ def test_game_acks_and_file_checkpoints_write_the_one_journal_at_once(tmp_path: 
         assert db.execute("SELECT max(done) FROM transfers").fetchone()[0] == 299 << 20
         assert db.execute("SELECT count(*) FROM files").fetchone()[0] >= 1
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(JOURNAL_NAME)) == []
+
+
+def test_the_file_sync_daemon_and_the_file_server_opening_at_once_import_it_once(
+        journal: Path) -> None:
+    opened: list[FileManifest] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            opened.append(FileManifest(journal))
+        except BaseException as exc:  # reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for m in opened:
+        m.close()
+    assert errors == []
+    assert len(opened) == 4
+    assert_imported(journal)

@@ -230,6 +230,8 @@ def _open(path: Path) -> sqlite3.Connection:
         db.executescript(_SCHEMA)
     except sqlite3.DatabaseError as exc:
         db.close()
+        if not _is_corrupt(exc):
+            raise
         raise CorruptDataError(
             f"node journal {path} is unreadable ({exc}): stop ringsync on this node and move "
             f"{path} aside (with its -wal and -shm files); the next start creates a fresh one "
@@ -295,6 +297,8 @@ def _copy_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
                     rows[table] = (columns, old.execute(
                         f"SELECT {','.join(columns)} FROM {table}").fetchall())
     except sqlite3.DatabaseError as exc:
+        if not _is_corrupt(exc):
+            raise
         aside = _move_aside(legacy)
         log.error("old file manifest %s is unreadable (%s); moved it to %s (local files are "
                   "hashed again, its downloads start over)", legacy, exc, aside)
@@ -306,6 +310,12 @@ def _copy_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
     log.info("imported %s into the node journal (%s); it is removed now", legacy,
              ", ".join(f"{table}: {len(found)} rows" for table, (_, found) in rows.items()))
     return True
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Unreadable for good (garbage, a damaged page), not busy or out of disk for now."""
+    code = getattr(exc, "sqlite_errorcode", -1) & 0xFF  # the primary code of an extended one
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _remove_legacy(legacy: Path) -> None:

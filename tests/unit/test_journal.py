@@ -260,3 +260,16 @@ def test_the_file_sync_daemon_and_the_file_server_opening_at_once_import_it_once
     assert errors == []
     assert len(opened) == 4
     assert_imported(journal)
+
+
+def test_a_busy_journal_is_not_called_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = tmp_path / JOURNAL_NAME
+    DataManifest(journal).close()
+    monkeypatch.setattr("ringsync.files.manifest.BUSY_TIMEOUT", 0.1)
+    with closing(sqlite3.connect(journal, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # another writer holds the journal
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            FileManifest(journal)
+        writer.execute("ROLLBACK")
+    assert sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
+    FileManifest(journal).close()

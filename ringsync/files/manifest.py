@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ringsync.errors import CorruptDataError
 from ringsync.files.kinds import FileKind
-from ringsync.store.manifest import BUSY_TIMEOUT
+from ringsync.store.manifest import BUSY_TIMEOUT, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def _copy_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
     except sqlite3.DatabaseError as exc:
         if not _is_corrupt(exc):
             raise
-        aside = _move_aside(legacy)
+        aside = move_aside(legacy)
         log.error("old file manifest %s is unreadable (%s); moved it to %s (local files are "
                   "hashed again, its downloads start over)", legacy, exc, aside)
         return False
@@ -327,11 +327,3 @@ def _remove_legacy(legacy: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _move_aside(path: Path) -> Path:
-    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-    for part, moved in zip(_with_sidecars(path), _with_sidecars(aside), strict=True):
-        if part.exists():
-            part.rename(moved)
-    return aside

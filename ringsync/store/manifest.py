@@ -141,11 +141,7 @@ class DataManifest:
         # The manifest is derived state: local games are found again by a scan and
         # re-sent games are de-duplicated by receivers, so a fresh one is safe; so are the
         # file tables beside them (files are hashed again, downloads start over).
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{path}{suffix}")
-            if part.exists():
-                part.rename(Path(f"{aside}{suffix}"))
+        aside = move_aside(path)
         log.error(
             "manifest %s is unreadable (%s); moved it to %s and starting a fresh one "
             "(local games are rescanned; peers ignore games they already hold; local files "
@@ -491,6 +487,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an unreadable SQLite DB and its -wal/-shm to ``<name>.corrupt-<time>``, kept
+    for a post-mortem; returns the new name."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            part.rename(Path(f"{aside}{suffix}"))
+    return aside
 
 
 def _nonempty(path: Path) -> bool:

@@ -163,9 +163,12 @@ class FileManifest:
 
     def gone(self, *, keep_days: float = GONE_KEEP_DAYS) -> set[tuple[FileKind, str, str]]:
         """(kind, relpath, hash) of versions removed here in the last ``keep_days``."""
-        with self._txn() as db:
-            db.execute("DELETE FROM gone WHERE gone_at < ?", (time.time() - keep_days * 86400,))
-            rows = db.execute("SELECT kind, relpath, hash FROM gone").fetchall()
+        cutoff = time.time() - keep_days * 86400
+        with self._lock:  # a write only when there is something to prune: the journal is shared
+            if self._db.execute("SELECT 1 FROM gone WHERE gone_at < ? LIMIT 1", (cutoff,)).fetchone():
+                with _write(self._db):
+                    self._db.execute("DELETE FROM gone WHERE gone_at < ?", (cutoff,))
+            rows = self._db.execute("SELECT kind, relpath, hash FROM gone").fetchall()
         return {(FileKind(k), str(r), str(h)) for k, r, h in rows}
 
     # -- the transfer journal -------------------------------------------------------------------

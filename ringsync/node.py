@@ -15,7 +15,7 @@ from ringsync.policy.bandwidth import BandwidthLimiter
 from ringsync.policy.router import SyncRouter
 from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
-from ringsync.store.manifest import DataManifest
+from ringsync.store.manifest import JOURNAL_NAME, DataManifest
 from ringsync.store.receiver import GameReceiver
 from ringsync.store.sharedir import check_node_dir_name, ensure_data_dir_id, migrate_legacy_state
 
@@ -69,7 +69,7 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
     identity = storage_identity(settings, mountinfo=mountinfo)
     migrate_legacy_state(settings.state_root, settings.state_dir)
     router = SyncRouter(settings.inventory, settings.node_id, settings.coordinator_node)
-    manifest = DataManifest(settings.state_dir / "manifest.db")
+    manifest = DataManifest(settings.state_dir / JOURNAL_NAME)
     metrics = Metrics()
     receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router),
                             manifest=manifest, metrics=metrics, max_configs=settings.max_configs,

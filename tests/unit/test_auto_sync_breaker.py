@@ -4,6 +4,7 @@ after healing it half-opens, closes and catches up, every game exactly once."""
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import HealthState
 from ringsync.inventory import Host
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuit_breakers
 from ringsync.policy.breaker import BreakerConfig, BreakerState
 from ringsync.protocol.results import MergeResult
 from ringsync.store.receiver import GameReceiver
@@ -55,7 +56,7 @@ def duplicates_at(ctx: NodeContext, peer: str) -> float | None:
 async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
     node_factory: Callable[..., NodeContext], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ringsync.daemons.auto_sync")
+    caplog.set_level(logging.INFO, logger="ringsync.node")
     transport = CountingTransport()
     for name in ("train-1", "train-2"):
         transport.receivers[name] = GameReceiver(tmp_path / name / "synced")
@@ -66,7 +67,8 @@ async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
     db = ctx.settings.games_dir / "sp.db"
     first, _ = write_games(db, 30)
     transport.down.add("train-2")
-    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, breaker=BREAKER, clock=clock)
+    ctx.breakers = circuit_breakers(ctx.metrics, BREAKER, clock=clock)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, clock=clock)
     try:
         for _ in range(3):  # three transient failures in a row open train-2's breaker
             await daemon.sync_once()
@@ -104,9 +106,11 @@ async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
         await daemon.drain()
         for receiver in transport.receivers.values():
             receiver.close()
-    changes = [r.getMessage() for r in caplog.records if "circuit to train-2" in r.getMessage()]
-    assert [c.split(": ", 1)[1].split(" (")[0] for c in changes] == [
+    changes = [r.getMessage() for r in caplog.records if "circuit to train-2 over memory" in r.getMessage()]
+    assert [re.sub(r" for \d+s", "", c.split(": ", 1)[1].split(" (")[0]) for c in changes] == [
         "closed -> open", "open -> half_open", "half_open -> closed"]
+    assert "open for 30s -> half_open" in changes[1]  # how long it was open
+    assert all(re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", c) for c in changes)
 
 
 async def test_a_probe_that_fails_reopens_the_breaker_for_longer(
@@ -118,7 +122,8 @@ async def test_a_probe_that_fails_reopens_the_breaker_for_longer(
     ctx = node_factory("selfplay-1")
     write_games(ctx.settings.games_dir / "sp.db", 5)
     transport.down.add("train-2")
-    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, breaker=BREAKER, clock=clock)
+    ctx.breakers = circuit_breakers(ctx.metrics, BREAKER, clock=clock)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, clock=clock)
     try:
         for _ in range(3):
             await daemon.sync_once()

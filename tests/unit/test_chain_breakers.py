@@ -135,19 +135,26 @@ async def test_a_failed_probe_reopens_for_longer_and_the_batch_still_goes_over_s
     assert rig.http.calls == 5
 
 
-async def test_a_half_open_breaker_lets_one_probe_through_the_others_take_ssh() -> None:
-    rig = Rig()
+async def probe_in_flight(rig: Rig) -> asyncio.Task[MergeResult]:
+    """Open HTTP's breaker, wait out its recovery, and start a push held on HTTP: the probe."""
     for _ in range(3):
         await rig.push()
     rig.clock.advance(30.0)
     rig.http.gate = asyncio.Event()
     probe = asyncio.create_task(rig.push())
-    await asyncio.sleep(0)  # the probe is in flight over HTTP
+    await asyncio.sleep(0)
     assert rig.state("http") is BreakerState.HALF_OPEN
+    return probe
+
+
+async def test_a_half_open_breaker_lets_one_probe_through_the_others_take_ssh() -> None:
+    rig = Rig()
+    probe = await probe_in_flight(rig)
     await asyncio.gather(rig.push(), rig.push())
     assert rig.http.calls == 4  # one probe only
     assert rig.attempts[("http", Outcome.BREAKER_OPEN)] == 2
     rig.http.up = True
+    assert rig.http.gate is not None
     rig.http.gate.set()
     await probe
     assert rig.state("http") is BreakerState.CLOSED
@@ -155,16 +162,12 @@ async def test_a_half_open_breaker_lets_one_probe_through_the_others_take_ssh() 
 
 async def test_a_cancelled_probe_gives_no_verdict_and_frees_its_slot() -> None:
     rig = Rig()
-    for _ in range(3):
-        await rig.push()
-    rig.clock.advance(30.0)
-    rig.http.gate = asyncio.Event()
-    probe = asyncio.create_task(rig.push())
-    await asyncio.sleep(0)
+    probe = await probe_in_flight(rig)
     probe.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await probe
     assert rig.state("http") is BreakerState.HALF_OPEN
+    assert rig.http.gate is not None
     rig.http.gate.set()
     rig.http.up = True
     await rig.push()  # the slot is free again: this push is the probe

@@ -15,7 +15,7 @@ from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
 from ringsync.policy.backoff import Clock
 from ringsync.policy.bandwidth import BandwidthLimiter
-from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState
+from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from ringsync.policy.router import SyncRouter
 from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
@@ -122,3 +122,18 @@ def circuit_breakers(metrics: Metrics, config: BreakerConfig | None = None, *,
 def wall_time(t: float) -> str:
     """How logs and status say when something began: UTC, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def circuit_since(breakers: Breakers, breaker: CircuitBreaker) -> str:
+    """What an operator reads of a breaker: peer, transport, state and since when."""
+    age = breakers.age(breaker)
+    return (f"{breaker.peer}: circuit {breaker.state.value} over {breaker.transport} since "
+            f"{wall_time(time.time() - age)} ({age:.0f}s)")
+
+
+def circuits_status(breakers: Breakers) -> list[dict[str, object]]:
+    """For /v1/status: every breaker that is not closed (games' and files' alike)."""
+    now = time.time()
+    return [{"peer": b.peer, "transport": b.transport, "state": b.state.value,
+             "since": wall_time(now - breakers.age(b)), "seconds": round(breakers.age(b))}
+            for b in breakers if b.state is not BreakerState.CLOSED]

@@ -20,7 +20,7 @@ from ringsync.daemons.base import HealthState
 from ringsync.inventory import Host, Inventory
 from ringsync.node import NodeContext
 from ringsync.store.gamedb import game_ids
-from tests.conftest import write_games
+from tests.conftest import TOKEN, write_games
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
@@ -55,12 +55,19 @@ def held(ctx: NodeContext) -> list[str]:
     return [g for db in sorted(ctx.settings.synced_dir.glob("*.db")) for g in game_ids(db)]
 
 
+async def get(ctx: NodeContext, path: str) -> aiohttp.ClientResponse:
+    """GET ``path`` from the node's own data server (read, then released)."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as session, session.get(
+            ctx.settings.inventory.hosts["selfplay-1"].url(path)) as resp:
+        assert resp.status == 200
+        await resp.read()
+        return resp
+
+
 async def scrape(ctx: NodeContext) -> dict[str, float]:
     """The node's /metrics over HTTP, as {'name{labels}': value}."""
-    async with aiohttp.ClientSession() as session, session.get(
-            ctx.settings.inventory.hosts["selfplay-1"].url("/metrics")) as resp:
-        assert resp.status == 200
-        text = await resp.text()
+    text = await (await get(ctx, "/metrics")).text()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -110,3 +117,6 @@ async def test_http_down_ssh_up_games_arrive_once_and_only_the_http_breaker_is_o
     assert re.search(r"train-1: circuit open over http since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
                      r"\(\d+s\)", health.detail), health.detail
     assert "over ssh" not in health.detail
+    (circuit,) = (await (await get(sender, "/v1/status")).json())["circuits"]
+    assert (circuit["peer"], circuit["transport"], circuit["state"]) == ("train-1", "http", "open")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", circuit["since"])

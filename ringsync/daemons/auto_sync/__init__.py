@@ -23,7 +23,7 @@ from ringsync.errors import (
     TransportError,
 )
 from ringsync.inventory import Host
-from ringsync.node import NodeContext, wall_time
+from ringsync.node import NodeContext, circuit_since
 from ringsync.policy.backoff import Clock
 from ringsync.policy.breaker import BreakerState, CircuitBreaker
 from ringsync.policy.delivery import DeliveryPolicy, Outcome
@@ -332,11 +332,8 @@ class AutoSyncDaemon(Daemon):
 
     def _update_health(self) -> None:
         failing, unreadable = self._policy.failing, self._sources.errors
-        breakers = self._ctx.breakers
-        open_ = [f"{b.peer}: circuit {b.state.value} over {b.transport} since "
-                 f"{wall_time(time.time() - breakers.age(b))} ({breakers.age(b):.0f}s)"
-                 for h in self._ctx.router.game_targets() for b in self._circuits(h.name)
-                 if b.state is not BreakerState.CLOSED]
+        open_ = [circuit_since(self._ctx.breakers, b) for h in self._ctx.router.game_targets()
+                 for b in self._circuits(h.name) if b.state is not BreakerState.CLOSED]
         if failing or unreadable or open_:
             detail = "; ".join([*open_, *(f"{p}: {r}" for p, r in sorted(failing.items())),
                                 *(r for _, r in sorted(unreadable.items()))])

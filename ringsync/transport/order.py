@@ -9,6 +9,7 @@ and HTTP comes back by itself when a half-open probe gets through.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from ringsync.policy.chains import Outcome
 
 __all__ = ["AttemptCallback", "GuardedOrder", "Walk", "unreachable"]
 
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 AttemptCallback = Callable[[str, Outcome], None]  # transport, outcome
 
@@ -38,6 +40,7 @@ class GuardedOrder:
         self._available = frozenset(available)
         self.breakers = breakers
         self._on_attempt = on_attempt
+        self._working: dict[str, str] = {}  # peer -> the transport that last reached it (for logs)
 
     def order(self, peer: Host) -> list[str]:
         return list(peer.transport or self._default)
@@ -71,6 +74,12 @@ class GuardedOrder:
             return result
         raise walk.error() from walk.last
 
+    def worked(self, peer: Host, name: str) -> None:
+        """Logged when the transport that reaches a peer changes, not per request."""
+        if self._working.get(peer.name) != name:
+            log.info("%s is reached over %s", peer.name, name)
+            self._working[peer.name] = name
+
     def attempted(self, name: str, outcome: Outcome) -> None:
         if self._on_attempt is not None:
             self._on_attempt(name, outcome)
@@ -102,6 +111,7 @@ class Walk:
     def reached(self, name: str) -> None:
         self._order.breakers.record(self._peer.name, name, None)
         self._order.attempted(name, Outcome.OK)
+        self._order.worked(self._peer, name)
 
     def unreachable(self, name: str, exc: PeerUnreachableError) -> None:
         self._order.breakers.record(self._peer.name, name, exc)

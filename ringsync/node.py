@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,13 +13,17 @@ from ringsync.inventory import Host
 from ringsync.ops.fsdetect import mount_of
 from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
+from ringsync.policy.backoff import Clock
 from ringsync.policy.bandwidth import BandwidthLimiter
+from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from ringsync.policy.router import SyncRouter
 from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
 from ringsync.store.manifest import JOURNAL_NAME, DataManifest
 from ringsync.store.receiver import GameReceiver
 from ringsync.store.sharedir import check_node_dir_name, ensure_data_dir_id, migrate_legacy_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +39,7 @@ class NodeContext:
     sync_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     bandwidth: BandwidthLimiter = field(default_factory=BandwidthLimiter)  # paces every send
+    breakers: Breakers = field(default_factory=Breakers)  # per (peer, transport), every path
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
 
     @property
@@ -79,7 +86,8 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
                            marked_nfs=nfs_hosts(settings.inventory))
     return NodeContext(settings=settings, metrics=metrics, manifest=manifest, router=router,
                        receiver=receiver, shared=shared,
-                       bandwidth=bandwidth_limiter(settings, metrics))
+                       bandwidth=bandwidth_limiter(settings, metrics),
+                       breakers=circuit_breakers(metrics, breaker_config(settings)))
 
 
 def bandwidth_limiter(settings: Settings, metrics: Metrics) -> BandwidthLimiter:
@@ -90,3 +98,42 @@ def bandwidth_limiter(settings: Settings, metrics: Metrics) -> BandwidthLimiter:
             peer=peer, priority=priority.label).inc(n),
         on_wait=lambda priority, reason, seconds: metrics.bandwidth_wait.labels(
             priority=priority.label, reason=reason).inc(seconds))
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
+                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
+
+
+def circuit_breakers(metrics: Metrics, config: BreakerConfig | None = None, *,
+                     clock: Clock = time.monotonic) -> Breakers:
+    """The node's one set of breakers, per (peer, transport): each state change is logged
+    once, with the wall-clock time it happened, and exported as ringsync_circuit_state."""
+    def changed(change: BreakerChange) -> None:
+        metrics.circuit_state.labels(peer=change.peer, transport=change.transport).set(
+            change.new.gauge)
+        if change.old is not None:
+            level = logging.WARNING if change.new is BreakerState.OPEN else logging.INFO
+            log.log(level, "%s; %s since %s", change.describe(), change.new.value,
+                    wall_time(time.time()))
+    return Breakers(config, clock=clock, on_change=changed)
+
+
+def wall_time(t: float) -> str:
+    """How logs and status say when something began: UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def circuit_since(breakers: Breakers, breaker: CircuitBreaker) -> str:
+    """What an operator reads of a breaker: peer, transport, state and since when."""
+    age = breakers.age(breaker)
+    return (f"{breaker.peer}: circuit {breaker.state.value} over {breaker.transport} since "
+            f"{wall_time(time.time() - age)} ({age:.0f}s)")
+
+
+def circuits_status(breakers: Breakers) -> list[dict[str, object]]:
+    """For /v1/status: every breaker that is not closed (games' and files' alike)."""
+    now = time.time()
+    return [{"peer": b.peer, "transport": b.transport, "state": b.state.value,
+             "since": wall_time(now - breakers.age(b)), "seconds": round(breakers.age(b))}
+            for b in breakers if b.state is not BreakerState.CLOSED]

@@ -64,7 +64,7 @@ class FileSyncDaemon(Daemon):
         self._dirs = file_dirs(s)
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
-        self._client = build_file_client(s)
+        self._client = build_file_client(s, ctx.breakers)
         self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,

@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
-from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.files.client import Body, FileClient, PeerFiles
 from ringsync.files.plan import IndexEntry, Source
 from ringsync.inventory import Host
+from ringsync.policy.breaker import Breakers, CircuitBreaker
 from ringsync.settings import Settings
-from ringsync.transport.order import TransportOrder, unreachable
+from ringsync.transport.order import AttemptCallback, GuardedOrder
 
 if TYPE_CHECKING:  # asyncssh is imported only where SSH is configured
     from ringsync.transport.ssh_tunnel import SshTunnels
@@ -46,45 +46,49 @@ class SshFileClient:
 
 
 class FileClientChain:
-    """Tries a peer's transports in order while they cannot reach it (PeerUnreachableError);
-    once a transport answered, its error is final for this request."""
+    """Tries a peer's transports in order while they cannot reach it (PeerUnreachableError),
+    each behind its own circuit breaker for that peer (the node's, shared with the games
+    chain: one data server answers both); once a transport answered, its error is final
+    for this request."""
 
-    def __init__(self, clients: Mapping[str, PeerFiles], default_order: tuple[str, ...]) -> None:
+    def __init__(self, clients: Mapping[str, PeerFiles], default_order: tuple[str, ...],
+                 breakers: Breakers, *, on_attempt: AttemptCallback | None = None) -> None:
         self._clients = dict(clients)
-        self._order = TransportOrder(default_order)
+        self._order = GuardedOrder(default_order, self._clients, breakers, on_attempt=on_attempt)
+
+    def order(self, peer: Host) -> list[str]:
+        return self._order.order(peer)
+
+    def circuits(self, peer: Host) -> list[CircuitBreaker]:
+        return self._order.circuits(peer)
 
     async def index(self, peer: Host) -> list[IndexEntry]:
         return await self._order.first(peer, lambda name: self._clients[name].index(peer))
 
     @contextlib.asynccontextmanager
     async def open(self, peer: Host, source: Source, start: int) -> AsyncIterator[Body]:
-        failures: list[tuple[str, TransportError]] = []
-        for name in self._order.order(peer):
-            stack = contextlib.AsyncExitStack()
-            try:
-                body = await stack.enter_async_context(self._clients[name].open(peer, source, start))
-            except PeerUnreachableError as exc:
-                failures.append((name, exc))
-                continue
-            async with stack:
-                self._order.worked(peer, name)
-                yield body
-            return
-        raise unreachable(peer, failures) from failures[-1][1]
+        # The breaker hears whether the body could be opened; a break while it streams is
+        # the fetch's to resume (Range), not a verdict on the link. A failed open leaves
+        # nothing on the stack, so one stack serves every try.
+        stack = contextlib.AsyncExitStack()
+        body = await self._order.first(peer, lambda name: stack.enter_async_context(
+            self._clients[name].open(peer, source, start)))
+        async with stack:
+            yield body
 
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
 
 
-def build_file_client(s: Settings) -> PeerFiles:
-    """Plain HTTP unless some peer may be reached over SSH (its inventory ``transport``, else
-    RINGRIFT_TRANSPORT_ORDER); then a chain in that order."""
+def build_file_client(s: Settings, breakers: Breakers) -> FileClientChain:
+    """HTTP, and SSH where some peer may be reached over it (its inventory ``transport``, else
+    RINGRIFT_TRANSPORT_ORDER), in that order, behind the node's ``breakers``."""
     orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
-    http = FileClient(s.node_id, s.auth_token)
-    if all(order == ("http",) for order in orders | {s.transport_order}):
-        return http
-    from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
+    clients: dict[str, PeerFiles] = {"http": FileClient(s.node_id, s.auth_token)}
+    if any(order != ("http",) for order in orders | {s.transport_order}):
+        from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 
-    ssh = SshFileClient(FileClient(s.node_id, s.auth_token), SshTunnels(SshOptions.from_settings(s)))
-    return FileClientChain({"http": http, "ssh": ssh}, s.transport_order)
+        clients["ssh"] = SshFileClient(FileClient(s.node_id, s.auth_token),
+                                       SshTunnels(SshOptions.from_settings(s)))
+    return FileClientChain(clients, s.transport_order, breakers)

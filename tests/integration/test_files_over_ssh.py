@@ -21,6 +21,7 @@ from ringsync.files.scanner import FileScanner
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.metrics import Metrics
+from ringsync.policy.breaker import BreakerConfig, Breakers, BreakerState
 from ringsync.transport.files import FileClientChain, SshFileClient
 from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 from tests.conftest import TOKEN
@@ -58,7 +59,9 @@ async def source(node_factory: Callable[..., NodeContext], served: Callable[...,
 @pytest.fixture
 async def chain(sshd: SshServer) -> AsyncIterator[FileClientChain]:
     ssh = SshFileClient(FileClient("selfplay-1", TOKEN), SshTunnels(SshOptions(known_hosts=sshd.known_hosts)))
-    client = FileClientChain({"http": FileClient("selfplay-1", TOKEN), "ssh": ssh}, ("http", "ssh"))
+    # One failure opens a breaker here: the fetch after the index goes straight to SSH.
+    client = FileClientChain({"http": FileClient("selfplay-1", TOKEN), "ssh": ssh}, ("http", "ssh"),
+                             Breakers(BreakerConfig(failure_threshold=1)))
     yield client
     await client.close()
 
@@ -74,7 +77,8 @@ async def test_a_model_reaches_a_node_whose_data_server_listens_only_on_loopback
         tmp_path: Path, sshd: SshServer, source: NodeContext, chain: FileClientChain) -> None:
     peer = peer_of(sshd, source)
     (entry,) = await chain.index(peer)
-    assert chain._order.order(peer)[0] == "ssh"  # HTTP could not reach it; SSH did
+    # HTTP could not reach it (its breaker for train-1 is open); SSH did.
+    assert [b.state for b in chain.circuits(peer)] == [BreakerState.OPEN, BreakerState.CLOSED]
     models, metrics = tmp_path / "here" / "models", Metrics()
     manifest = FileManifest(tmp_path / "here" / "files.db")
     try:

@@ -23,15 +23,14 @@ from ringsync.errors import (
     TransportError,
 )
 from ringsync.inventory import Host
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuit_since
 from ringsync.policy.backoff import Clock
-from ringsync.policy.breaker import BreakerChange, BreakerConfig, BreakerState
+from ringsync.policy.breaker import BreakerState, CircuitBreaker
 from ringsync.policy.delivery import DeliveryPolicy, Outcome
 from ringsync.policy.shared_storage import Siblings
-from ringsync.settings import Settings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.select import build_transport, count_attempts
+from ringsync.transport.select import TransportChain, build_transport, count_attempts
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,6 @@ class _Pushed:
     """Whether a delivery pushed anything (a probe that pushed nothing gives no verdict)."""
 
     started: bool = False
-
-
-def breaker_config(s: Settings) -> BreakerConfig:
-    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
-                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
 
 
 class AutoSyncDaemon(Daemon):
@@ -63,16 +57,13 @@ class AutoSyncDaemon(Daemon):
 
     def __init__(
         self, ctx: NodeContext, transport: GameTransport | None = None, *,
-        retry_initial: float = 1.0, breaker: BreakerConfig | None = None,
-        clock: Clock = time.monotonic,
+        retry_initial: float = 1.0, clock: Clock = time.monotonic,
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or build_transport(
-            s, limiter=ctx.bandwidth, on_attempt=count_attempts(ctx.metrics, "games"))
-        self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
-                                      retry_max=max(1.0, min(60.0, s.sync_interval)),
-                                      breaker=breaker or breaker_config(s), clock=clock)
+        self._transport = game_chain(ctx, transport)
+        self._policy = DeliveryPolicy(self._circuits, retry_initial=retry_initial,
+                                      retry_max=max(1.0, min(60.0, s.sync_interval)), clock=clock)
         self._sources = LocalSources(ctx, on_change=self._update_health)
         self._sharing = StorageSharing(ctx, self._transport)
         self._stopping = False
@@ -191,6 +182,7 @@ class AutoSyncDaemon(Daemon):
                     tg.create_task(self._deliver(target, siblings.get(target.name)))
             self._batches.end_cycle()
             self._sharing.warn_if_all_shared()
+            self._update_health()  # a transport's breaker may have moved while games flowed
             self._ctx.memory.idle()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
             self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
@@ -198,15 +190,12 @@ class AutoSyncDaemon(Daemon):
     # -- delivery ----------------------------------------------------------------------------
 
     def _choose_targets(self) -> list[Host]:
-        """The targets this cycle delivers to: not backing off, breaker not open."""
+        """The targets this cycle delivers to: not backing off, some transport not open."""
         hosts = {h.name: h for h in self._ctx.router.game_targets()}
-        chosen, changes = self._policy.choose(hosts)
-        for change in changes:
-            self._breaker_changed(change)
-        for name in hosts:
-            self._ctx.metrics.circuit_state.labels(
-                peer=name, transport=self._policy.transport).set(self._policy.breaker(name).state.gauge)
-        return [hosts[name] for name in chosen]
+        return [hosts[name] for name in self._policy.choose(hosts)]
+
+    def _circuits(self, peer: str) -> list[CircuitBreaker]:
+        return self._transport.circuits(self._ctx.settings.inventory.get(peer) or Host(name=peer))
 
     async def _deliver(self, target: Host, siblings: Siblings | None) -> None:
         """Drain ``target``'s outbox: prepare the next batch while earlier ones are in flight.
@@ -333,30 +322,32 @@ class AutoSyncDaemon(Daemon):
 
     def _report(self, peer: str, outcome: Outcome, exc: BaseException | None) -> None:
         """Log the transitions of one delivery's outcome, once each."""
-        if outcome.breaker is not None:
-            self._breaker_changed(outcome.breaker)
         if outcome.began_failing:
             level = logging.ERROR if isinstance(exc, PeerRejectedError) else logging.WARNING
             log.log(level, "delivery to %s failing (retry in %.0fs): %s", peer, outcome.retry_in, exc)
         if outcome.recovered:
             log.info("delivery to %s recovered; its backlog is delivered", peer)
-        if outcome.breaker or outcome.began_failing or outcome.recovered:
+        if outcome.began_failing or outcome.recovered:
             self._update_health()
-
-    def _breaker_changed(self, change: BreakerChange) -> None:
-        level = logging.WARNING if change.new is BreakerState.OPEN else logging.INFO
-        log.log(level, "%s", change.describe())
-        self._ctx.metrics.circuit_state.labels(peer=change.peer, transport=change.transport).set(
-            change.new.gauge)
 
     def _update_health(self) -> None:
         failing, unreadable = self._policy.failing, self._sources.errors
-        open_ = [f"{b.peer}: circuit {b.state.value} over {b.transport} for "
-                 f"{self._policy.age(b):.0f}s" for b in self._policy.breakers()
-                 if b.state is not BreakerState.CLOSED]
+        open_ = [circuit_since(self._ctx.breakers, b) for h in self._ctx.router.game_targets()
+                 for b in self._circuits(h.name) if b.state is not BreakerState.CLOSED]
         if failing or unreadable or open_:
             detail = "; ".join([*open_, *(f"{p}: {r}" for p, r in sorted(failing.items())),
                                 *(r for _, r in sorted(unreadable.items()))])
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:
             self._health = Health(HealthState.HEALTHY)
+
+
+def game_chain(ctx: NodeContext, transport: GameTransport | None) -> TransportChain:
+    """The games chain behind the node's breakers; a given transport (tests) is its one step."""
+    attempts = count_attempts(ctx.metrics, "games")
+    if transport is None:
+        return build_transport(ctx.settings, ctx.breakers, limiter=ctx.bandwidth, on_attempt=attempts)
+    if isinstance(transport, TransportChain):
+        return transport
+    return TransportChain({transport.name: transport}, (transport.name,), ctx.breakers,
+                          on_attempt=attempts)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING
 
 from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.files.client import Body, FileClient, PeerFiles
@@ -18,17 +17,16 @@ from ringsync.files.plan import IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.settings import Settings
 from ringsync.transport.order import TransportOrder, unreachable
-
-if TYPE_CHECKING:  # asyncssh is imported only where SSH is configured
-    from ringsync.transport.ssh_tunnel import SshTunnels
+from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 
 
 class SshFileClient:
     """PeerFiles through one SSH connection per peer (one channel per request)."""
 
-    def __init__(self, client: FileClient, tunnels: SshTunnels) -> None:
+    def __init__(self, client: FileClient, tunnels: SshTunnels, *, owned: bool = True) -> None:
         self._client = client
         self.tunnels = tunnels
+        self._owned = owned  # False: the node's shared tunnels, which the node closes
 
     async def index(self, peer: Host) -> list[IndexEntry]:
         async with self.tunnels.channel(peer) as local:
@@ -41,7 +39,8 @@ class SshFileClient:
             yield body
 
     async def close(self) -> None:
-        await self.tunnels.close()
+        if self._owned:
+            await self.tunnels.close()
         await self._client.close()
 
 
@@ -77,14 +76,14 @@ class FileClientChain:
             await client.close()
 
 
-def build_file_client(s: Settings) -> PeerFiles:
+def build_file_client(s: Settings, tunnels: SshTunnels | None = None) -> PeerFiles:
     """Plain HTTP unless some peer may be reached over SSH (its inventory ``transport``, else
-    RINGRIFT_TRANSPORT_ORDER); then a chain in that order."""
+    RINGRIFT_TRANSPORT_ORDER); then a chain in that order. ``tunnels``: the node's shared
+    SSH connections (else the client opens its own)."""
     orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
     http = FileClient(s.node_id, s.auth_token)
     if all(order == ("http",) for order in orders | {s.transport_order}):
         return http
-    from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
-
-    ssh = SshFileClient(FileClient(s.node_id, s.auth_token), SshTunnels(SshOptions.from_settings(s)))
+    ssh = SshFileClient(FileClient(s.node_id, s.auth_token),
+                        tunnels or SshTunnels(SshOptions.from_settings(s)), owned=tunnels is None)
     return FileClientChain({"http": http, "ssh": ssh}, s.transport_order)

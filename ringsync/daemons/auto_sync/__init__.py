@@ -69,7 +69,7 @@ class AutoSyncDaemon(Daemon):
         s = ctx.settings
         self._ctx = ctx
         self._transport = transport or build_transport(
-            s, limiter=ctx.bandwidth, on_attempt=count_attempts(ctx.metrics, "games"))
+            s, limiter=ctx.bandwidth, on_attempt=count_attempts(ctx.metrics, "games"), tunnels=ctx.ssh())
         self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
                                       retry_max=max(1.0, min(60.0, s.sync_interval)),
                                       breaker=breaker or breaker_config(s), clock=clock)

@@ -90,8 +90,11 @@ class Master:
     @property
     def lost(self) -> str | None:
         """Why the connection ended, or None while it is up."""
-        if self.proc.returncode is None:
+        code = self.proc.returncode
+        if code is None:
             return None
+        if code < 0 and not self._stderr:
+            return f"ssh was killed by {signal.Signals(-code).name}"
         return connection_lost("\n".join(self._stderr), self._login)
 
     def said(self) -> str:

@@ -37,8 +37,9 @@ class Login:
 
 
 
-def ssh_args(peer: Host, login: Login) -> list[str]:
-    """``ssh`` and its options for ``peer``, without the destination (``ssh_address``)."""
+def ssh_args(peer: Host, login: Login, *, log_level: str = "ERROR") -> list[str]:
+    """``ssh`` and its options for ``peer``, without the destination (``ssh_address``).
+    ``log_level`` INFO adds the lines that say why a connection ended (a keepalive timeout)."""
     known_hosts = checked_known_hosts(peer, login.known_hosts)
     cmd = ["ssh", "-p", str(peer.ssh_port)]
     key = client_key(peer)
@@ -51,7 +52,7 @@ def ssh_args(peer: Host, login: Login) -> list[str]:
             "-o", f"ServerAliveInterval={_seconds(login.keepalive_interval)}",
             "-o", f"ServerAliveCountMax={login.keepalive_count_max}",
             "-o", f"Ciphers={','.join(CIPHERS)}", "-o", "Compression=no",
-            "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "LogLevel=ERROR"]
+            "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", f"LogLevel={log_level}"]
     if peer.ssh_user:
         cmd += ["-l", peer.ssh_user]
     return cmd
@@ -80,12 +81,12 @@ def login_refusal(peer: Host, said: str, login: Login, *, prefix: str = "",
 
 
 def connection_lost(said: str, login: Login) -> str:
-    """Why an established connection ended, from ssh's last words."""
+    """Why an established connection ended, from ssh's last words ("" when it said none)."""
     lines = [ln.strip() for ln in said.splitlines() if ln.strip()]
     if match := next((ln for ln in lines if _KEEPALIVE.search(ln)), None):
         return (f"no answer to {login.keepalive_count_max} keepalives "
                 f"{_seconds(login.keepalive_interval)}s apart: {bounded(match, 200)}")
-    return bounded(" ".join(lines[-3:]), 300) or "ssh exited"
+    return bounded(" ".join(lines[-3:]), 300)
 
 
 def ssh_where(peer: Host) -> str:

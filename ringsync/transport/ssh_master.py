@@ -61,7 +61,8 @@ class Master:
     async def start(cls, peer: Host, login: Login, control: Path) -> Master:
         """A master that has logged in and listens on its forward; PeerUnreachableError, with
         the reason ssh gave, when it could not."""
-        args = ssh_args(peer, login)  # checks known_hosts and the key before anything runs
+        # INFO: ssh says why a connection ended ("Timeout, server ... not responding") only there.
+        args = ssh_args(peer, login, log_level="INFO")  # checks known_hosts and the key first
         for attempt in range(3):
             port = _free_port()
             cmd = [*_die_with_parent(), *args, "-N", "-o", "ControlMaster=yes",
@@ -95,7 +96,7 @@ class Master:
             return None
         if code < 0 and not self._stderr:
             return f"ssh was killed by {signal.Signals(-code).name}"
-        return connection_lost("\n".join(self._stderr), self._login)
+        return connection_lost("\n".join(self._stderr), self._login) or f"ssh exited with {code}"
 
     def said(self) -> str:
         return "\n".join(self._stderr)

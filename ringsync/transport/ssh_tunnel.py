@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 _PROBE = b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
 _DYING = 1.0  # seconds a master whose forward stopped answering gets to exit and say why
-_SOCKET_DIR_MAX = 80  # sun_path holds 104 bytes on BSDs, 108 on Linux; names here are 20
+# sun_path holds 104 bytes on BSDs, 108 on Linux: under the base go ringsync-ssh-XXXXXXXX/,
+# <12 hex>-<n>.sock and the 17-character suffix ssh binds before renaming: about 60.
+_SOCKET_BASE_MAX = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +211,7 @@ class SshTunnels:
         if self._dir is None:
             base = tempfile.gettempdir()
             self._dir = Path(tempfile.mkdtemp(prefix="ringsync-ssh-",
-                                              dir=base if len(base) <= _SOCKET_DIR_MAX - 22 else "/tmp"))
+                                              dir=base if len(base) <= _SOCKET_BASE_MAX else "/tmp"))
             atexit.register(self.kill_now)
         name = hashlib.blake2s(f"{peer.name}|{ssh_where(peer)}".encode(), digest_size=6).hexdigest()
         return self._dir / f"{name}-{next(self._generation)}.sock"

@@ -312,3 +312,28 @@ async def test_the_node_builds_one_ssh_tunnels_for_games_files_and_rsync(
     games, files = AutoSyncDaemon(ctx), FileSyncDaemon(ctx)
     assert games._transport._transports["ssh"]._ssh is ctx.ssh()  # type: ignore[attr-defined]
     assert files._client._clients["ssh"].tunnels is ctx.ssh()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("failure", ["key not authorized", "nothing listens"])
+async def test_a_failed_login_says_why_and_leaves_no_ssh_behind(
+        tmp_path: Path, sshd: SshServer, failure: str) -> None:
+    if failure == "key not authorized":
+        keygen(tmp_path / "stranger")
+        peer = Host(name="train-1", ssh_host=sshd.host, ssh_port=sshd.port, ssh_user=sshd.user,
+                    ssh_key=str(tmp_path / "stranger"), p2p_port=_any_port())
+        says = f"SSH login to {sshd.user}@127.0.0.1:{sshd.port} refused"
+    else:
+        peer = Host(name="train-1", ssh_host="127.0.0.1", ssh_port=_any_port(), ssh_user=sshd.user,
+                    ssh_key=str(sshd.client_key), p2p_port=_any_port())
+        says = f"port {peer.ssh_port}: Connection refused"
+    tunnels = SshTunnels(SshOptions(known_hosts=sshd.known_hosts))
+    try:
+        with pytest.raises(PeerUnreachableError) as caught:
+            async with tunnels.channel(peer):
+                pytest.fail("a channel was given without a login")
+        assert tunnels.tunnels == {}
+        assert ssh_processes(str(tunnels._dir)) == []  # the failed master is gone
+    finally:
+        await tunnels.close()
+    assert says in str(caught.value)
+

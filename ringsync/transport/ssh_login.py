@@ -28,7 +28,9 @@ _KEEPALIVE = re.compile(r"timeout, server .* not responding", re.IGNORECASE)
 
 @dataclass(frozen=True, slots=True)
 class Login:
-    """The node-wide SSH settings (RINGRIFT_SSH_*); each host's own fields come from the inventory."""
+    """The node-wide SSH settings (RINGRIFT_SSH_KNOWN_HOSTS, RINGRIFT_SSH_CONNECT_TIMEOUT,
+    RINGRIFT_SSH_KEEPALIVE_INTERVAL, RINGRIFT_SSH_KEEPALIVE_COUNT_MAX); each host's own fields
+    come from the inventory."""
 
     known_hosts: Path
     connect_timeout: float = 10.0

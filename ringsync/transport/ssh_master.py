@@ -102,11 +102,11 @@ class Master:
         return "\n".join(self._stderr)
 
     async def exit_soon(self, within: float) -> bool:
-        """Whether the master exits within ``within`` seconds (it may be dying already)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await asyncio.shield(self._exited)
-                await asyncio.shield(self._reader)
+        """Whether the master exits within ``within`` seconds (it may be dying already); once
+        it has, its last words are read too."""
+        await asyncio.wait([self._exited], timeout=within)
+        if self._exited.done():
+            await asyncio.wait([self._reader], timeout=_STOP_TIMEOUT)
         return self.proc.returncode is not None
 
     async def _wait_ready(self, peer: Host) -> None:

@@ -26,18 +26,10 @@ from pathlib import Path
 from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
 from ringsync.settings import Settings
-from ringsync.transport.ssh_login import (
-    Login,
-    checked_known_hosts,
-    client_key,
-    host_key_fix,
-    ssh_address,
-    ssh_where,
-)
+from ringsync.transport.ssh_login import Login, checked_known_hosts, ssh_where
 from ringsync.transport.ssh_master import REMOTE_HOST, Master
 
-__all__ = ["REMOTE_HOST", "SshOptions", "SshTunnels", "checked_known_hosts", "client_key",
-           "host_key_fix", "ssh_address", "ssh_where"]
+__all__ = ["REMOTE_HOST", "SshOptions", "SshTunnels"]
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +99,13 @@ class SshTunnels:
         tunnels, self.tunnels = list(self.tunnels.values()), {}
         for tunnel in tunnels:
             await tunnel.close()
-        self._remove_dir()
+        if self._dir is not None:
+            atexit.unregister(self.kill_now)
+            self._remove_dir()
 
     def kill_now(self) -> None:
-        """Stop every master without waiting: for process exit, when no event loop may run."""
+        """Stop every master without waiting: for process exit, when no event loop may run
+        (registered with atexit while a master may be running)."""
         for tunnel in self.tunnels.values():
             tunnel.master.kill_now()
         self._remove_dir()
@@ -218,6 +213,5 @@ class SshTunnels:
 
     def _remove_dir(self) -> None:
         if self._dir is not None:
-            atexit.unregister(self.kill_now)
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -1,7 +1,7 @@
 """Files over SSH on loopback, ringsync vs rsync in the same run (real sshd, real rsync).
 
-1. One big model (default 1 GiB): ringsync's FileFetcher through its SSH tunnel (asyncssh
-   direct-tcpip channel to a real `ringsync run` node's data server on 127.0.0.1) vs
+1. One big model (default 1 GiB): ringsync's FileFetcher through its SSH tunnel (an OpenSSH
+   master's local port forward to a real `ringsync run` node's data server on 127.0.0.1) vs
    `rsync -W -e ssh` of the same file (whole file, no delta).
 2. Many small files (default 10,000) in one batch: ringsync's rsync path (RsyncBatch: one
    `rsync --files-from` over ssh into a staging dir, then BLAKE3 of each file against the

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ringsync.health import DaemonType, Health
 from ringsync.inventory import Host
@@ -25,6 +26,9 @@ from ringsync.store.sharedir import check_node_dir_name, ensure_data_dir_id, mig
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from ringsync.transport.ssh_tunnel import SshTunnels
+
 
 @dataclass
 class NodeContext:
@@ -41,12 +45,24 @@ class NodeContext:
     bandwidth: BandwidthLimiter = field(default_factory=BandwidthLimiter)  # paces every send
     breakers: Breakers = field(default_factory=Breakers)  # per (peer, transport), every path
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
+    _ssh: SshTunnels | None = field(default=None, repr=False)
 
     @property
     def host(self) -> Host | None:
         return self.settings.inventory.hosts.get(self.settings.node_id)
 
+    def ssh(self) -> SshTunnels:
+        """The node's SSH connections, one per peer, shared by games, files and rsync
+        (built on first use; no connection opens before a peer is reached over SSH)."""
+        if self._ssh is None:
+            from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels  # transport imports node
+
+            self._ssh = SshTunnels(SshOptions.from_settings(self.settings))
+        return self._ssh
+
     def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.kill_now()
         self.receiver.close()
         self.manifest.close()
 

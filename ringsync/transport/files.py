@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING
 
 from ringsync.files.client import Body, FileClient, PeerFiles
 from ringsync.files.plan import IndexEntry, Source
@@ -18,17 +17,16 @@ from ringsync.inventory import Host
 from ringsync.policy.breaker import Breakers, CircuitBreaker
 from ringsync.settings import Settings
 from ringsync.transport.order import AttemptCallback, GuardedOrder
-
-if TYPE_CHECKING:  # asyncssh is imported only where SSH is configured
-    from ringsync.transport.ssh_tunnel import SshTunnels
+from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 
 
 class SshFileClient:
     """PeerFiles through one SSH connection per peer (one channel per request)."""
 
-    def __init__(self, client: FileClient, tunnels: SshTunnels) -> None:
+    def __init__(self, client: FileClient, tunnels: SshTunnels, *, owned: bool = True) -> None:
         self._client = client
         self.tunnels = tunnels
+        self._owned = owned  # False: the node's shared tunnels, which the node closes
 
     async def index(self, peer: Host) -> list[IndexEntry]:
         async with self.tunnels.channel(peer) as local:
@@ -41,7 +39,8 @@ class SshFileClient:
             yield body
 
     async def close(self) -> None:
-        await self.tunnels.close()
+        if self._owned:
+            await self.tunnels.close()
         await self._client.close()
 
 
@@ -81,14 +80,15 @@ class FileClientChain:
             await client.close()
 
 
-def build_file_client(s: Settings, breakers: Breakers) -> FileClientChain:
+def build_file_client(s: Settings, breakers: Breakers,
+                      tunnels: SshTunnels | None = None) -> FileClientChain:
     """HTTP, and SSH where some peer may be reached over it (its inventory ``transport``, else
-    RINGRIFT_TRANSPORT_ORDER), in that order, behind the node's ``breakers``."""
+    RINGRIFT_TRANSPORT_ORDER), in that order, behind the node's ``breakers``. ``tunnels``:
+    the node's shared SSH connections (else the client opens its own)."""
     orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
     clients: dict[str, PeerFiles] = {"http": FileClient(s.node_id, s.auth_token)}
     if any(order != ("http",) for order in orders | {s.transport_order}):
-        from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
-
         clients["ssh"] = SshFileClient(FileClient(s.node_id, s.auth_token),
-                                       SshTunnels(SshOptions.from_settings(s)))
+                                       tunnels or SshTunnels(SshOptions.from_settings(s)),
+                                       owned=tunnels is None)
     return FileClientChain(clients, s.transport_order, breakers)

@@ -12,25 +12,27 @@ from ringsync.settings import Settings
 from ringsync.transport.base import GameTransport
 from ringsync.transport.http import HttpTransport
 from ringsync.transport.order import AttemptCallback, GuardedOrder
+from ringsync.transport.ssh import SshOptions, SshTransport
+from ringsync.transport.ssh_tunnel import SshTunnels
 
 __all__ = ["AttemptCallback", "TransportChain", "build_transport", "count_attempts"]
 
 
 def build_transport(s: Settings, breakers: Breakers, *, limiter: BandwidthLimiter | None = None,
-                    on_attempt: AttemptCallback | None = None) -> TransportChain:
+                    on_attempt: AttemptCallback | None = None,
+                    tunnels: SshTunnels | None = None) -> TransportChain:
     """The games chain (RINGRIFT_TRANSPORT_CHAINS games=, or RINGRIFT_TRANSPORT_ORDER), with
     SSH built only where some peer may be reached over it. Every transport sends through
     ``limiter`` (the node's bandwidth limits); ``on_attempt`` hears each step's outcome;
-    ``breakers`` are the node's, one per (peer, transport)."""
+    ``breakers`` are the node's, one per (peer, transport); ``tunnels``: the node's shared
+    SSH connections (else SSH opens its own)."""
     order = s.transport_chains.for_games()
     orders = {h.transport or order for h in s.inventory.hosts.values()}
     http = HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout, limiter=limiter)
     if all(o == ("http",) for o in orders | {order}):
         return TransportChain({"http": http}, order, breakers, on_attempt=on_attempt)
-    from ringsync.transport.ssh import SshOptions, SshTransport  # asyncssh only where it is used
-
     ssh = SshTransport(s.node_id, s.auth_token, SshOptions.from_settings(s),
-                       read_timeout=s.push_timeout, limiter=limiter)
+                       read_timeout=s.push_timeout, limiter=limiter, tunnels=tunnels)
     return TransportChain({"http": http, "ssh": ssh}, order, breakers, on_attempt=on_attempt)
 
 

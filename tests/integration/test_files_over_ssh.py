@@ -43,17 +43,23 @@ def sshd() -> Iterator[SshServer]:
 async def source(node_factory: Callable[..., NodeContext], served: Callable[..., Any]) -> NodeContext:
     """A training node holding a model; its data server listens on 127.0.0.1 only."""
     ctx = node_factory()
-    path = ctx.settings.models_dir / "canonical_hex8_2p.pth"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(os.urandom(SIZE))
-    os.utime(path, (1, 1))  # settled
+    await serve_models(ctx, served, {"canonical_hex8_2p.pth": os.urandom(SIZE)})
+    return ctx
+
+
+async def serve_models(ctx: NodeContext, served: Callable[..., Any], models: dict[str, bytes]) -> None:
+    """Write settled models at ``ctx``, record them in its manifest, and start its data server."""
+    for relpath, data in models.items():
+        path = ctx.settings.models_dir / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (1, 1))  # settled
     manifest = FileManifest(manifest_path(ctx.settings))
     try:
         FileScanner(file_dirs(ctx.settings), manifest, 5.0).scan()
     finally:
         manifest.close()
     await served(ctx)
-    return ctx
 
 
 @pytest.fixture

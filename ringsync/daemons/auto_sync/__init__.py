@@ -346,7 +346,8 @@ def game_chain(ctx: NodeContext, transport: GameTransport | None) -> TransportCh
     """The games chain behind the node's breakers; a given transport (tests) is its one step."""
     attempts = count_attempts(ctx.metrics, "games")
     if transport is None:
-        return build_transport(ctx.settings, ctx.breakers, limiter=ctx.bandwidth, on_attempt=attempts)
+        return build_transport(ctx.settings, ctx.breakers, limiter=ctx.bandwidth, on_attempt=attempts,
+                               tunnels=ctx.ssh())
     if isinstance(transport, TransportChain):
         return transport
     return TransportChain({transport.name: transport}, (transport.name,), ctx.breakers,

@@ -232,9 +232,11 @@ def test_a_200mb_model_reaches_four_selfplay_hosts_whole_past_a_source_serving_c
                 assert "not asking it for this content again" in log, n
             served = [ln.split()[1] for ln in (scratch / "evil.log").read_text().splitlines()
                       if ln.startswith("served ")]
-            # Each node asked it once, then excluded it (train-1 too: it wants models and
-            # held only the temp file then).
-            assert sorted(served) == sorted([*RECEIVERS, "train-1"]), served
+            # Each receiver asked it once, then excluded it. train-1 (it wants models too and
+            # held only the temp file then) asks at most once: it polled evil-1 before evil-1
+            # listened, so its breaker for evil-1 may still be open.
+            assert sorted(n for n in served if n != "train-1") == sorted(RECEIVERS), served
+            assert served.count("train-1") <= 1, served
             print(f"200 MB model at 4 selfplay hosts {spread:.1f} s after its rename")
         finally:
             cluster.stop_all()

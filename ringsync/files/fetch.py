@@ -422,13 +422,19 @@ class FileFetcher:
 
 
 def _append(part: _Part, data: bytearray, then: Callable[[], None] | None) -> None:
-    view, offset = memoryview(data), part.written
-    while view:
-        n = os.pwrite(part.fd, view, part.written)
-        part.written += n
-        view = view[n:]
-    part.hasher.update(data)
-    start_writeback(part.fd, offset, len(data))
+    """Write, hash and start writeback a MiB at a time, however much was gathered: whole
+    8 MiB writes with their writeback ran at a quarter of the speed here (1 GiB with its
+    fsync: 0.53 s in 1 MiB steps, 1.1-2.5 s in 8 MiB ones), and a slower writer gathers
+    bigger writes."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_BYTES):
+        piece, offset = view[start:start + WRITE_BYTES], part.written
+        while piece:
+            n = os.pwrite(part.fd, piece, part.written)
+            part.hasher.update(piece[:n])
+            part.written += n
+            piece = piece[n:]
+        start_writeback(part.fd, offset, part.written - offset)
     if then is not None:
         then()
 

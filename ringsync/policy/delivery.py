@@ -59,8 +59,9 @@ class DeliveryPolicy:
         """Seconds since ``breaker`` entered its state (what an operator asks of an open one)."""
         return self._clock() - breaker.since
 
-    def new_cycle(self) -> None:
-        self._peers.new_cycle()
+    def new_cycle(self, peer: str | None = None) -> None:
+        """A delivery to ``peer`` (to every peer when None) begins."""
+        self._peers.new_cycle(peer)
 
     def ready(self, peer: str) -> bool:
         """Could be delivered to now (no attempt is started)."""

@@ -8,14 +8,14 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
 import pytest
 
 from ringsync.daemons.auto_sync import AutoSyncDaemon
-from ringsync.daemons.auto_sync._batches import LateChanges
+from ringsync.daemons.auto_sync._batches import BatchBuilder, LateChanges, Prepared
 from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
@@ -120,11 +120,10 @@ async def test_a_stalled_target_holds_only_its_own_games(
         assert ctx.manifest.outbox_size("train-2") == len(first + later)
         transport.release()  # the stall ends: train-2 catches up
         await arrive(transport, tmp_path, "train-2", first + later, 10)
-        for node in ("train-1", "train-2"):
-            got = held(tmp_path, node)
-            assert sorted(got) == sorted(first + later)  # each game exactly once
-            assert ctx.manifest.outbox_size(node) == 0
-    for node in ("train-1", "train-2"):
+    for node in ("train-1", "train-2"):  # drained: every push in flight was acknowledged
+        got = held(tmp_path, node)
+        assert sorted(got) == sorted(first + later)  # each game exactly once
+        assert ctx.manifest.outbox_size(node) == 0
         assert not ctx.metrics.games_already_present.labels(peer=node)._value.get()
     passes = ctx.metrics.registry.get_sample_value(
         "ringsync_delivery_pass_duration_seconds_count", {"peer": "train-1"})
@@ -224,3 +223,40 @@ async def test_a_dead_target_comes_back_on_its_own_timer(
     changes = [r.getMessage().split(": ", 1)[1].split(" (")[0] for r in caplog.records
                if "circuit to train-2" in r.getMessage()]
     assert changes == ["closed -> open", "open -> half_open", "half_open -> closed"]
+
+
+async def test_targets_woken_together_share_each_encoded_batch(
+        node_factory: Callable[..., NodeContext], transport: StallingTransport,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=3600.0, batch_games=5)
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 40)
+    extracted: list[int] = []
+    original = BatchBuilder._extract
+
+    def counting(self: BatchBuilder, source: str, ids: Sequence[str]) -> Prepared:
+        extracted.append(len(ids))
+        return original(self, source, ids)
+
+    monkeypatch.setattr(BatchBuilder, "_extract", counting)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    async with running(daemon):
+        for node in ("train-1", "train-2"):
+            await arrive(transport, tmp_path, node, done, 10)
+    assert sum(extracted) == len(done)  # each game read and encoded once for both targets
+    assert transport.pushes == 2 * len(extracted)
+
+
+async def test_a_large_first_scan_goes_on_at_the_pace_of_the_deliveries(
+        node_factory: Callable[..., NodeContext], transport: StallingTransport,
+        tmp_path: Path) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=3600.0, scan_chunk_rows=10)
+    done, _ = write_games(ctx.settings.games_dir / "sp.db", 70)
+    transport.stalled.add("train-2")  # one stalled target does not hold the scan either
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    async with running(daemon):
+        await arrive(transport, tmp_path, "train-1", done, 10)
+        transport.release()
+        await arrive(transport, tmp_path, "train-2", done, 10)
+    assert ctx.metrics.sync_cycles.labels(trigger=Trigger.BACKLOG)._value.get() >= 2
+    for node in ("train-1", "train-2"):
+        assert sorted(held(tmp_path, node)) == sorted(done)

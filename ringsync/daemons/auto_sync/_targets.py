@@ -17,6 +17,7 @@ Deliver = Callable[[str], Awaitable[float | None]]
 class _Loop:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    backing_off: bool = False  # waiting for its retry time: a wake-up does not start a pass
 
 
 class TargetLoops:
@@ -35,7 +36,8 @@ class TargetLoops:
         self._loops: dict[str, _Loop] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tg: asyncio.TaskGroup | None = None
-        self.passed = asyncio.Event()  # a pass ended since the last wake (paces a large scan)
+        # A pass ended since the last wake, or no target could start one (paces a large scan).
+        self.passed = asyncio.Event()
 
     def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -57,7 +59,10 @@ class TargetLoops:
             self._end(self._loops.pop(name))
 
     def wake(self) -> None:
-        self.passed.clear()
+        if any(not loop.backing_off for loop in self._loops.values()):
+            self.passed.clear()
+        else:
+            self.passed.set()
         for loop in self._loops.values():
             loop.wake.set()
 
@@ -85,9 +90,11 @@ class TargetLoops:
                 if retry_at is None:
                     await loop.wake.wait()
                 else:  # backing off: only a stop cuts the wait short; a wake-up is kept
+                    loop.backing_off = True
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout_at(retry_at):
                             await loop.stop.wait()
+                    loop.backing_off = False
                 if loop.stop.is_set():
                     return
                 loop.wake.clear()

@@ -260,3 +260,26 @@ async def test_a_large_first_scan_goes_on_at_the_pace_of_the_deliveries(
     assert ctx.metrics.sync_cycles.labels(trigger=Trigger.BACKLOG)._value.get() >= 2
     for node in ("train-1", "train-2"):
         assert sorted(held(tmp_path, node)) == sorted(done)
+
+
+async def test_a_target_the_router_drops_and_brings_back_is_owed_what_it_missed(
+        node_factory: Callable[..., NodeContext], transport: StallingTransport,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = node_factory("selfplay-1", sync_interval=3600.0)
+    db = ctx.settings.games_dir / "sp.db"
+    routed = ctx.router.game_targets
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0)
+    async with running(daemon):
+        first, _ = await asyncio.to_thread(write_games, db, 3)
+        for node in ("train-1", "train-2"):
+            await arrive(transport, tmp_path, node, first, 10)
+        monkeypatch.setattr(ctx.router, "game_targets",
+                            lambda: [h for h in routed() if h.name != "train-2"])
+        gone, _ = await asyncio.to_thread(write_games, db, 3, seed=4)
+        await arrive(transport, tmp_path, "train-1", gone, 10)
+        assert not set(gone) & set(held(tmp_path, "train-2"))
+        monkeypatch.setattr(ctx.router, "game_targets", routed)
+        back, _ = await asyncio.to_thread(write_games, db, 2, seed=5)  # the next cycle sees it
+        await arrive(transport, tmp_path, "train-2", gone + back, 10)
+    for node in ("train-1", "train-2"):
+        assert sorted(held(tmp_path, node)) == sorted(first + gone + back)

@@ -83,6 +83,7 @@ class AutoSyncDaemon(Daemon):
         self._stopping = False
         self._discovery_lock = asyncio.Lock()
         self._targets = TargetLoops(self._own_pass)
+        self._routed: list[str] | None = None  # the targets the manifest was last told of
         self._health = Health(HealthState.STARTING)
         self._refused_warned: set[str] = set()
         self._batches = BatchBuilder(self._sources, node_id=s.node_id,
@@ -96,7 +97,7 @@ class AutoSyncDaemon(Daemon):
             if excluded is not None:
                 await self._run_excluded(ready, excluded)
                 return
-            targets = [h.name for h in self._ctx.router.game_targets()]
+            targets = self._routed = [h.name for h in self._ctx.router.game_targets()]
             queued = await asyncio.to_thread(self._ctx.manifest.ensure_targets, targets)
             log.info("auto-sync targets: %s (%d games re-queued)", ", ".join(targets) or "none", queued)
             self._sharing.log_storage()
@@ -198,11 +199,24 @@ class AutoSyncDaemon(Daemon):
             queued = 0
             if await self._sharing.elect():
                 queued = await self._sources.discover(force=trigger.rescans)
-            self._targets.track(h.name for h in self._ctx.router.game_targets())
+            queued += await self._route()
             if queued or trigger.rescans:
                 self._targets.wake()
             self._ctx.metrics.sync_cycles.labels(trigger=trigger).inc()
             self._ctx.metrics.sync_cycle_duration.observe(time.perf_counter() - started)
+
+    async def _route(self) -> int:
+        """A delivery loop per target the router names now; a target that joins (or comes
+        back) is owed every game not delivered to it yet. Returns the games queued for it."""
+        names = [h.name for h in self._ctx.router.game_targets()]
+        queued = 0
+        if self._routed is not None and set(names) != set(self._routed):
+            queued = await asyncio.to_thread(self._ctx.manifest.ensure_targets, names)
+            log.info("auto-sync targets now: %s (%d games queued for new ones)",
+                     ", ".join(names) or "none", queued)
+        self._routed = names
+        self._targets.track(names)
+        return queued
 
     async def sync_once(self, trigger: Trigger = Trigger.MANUAL) -> None:
         """A full pass, for tools and tests: one cycle, then deliver to every target and

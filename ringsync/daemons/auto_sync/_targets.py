@@ -59,6 +59,8 @@ class TargetLoops:
             self._end(self._loops.pop(name))
 
     def wake(self) -> None:
+        """Games were queued for every target (or the interval came): each loop runs a pass,
+        at once or when its retry time comes."""
         if any(not loop.backing_off for loop in self._loops.values()):
             self.passed.clear()
         else:

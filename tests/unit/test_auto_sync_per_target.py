@@ -283,3 +283,23 @@ async def test_a_target_the_router_drops_and_brings_back_is_owed_what_it_missed(
         await arrive(transport, tmp_path, "train-2", gone + back, 10)
     for node in ("train-1", "train-2"):
         assert sorted(held(tmp_path, node)) == sorted(first + gone + back)
+
+
+async def test_a_target_that_owes_nothing_is_not_retried_for_nothing(
+        node_factory: Callable[..., NodeContext], transport: StallingTransport,
+        tmp_path: Path) -> None:
+    """A receiver still starting when the sender starts: the failed first pass is retried
+    with the first games, not by the timer alone (which would fail again and double the
+    backoff that the first games then wait for)."""
+    ctx = node_factory("selfplay-1", sync_interval=3600.0)
+    transport.down.add("train-2")
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.1)
+    async with running(daemon):
+        await until(lambda: transport.tried["train-2"] >= 1, transport.attempted, 10)
+        await asyncio.sleep(0.5)  # five retry times: none is spent on an empty outbox
+        assert transport.tried["train-2"] == 1
+        transport.down.clear()
+        done, _ = await asyncio.to_thread(write_games, ctx.settings.games_dir / "sp.db", 3)
+        assert await arrive(transport, tmp_path, "train-2", done, 10) < 2.0
+    assert not ctx.metrics.registry.get_sample_value(
+        "ringsync_circuit_state", {"peer": "train-2", "transport": "memory"})

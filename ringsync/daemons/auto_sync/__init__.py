@@ -82,7 +82,7 @@ class AutoSyncDaemon(Daemon):
         self._sharing = StorageSharing(ctx, self._transport)
         self._stopping = False
         self._discovery_lock = asyncio.Lock()
-        self._targets = TargetLoops(self._own_pass)
+        self._targets = TargetLoops(self._own_pass, self._owes)
         self._routed: list[str] | None = None  # the targets the manifest was last told of
         self._health = Health(HealthState.STARTING)
         self._refused_warned: set[str] = set()
@@ -265,6 +265,9 @@ class AutoSyncDaemon(Daemon):
             failed = await self._deliver(hosts[name], siblings)  # the loop holds its lock
         self._sharing.warn_if_all_shared()
         return None if failed is None else max(failed.retry_in, self._breaker_wait(name) or 0.0)
+
+    async def _owes(self, name: str) -> bool:
+        return await asyncio.to_thread(self._ctx.manifest.has_pending, name)
 
     def _breaker_wait(self, name: str) -> float | None:
         """Seconds until ``name``'s open breaker lets a probe through (None: not open)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 _TIMER_SLACK = 0.01
 
 Deliver = Callable[[str], Awaitable[float | None]]
+Owes = Callable[[str], Awaitable[bool]]
 
 
 @dataclass
@@ -27,12 +28,16 @@ class TargetLoops:
     interval came) and nothing holds it back; a pass returns when the loop may try again
     by itself: None (when woken next), or in that many seconds (its retry or breaker
     timer). While it backs off, wake-ups are kept for the retry time instead of trying
-    early. One pass at a time per target, whoever runs it (``lock``: ``sync_once`` takes
-    it too). Memory is a flag per target, not a queue: the outbox is in the manifest.
+    early; when the time comes and nothing was queued meanwhile and nothing is owed
+    (``owes``), the next wake-up brings the retry instead: a peer that is still starting
+    is not tried (and its backoff doubled) for nothing. One pass at a time per target,
+    whoever runs it (``lock``: ``sync_once`` takes it too). Memory is a flag per target,
+    not a queue: the outbox is in the manifest.
     """
 
-    def __init__(self, deliver: Deliver) -> None:
+    def __init__(self, deliver: Deliver, owes: Owes) -> None:
         self._deliver = deliver
+        self._owes = owes
         self._loops: dict[str, _Loop] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -97,6 +102,11 @@ class TargetLoops:
                         async with asyncio.timeout_at(retry_at):
                             await loop.stop.wait()
                     loop.backing_off = False
+                    if loop.stop.is_set():
+                        return
+                    if not loop.wake.is_set() and not await self._owes(name):
+                        retry_at = None  # nothing to retry for: wait for games
+                        continue
                 if loop.stop.is_set():
                     return
                 loop.wake.clear()

@@ -31,6 +31,13 @@ class SshServer:
     known_hosts: Path
     user: str
     host: str = "127.0.0.1"
+    log: Path | None = None  # sshd's own log (-e), at the level sshd_server was given
+
+    def logins(self) -> int:
+        """Connections that logged in so far (needs log_level INFO or more verbose)."""
+        if self.log is None:
+            raise ValueError("this server was started without a log")
+        return self.log.read_text(errors="replace").count("Accepted publickey")
 
     def ssh_args(self) -> list[str]:
         """`ssh` with every option needed (no agent, no password prompts, strict host keys)."""
@@ -69,7 +76,7 @@ def keygen(path: Path) -> str:
 
 
 def sshd_config(tmp: Path, port: int, *, listen: str = "127.0.0.1", authorized_keys: Path | None = None,
-                extra: tuple[str, ...] = ()) -> Path:
+                extra: tuple[str, ...] = (), log_level: str = "ERROR") -> Path:
     """An sshd_config for a throwaway server whose files all live in ``tmp``."""
     config = tmp / "sshd_config"
     config.write_text("\n".join([
@@ -87,7 +94,7 @@ def sshd_config(tmp: Path, port: int, *, listen: str = "127.0.0.1", authorized_k
         "AllowAgentForwarding no",
         "X11Forwarding no",
         "PrintMotd no",
-        "LogLevel ERROR",
+        f"LogLevel {log_level}",
         "Subsystem sftp internal-sftp",
         *extra,
         "",
@@ -127,8 +134,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def sshd_server() -> Iterator[SshServer]:
-    """Start `sshd -D -e -f CONFIG` as the current user on a free loopback port; stop it on exit."""
+def sshd_server(log_level: str = "ERROR") -> Iterator[SshServer]:
+    """Start `sshd -D -e -f CONFIG` as the current user on a free loopback port; stop it on exit.
+    ``log_level`` INFO logs each login (SshServer.logins counts them)."""
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
     tmp = Path(tempfile.mkdtemp(prefix="ringsync-bench-sshd-"))
     proc: subprocess.Popen[bytes] | None = None
@@ -140,11 +148,12 @@ def sshd_server() -> Iterator[SshServer]:
         key_type, key_b64 = host_pub.split()[:2]
         known_hosts = tmp / "known_hosts"
         known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_b64}\n")
-        server = SshServer(port=port, client_key=tmp / "client_ed25519", known_hosts=known_hosts,
-                           user=getpass.getuser())
         log = tmp / "sshd.log"
+        server = SshServer(port=port, client_key=tmp / "client_ed25519", known_hosts=known_hosts,
+                           user=getpass.getuser(), log=log)
         with log.open("wb") as out:
-            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config(tmp, port))],
+            config = sshd_config(tmp, port, log_level=log_level)
+            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
                                     stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env={**os.environ, "LC_ALL": "C"})
         _wait_ready(server, proc, log)

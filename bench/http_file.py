@@ -23,7 +23,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from _common import emit_result, fmt, print_table, run_bounded, temp_root
-from _files import MIB, MODEL, SOURCE, fetch_once, fsync_file, http_client, median, offered, source_node
+from _files import (
+    MIB,
+    MODEL,
+    SOURCE,
+    fetch_once,
+    fresh_step,
+    fsync_file,
+    http_client,
+    median,
+    offered,
+    source_node,
+)
 from _sshd import stop_process
 
 from ringsync.localcluster import free_port, wait_until
@@ -85,18 +96,21 @@ def main() -> None:
         with static_server(model.parent) as port:
             for run in range(args.runs):
                 dest = root / f"ringsync-{run}"
-                os.sync()  # every timed step starts with no dirty pages
+                fresh_step(root / "scratch", size)
                 ours.append(fetch_once(lambda: http_client(cluster.token), host, entry, dest))
                 shutil.rmtree(dest)
-                os.sync()
+                fresh_step(root / "scratch", size)
                 took, synced = curl(f"http://127.0.0.1:{port}/{MODEL}", root / "curl.out")
                 static.append(took)
                 static_sync.append(took + synced)
-                os.sync()
+                fresh_step(root / "scratch", size)
                 took, synced = curl(f"http://127.0.0.1:{host.p2p_port}/v1/files/models/{MODEL}",
                                     root / "curl.out", headers)
                 served.append(took)
                 served_sync.append(took + synced)
+                print(f"run {run}: ringsync {ours[-1]:.2f} s, curl static {static[-1]:.2f} s "
+                      f"(+ fsync {static_sync[-1]:.2f}), curl from ringsync {served[-1]:.2f} s",
+                      flush=True)
                 time.sleep(0.5)
     mb = size / MIB
     rate = {k: mb / median(v) for k, v in (("ringsync", ours), ("curl_static", static),

@@ -1,7 +1,7 @@
 """Files over SSH on loopback, ringsync vs rsync in the same run (real sshd, real rsync).
 
-1. One big model (default 1 GiB): ringsync's FileFetcher through its SSH tunnel (asyncssh
-   direct-tcpip channel to a real `ringsync run` node's data server on 127.0.0.1) vs
+1. One big model (default 1 GiB): ringsync's FileFetcher through its SSH tunnel (an OpenSSH
+   master's local port forward to a real `ringsync run` node's data server on 127.0.0.1) vs
    `rsync -W -e ssh` of the same file (whole file, no delta).
 2. Many small files (default 10,000) in one batch: ringsync's rsync path (RsyncBatch: one
    `rsync --files-from` over ssh into a staging dir, then BLAKE3 of each file against the
@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 
 from _common import emit_result, fmt, print_table, run_bounded, temp_root
-from _files import MIB, SOURCE, fetch_once, fsync_file, inventory_host, median, offered, source_node
+from _files import (
+    MIB,
+    SOURCE,
+    fetch_once,
+    fresh_step,
+    fsync_file,
+    inventory_host,
+    median,
+    offered,
+    source_node,
+)
 from _sshd import SshServer, sshd_server
 
 from ringsync.files.client import FileClient
@@ -57,12 +67,12 @@ def big_file(server: SshServer, root: Path, size: int, runs: int) -> dict[str, f
         ours, ref, ref_sync = [], [], []
         for run in range(runs):
             dest = root / f"ringsync-{run}"
-            os.sync()
+            fresh_step(root / "scratch", size)
             ours.append(fetch_once(client, host, entry, dest))
             shutil.rmtree(dest)
             out = root / "rsync-out"
             out.mkdir()
-            os.sync()
+            fresh_step(root / "scratch", size)
             took = run_bounded(["rsync", "-W", "-e", server.rsync_rsh(), server.target(model),
                                 f"{out}/"], 600)
             ref.append(took)

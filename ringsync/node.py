@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ringsync.health import DaemonType, Health
 from ringsync.inventory import Host
 from ringsync.ops.fsdetect import mount_of
 from ringsync.ops.memory import MemoryTrimmer
 from ringsync.ops.metrics import Metrics
+from ringsync.policy.backoff import Clock
 from ringsync.policy.bandwidth import BandwidthLimiter
+from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from ringsync.policy.router import SyncRouter
 from ringsync.policy.shared_storage import SharedStorage, StorageIdentity, nfs_hosts
 from ringsync.settings import Settings
-from ringsync.store.manifest import DataManifest
+from ringsync.store.manifest import JOURNAL_NAME, DataManifest
 from ringsync.store.receiver import GameReceiver
 from ringsync.store.sharedir import check_node_dir_name, ensure_data_dir_id, migrate_legacy_state
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from ringsync.transport.ssh_tunnel import SshTunnels
 
 
 @dataclass
@@ -33,13 +43,26 @@ class NodeContext:
     sync_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     bandwidth: BandwidthLimiter = field(default_factory=BandwidthLimiter)  # paces every send
+    breakers: Breakers = field(default_factory=Breakers)  # per (peer, transport), every path
     daemon_health: Callable[[], dict[DaemonType, Health]] = dict
+    _ssh: SshTunnels | None = field(default=None, repr=False)
 
     @property
     def host(self) -> Host | None:
         return self.settings.inventory.hosts.get(self.settings.node_id)
 
+    def ssh(self) -> SshTunnels:
+        """The node's SSH connections, one per peer, shared by games, files and rsync
+        (built on first use; no connection opens before a peer is reached over SSH)."""
+        if self._ssh is None:
+            from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels  # transport imports node
+
+            self._ssh = SshTunnels(SshOptions.from_settings(self.settings))
+        return self._ssh
+
     def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.kill_now()
         self.receiver.close()
         self.manifest.close()
 
@@ -69,7 +92,7 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
     identity = storage_identity(settings, mountinfo=mountinfo)
     migrate_legacy_state(settings.state_root, settings.state_dir)
     router = SyncRouter(settings.inventory, settings.node_id, settings.coordinator_node)
-    manifest = DataManifest(settings.state_dir / "manifest.db")
+    manifest = DataManifest(settings.state_dir / JOURNAL_NAME)
     metrics = Metrics()
     receiver = GameReceiver(settings.synced_dir, refuse_reason=receive_refusal(settings, router),
                             manifest=manifest, metrics=metrics, max_configs=settings.max_configs,
@@ -79,7 +102,8 @@ def build_context(settings: Settings, *, mountinfo: str | None = None) -> NodeCo
                            marked_nfs=nfs_hosts(settings.inventory))
     return NodeContext(settings=settings, metrics=metrics, manifest=manifest, router=router,
                        receiver=receiver, shared=shared,
-                       bandwidth=bandwidth_limiter(settings, metrics))
+                       bandwidth=bandwidth_limiter(settings, metrics),
+                       breakers=circuit_breakers(metrics, breaker_config(settings)))
 
 
 def bandwidth_limiter(settings: Settings, metrics: Metrics) -> BandwidthLimiter:
@@ -90,3 +114,42 @@ def bandwidth_limiter(settings: Settings, metrics: Metrics) -> BandwidthLimiter:
             peer=peer, priority=priority.label).inc(n),
         on_wait=lambda priority, reason, seconds: metrics.bandwidth_wait.labels(
             priority=priority.label, reason=reason).inc(seconds))
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
+                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
+
+
+def circuit_breakers(metrics: Metrics, config: BreakerConfig | None = None, *,
+                     clock: Clock = time.monotonic) -> Breakers:
+    """The node's one set of breakers, per (peer, transport): each state change is logged
+    once, with the wall-clock time it happened, and exported as ringsync_circuit_state."""
+    def changed(change: BreakerChange) -> None:
+        metrics.circuit_state.labels(peer=change.peer, transport=change.transport).set(
+            change.new.gauge)
+        if change.old is not None:
+            level = logging.WARNING if change.new is BreakerState.OPEN else logging.INFO
+            log.log(level, "%s; %s since %s", change.describe(), change.new.value,
+                    wall_time(time.time()))
+    return Breakers(config, clock=clock, on_change=changed)
+
+
+def wall_time(t: float) -> str:
+    """How logs and status say when something began: UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def circuit_since(breakers: Breakers, breaker: CircuitBreaker) -> str:
+    """What an operator reads of a breaker: peer, transport, state and since when."""
+    age = breakers.age(breaker)
+    return (f"{breaker.peer}: circuit {breaker.state.value} over {breaker.transport} since "
+            f"{wall_time(time.time() - age)} ({age:.0f}s)")
+
+
+def circuits_status(breakers: Breakers) -> list[dict[str, object]]:
+    """For /v1/status: every breaker that is not closed (games' and files' alike)."""
+    now = time.time()
+    return [{"peer": b.peer, "transport": b.transport, "state": b.state.value,
+             "since": wall_time(now - breakers.age(b)), "seconds": round(breakers.age(b))}
+            for b in breakers if b.state is not BreakerState.CLOSED]

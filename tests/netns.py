@@ -155,7 +155,8 @@ class NetnsLab:
         authorized = self.root / "authorized_keys"
         authorized.write_text(self.client_key.with_name(self.client_key.name + ".pub").read_text())
         config = sshd_config(host.root, SSH_PORT, listen=host.address, authorized_keys=authorized,
-                             extra=(f"MaxSessions {self.max_sessions}", "AllowTcpForwarding local"))
+                             extra=(f"MaxSessions {self.max_sessions}", "AllowTcpForwarding local"),
+                             log_level="INFO")  # a line per login: tests count connections
         host.sshd = self.spawn(host, [SSHD, "-D", "-e", "-f", str(config)], log=host.root / "sshd.log")
         with self.known_hosts.open("a") as known:
             known.write(f"{host.address} {host.host_key}\n")

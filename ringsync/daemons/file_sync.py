@@ -64,7 +64,7 @@ class FileSyncDaemon(Daemon):
         self._dirs = file_dirs(s)
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
-        self._client = build_file_client(s)
+        self._client = build_file_client(s, ctx.breakers, ctx.ssh())
         self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
@@ -285,7 +285,8 @@ class FileSyncDaemon(Daemon):
                             keepalive_interval=s.ssh_keepalive_interval,
                             keepalive_count_max=s.ssh_keepalive_count_max,
                             extra_args=bwlimit_args(s.bandwidth_limits, peer))
-        batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy)
+        batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy,
+                           tunnels=self._ctx.ssh())
         try:
             async with self._slots[kind]:
                 if host is not None and not self._stopping:

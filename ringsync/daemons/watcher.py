@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from asyncinotify import Inotify, Mask
 
+from ringsync.ops.watchtree import TreeWatches
 from ringsync.policy.sources import SourcePatterns, kind_of
 from ringsync.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _FILE_EVENTS = Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.MOVED_TO
-_DIR_EVENTS = _FILE_EVENTS | Mask.ONLYDIR
 # RingRift starts a job dir per job; a long-lived node collects thousands.
 MAX_WATCHES = 8192
 
@@ -28,21 +27,16 @@ def database_of(path: Path) -> Path:
     return path
 
 
-class _Watches:
+class _Wanted:
     """The directories that can hold sources: the source roots, recursively, and their parents."""
 
-    def __init__(self, inotify: Inotify, data_dir: Path, patterns: SourcePatterns,
-                 exclude: Path, limit: int) -> None:
-        self._inotify = inotify
+    def __init__(self, data_dir: Path, patterns: SourcePatterns, exclude: Path) -> None:
         self._data_dir = data_dir
         self._patterns = patterns
         self._roots = patterns.roots()
         self._exclude = exclude
-        self._limit = limit
-        self.count = 0
-        self._full_reported = False
 
-    def wanted(self, directory: Path) -> bool:
+    def __call__(self, directory: Path) -> bool:
         """Inside a source root (or on the way to one), not excluded, not received games."""
         if directory == self._exclude or self._exclude in directory.parents:
             return False
@@ -55,29 +49,6 @@ class _Watches:
         if self._patterns.prunes(rel):
             return False
         return any(_within(rel, r) or _within(r, rel) for r in self._roots)
-
-    def add_tree(self, top: Path) -> None:
-        """Watch ``top`` and every wanted directory below it (created before the watch, too)."""
-        for current, dirnames, _ in os.walk(top):
-            here = Path(current)
-            if not self._add(here):
-                return
-            dirnames[:] = [d for d in dirnames if self.wanted(here / d)]
-
-    def _add(self, directory: Path) -> bool:
-        if self.count >= self._limit:
-            if not self._full_reported:
-                self._full_reported = True
-                log.warning("watching %d directories (the limit); newer ones are found by the "
-                            "RINGRIFT_SYNC_INTERVAL scan only", self.count)
-            return False
-        try:
-            self._inotify.add_watch(directory, _DIR_EVENTS)
-        except OSError as exc:  # e.g. fs.inotify.max_user_watches reached
-            log.warning("cannot watch %s (%s); it is still scanned every interval", directory, exc)
-            return True
-        self.count += 1
-        return True
 
 
 def _within(path: str, parent: str) -> bool:
@@ -98,8 +69,10 @@ async def watch_sources(settings: Settings, on_change: Callable[[Path | None], N
         log.warning("inotify unavailable (%s): syncing every RINGRIFT_SYNC_INTERVAL only", exc)
         return
     with inotify:
-        watches = _Watches(inotify, settings.data_dir, settings.source_patterns,
-                           settings.received_root, limit)
+        watches = TreeWatches(inotify, _FILE_EVENTS, limit=limit,
+                              unwatched="games there are found by the RINGRIFT_SYNC_INTERVAL scan",
+                              wanted=_Wanted(settings.data_dir, settings.source_patterns,
+                                             settings.received_root))
         if settings.data_dir.is_dir():
             watches.add_tree(settings.data_dir)
         async for event in inotify:

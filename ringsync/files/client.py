@@ -14,11 +14,12 @@ from ringsync.files.layout import HASH_HEADER, INDEX_PATH, MAX_INDEX_BYTES, file
 from ringsync.files.plan import IndexEntry, Source, parse_index
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
+from ringsync.ops.peer_session import PeerSession
 
-NODE_HEADER = "X-Ringsync-Node"
 # Not connected at all: the next transport in the peer's order may reach it.
 _UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 READ_CHUNK = 256 * 1024
+READ_BUFSIZE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +49,16 @@ class FileClient:
     takes); a read that stalls for ``read_timeout`` seconds fails the transfer."""
 
     def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 30.0) -> None:
-        self._headers = {NODE_HEADER: node_id}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        return self._session
+        # A deep read buffer: the socket keeps being read while a write runs in a thread.
+        self._session = PeerSession(node_id, token, aiohttp.ClientTimeout(
+            total=None, connect=10, sock_read=read_timeout), read_bufsize=READ_BUFSIZE)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def index(self, peer: Host) -> list[IndexEntry]:
         try:
-            async with self._client().get(peer.url(INDEX_PATH)) as resp:
+            async with self._session.get().get(peer.url(INDEX_PATH)) as resp:
                 body = await _bounded_body(peer.name, resp, MAX_INDEX_BYTES)
                 if resp.status != 200:
                     raise _failure(peer.name, resp.status, body)
@@ -81,7 +73,7 @@ class FileClient:
         """The file's bytes from ``start``; errors (HTTP or network) are TransportError."""
         headers = {"Range": f"bytes={start}-"} if start else {}
         try:
-            async with self._client().get(peer.url(file_url_path(source.kind, source.relpath)),
+            async with self._session.get().get(peer.url(file_url_path(source.kind, source.relpath)),
                                           headers=headers) as resp:
                 if resp.status not in (200, 206):
                     raise _failure(peer.name, resp.status, await _bounded_body(peer.name, resp, 4096))

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ringsync.files.publish import (
     publish_files,
     publish_symlink,
     record_for,
+    start_writeback,
 )
 from ringsync.files.relay import MULTI_SOURCE, streaming_into
 from ringsync.inventory import Host
@@ -37,7 +39,10 @@ from ringsync.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 WRITE_BYTES = 1024 * 1024  # bytes gathered before one write (in a worker thread)
-CHECKPOINT_BYTES = 16 * 1024 * 1024  # fsync + journal every this many bytes
+MAX_PENDING = 8 * 1024 * 1024  # gathered while a write runs; beyond it, reading waits
+# fsync + journal (what a restart resumes from) this often, whichever comes first
+CHECKPOINT_BYTES = 64 * 1024 * 1024
+CHECKPOINT_SECONDS = 1.0
 
 
 @dataclass
@@ -52,7 +57,10 @@ class Exclusions:
 
 @dataclass
 class _Part:
-    """The download's temp file: its fd, bytes written, and the hash of those bytes."""
+    """The download's temp file: its fd, bytes written, and the hash of those bytes.
+
+    Its I/O runs in worker threads, one job at a time, in order: ``start`` one, ``wait``
+    for it before the next."""
 
     path: Path
     fd: int
@@ -61,11 +69,32 @@ class _Part:
     sources: set[str] = field(default_factory=set)  # peers whose bytes are in it
     _last_io: asyncio.Future[None] | None = None
 
-    async def io(self, fn: Callable[..., None], *args: object) -> None:
-        """Run ``fn`` (which uses the fd) in a worker thread. Shielded: a cancelled
-        download does not close the fd under a write still running in its thread."""
+    @property
+    def busy(self) -> bool:
+        return self._last_io is not None and not self._last_io.done()
+
+    def start(self, fn: Callable[..., None], *args: object) -> asyncio.Future[None]:
+        """Run ``fn`` (which uses the fd) in a worker thread, without waiting for it."""
+        assert not self.busy, "one I/O job at a time on a part"
         self._last_io = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        await asyncio.shield(self._last_io)
+        return self._last_io
+
+    async def wait(self) -> None:
+        """Wait for the job in flight; its error is raised here, once. Shielded: a cancelled
+        download does not close the fd under a write still running in its thread."""
+        job = self._last_io
+        if job is None:
+            return
+        try:
+            await asyncio.shield(job)
+        finally:
+            if job.done():
+                self._last_io = None
+
+    async def io(self, fn: Callable[..., None], *args: object) -> None:
+        await self.wait()
+        self.start(fn, *args)
+        await self.wait()
 
     def close(self) -> None:
         """Close the fd now, or once the thread still using it is done."""
@@ -74,6 +103,22 @@ class _Part:
             pending.add_done_callback(lambda _: os.close(self.fd))
         else:
             os.close(self.fd)
+
+
+@dataclass
+class _Checkpoints:
+    """When the next checkpoint is due: CHECKPOINT_SECONDS or CHECKPOINT_BYTES after the last."""
+
+    since: int = 0
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self, nbytes: int) -> bool:
+        self.since += nbytes
+        now = time.monotonic()
+        if self.since < CHECKPOINT_BYTES and now - self.last < CHECKPOINT_SECONDS:
+            return False
+        self.since, self.last = 0, now
+        return True
 
 
 class MultiSource(Protocol):
@@ -300,33 +345,57 @@ class FileFetcher:
 
     async def _stream_body(self, e: IndexEntry, part: _Part, body: Body, peer: str,
                            grew: Callable[[], None]) -> None:
+        """Read the body while the previous bytes are written and hashed in a worker thread.
+
+        The socket is never left unread while the disk works: what arrives meanwhile is
+        gathered, up to MAX_PENDING; then reading waits for the write. A download holds at
+        most about twice MAX_PENDING plus the client's read buffer. Writeback of each write is
+        started at once (``start_writeback``), so a checkpoint's fsync and the final one
+        find little left to flush."""
         pending = bytearray()
-        since_checkpoint = 0
-        async for chunk in body.chunks():
-            if part.written + len(pending) + len(chunk) > e.size:
-                raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
-            pending += chunk
-            if len(pending) >= WRITE_BYTES:
-                since_checkpoint += await self._write(e, part, pending)
-                grew()
-                if since_checkpoint >= CHECKPOINT_BYTES:
-                    await part.io(self._checkpoint, e, part, peer)
-                    since_checkpoint = 0
-        await self._write(e, part, pending)
+        received = part.written
+        checkpoints = _Checkpoints()
+        try:
+            async for chunk in body.chunks():
+                received += len(chunk)
+                if received > e.size:
+                    raise CorruptDataError(f"{peer} sent more than the {e.size} bytes expected")
+                pending += chunk
+                if len(pending) < WRITE_BYTES:
+                    continue
+                if part.busy and len(pending) < MAX_PENDING:
+                    continue  # keep reading while the last write runs
+                await part.wait()
+                pending = self._write(e, part, pending, checkpoints.due(len(pending)), peer, grew)
+        except CorruptDataError:
+            raise
+        except Exception:
+            # The stream broke: what arrived before is kept (the next source resumes after it).
+            await self._flush(e, part, pending, peer, grew)
+            raise
+        await self._flush(e, part, pending, peer, grew)
         if part.written != e.size:
             raise TransportError(peer, f"answer ended at {part.written} of {e.size} bytes")
 
-    async def _write(self, e: IndexEntry, part: _Part, pending: bytearray) -> int:
-        data = bytes(pending)
-        pending.clear()
+    async def _flush(self, e: IndexEntry, part: _Part, pending: bytearray, peer: str,
+                     grew: Callable[[], None]) -> None:
+        await part.wait()
+        self._write(e, part, pending, False, peer, grew)
+        await part.wait()
+
+    def _write(self, e: IndexEntry, part: _Part, data: bytearray, checkpoint: bool, peer: str,
+               grew: Callable[[], None]) -> bytearray:
+        """Start writing ``data`` (and then checkpointing, when due) in the worker thread;
+        returns a fresh buffer for what arrives meanwhile."""
         if data:
-            await part.io(_append, part, data)
             self._metrics.file_bytes_fetched.labels(kind=e.kind.value).inc(len(data))
-        return len(data)
+            then = (lambda: self._checkpoint(e, part, peer)) if checkpoint else None
+            part.start(_append, part, data, then).add_done_callback(lambda _: grew())
+        return bytearray()
 
     def _checkpoint(self, e: IndexEntry, part: _Part, peer: str) -> None:
         """fsync the part, then record its length: a restart resumes from here."""
-        os.fsync(part.fd)
+        os.fdatasync(part.fd)
         self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns,
                                               part.written, peer))
 
@@ -352,13 +421,16 @@ class FileFetcher:
         self._manifest.save_transfer(Transfer(e.kind, e.relpath, e.hash, e.size, e.mtime_ns, 0, ""))
 
 
-def _append(part: _Part, data: bytes) -> None:
-    view = memoryview(data)
+def _append(part: _Part, data: bytearray, then: Callable[[], None] | None) -> None:
+    view, offset = memoryview(data), part.written
     while view:
         n = os.pwrite(part.fd, view, part.written)
         part.written += n
         view = view[n:]
     part.hasher.update(data)
+    start_writeback(part.fd, offset, len(data))
+    if then is not None:
+        then()
 
 
 def discard_stale_parts(dirs: Mapping[FileKind, Path], manifest: FileManifest) -> int:

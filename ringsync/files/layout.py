@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ringsync.files.kinds import FileKind
 from ringsync.settings import Settings
+from ringsync.store.manifest import JOURNAL_NAME
 
 INDEX_PATH = "/v1/files/index"
 FILES_PREFIX = "/v1/files/"
@@ -20,8 +21,9 @@ def file_dirs(settings: Settings) -> dict[FileKind, Path]:
 
 
 def manifest_path(settings: Settings) -> Path:
-    """Beside the game manifest, in this node's own state dir (never shared with a sibling)."""
-    return settings.state_dir / "files.db"
+    """The node's one journal, which the game manifest opens too, in this node's own state
+    dir (never shared with a sibling)."""
+    return settings.state_dir / JOURNAL_NAME
 
 
 def file_url_path(kind: FileKind, relpath: str) -> str:

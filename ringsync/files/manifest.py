@@ -1,8 +1,11 @@
-"""FileManifest: the files this node holds (size, mtime, inode, BLAKE3) and its transfer journal."""
+"""FileManifest: the files this node holds (size, mtime, inode, BLAKE3) and its transfer journal,
+kept in the node's one journal DB beside the games' outboxes and acknowledgements."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from ringsync.errors import CorruptDataError
 from ringsync.files.kinds import FileKind
+from ringsync.store.manifest import BUSY_TIMEOUT, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,13 @@ CREATE TABLE IF NOT EXISTS transfers (
     source TEXT NOT NULL,          -- the peer the last bytes came from
     PRIMARY KEY (kind, relpath)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_imports (
+    name TEXT PRIMARY KEY,         -- a DB an older ringsync kept apart, folded in here once
+    imported_at REAL NOT NULL
+) WITHOUT ROWID;
 """
+_TABLES = ("files", "gone", "transfers")  # what an older ringsync kept in its own files.db
+LEGACY_NAME = "files.db"
 
 StatKey = tuple[int, int, int]  # (size, mtime_ns, inode)
 GONE_KEEP_DAYS = 30.0  # how long a version removed here is not fetched back
@@ -82,18 +92,28 @@ class Transfer:
 
 
 class FileManifest:
-    """SQLite at <state dir>/files.db; thread-safe (one lock), so async code calls it in
-    worker threads. The file records are derived state (a scan rebuilds them); the
-    transfers table is the one durable journal of file-sync intents."""
+    """The file tables of the node's journal (``<state dir>/manifest.db``, which
+    DataManifest opens first and checks); thread-safe (one lock), so async code calls it
+    in worker threads. The file records are derived state (a scan rebuilds them); the
+    transfers table is the node's durable record of file-sync intents.
+
+    Its own connection: file checkpoints and game acknowledgements serialize in SQLite
+    (WAL, short transactions, a busy timeout), never on each other's locks. A ``files.db``
+    an older ringsync left beside the journal is imported once, on open.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._db = _open(path)
         try:
-            self._db = _open(path)
-        except sqlite3.DatabaseError as exc:
-            self._db = _quarantine_and_reopen(path, exc)
+            legacy = path.with_name(LEGACY_NAME)
+            if legacy != path:
+                import_legacy(self._db, legacy)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -101,14 +121,8 @@ class FileManifest:
 
     @contextmanager
     def _txn(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, _write(self._db):
+            yield self._db
 
     # -- files --------------------------------------------------------------------------------
 
@@ -149,9 +163,12 @@ class FileManifest:
 
     def gone(self, *, keep_days: float = GONE_KEEP_DAYS) -> set[tuple[FileKind, str, str]]:
         """(kind, relpath, hash) of versions removed here in the last ``keep_days``."""
-        with self._txn() as db:
-            db.execute("DELETE FROM gone WHERE gone_at < ?", (time.time() - keep_days * 86400,))
-            rows = db.execute("SELECT kind, relpath, hash FROM gone").fetchall()
+        cutoff = time.time() - keep_days * 86400
+        with self._lock:  # a write only when there is something to prune: the journal is shared
+            if self._db.execute("SELECT 1 FROM gone WHERE gone_at < ? LIMIT 1", (cutoff,)).fetchone():
+                with _write(self._db):
+                    self._db.execute("DELETE FROM gone WHERE gone_at < ?", (cutoff,))
+            rows = self._db.execute("SELECT kind, relpath, hash FROM gone").fetchall()
         return {(FileKind(k), str(r), str(h)) for k, r, h in rows}
 
     # -- the transfer journal -------------------------------------------------------------------
@@ -205,33 +222,111 @@ def _transfer(row: tuple[object, ...]) -> Transfer:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    # As DataManifest opens its DB: WAL, and a full check only after a crash left a WAL.
-    wal = Path(f"{path}-wal")
-    crashed = wal.exists() and wal.stat().st_size > 0
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    # No quarantine here: the journal holds the games' outboxes too, and DataManifest,
+    # which opens it first at node start, checks it and moves a corrupt one aside.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         timeout=BUSY_TIMEOUT)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        if crashed and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise sqlite3.DatabaseError("quick_check failed")
         db.execute("PRAGMA schema_version").fetchone()  # garbage: 'not a database'
         db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if not _is_corrupt(exc):
+            raise
+        raise CorruptDataError(
+            f"node journal {path} is unreadable ({exc}): stop ringsync on this node and move "
+            f"{path} aside (with its -wal and -shm files); the next start creates a fresh one "
+            "(local games are rescanned, files hashed again, downloads start over)") from exc
     except BaseException:
         db.close()
         raise
     return db
 
 
-def _quarantine_and_reopen(path: Path, exc: Exception) -> sqlite3.Connection:
-    # Derived state: a scan re-hashes what is on disk; in-flight downloads start over.
-    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-    for suffix in ("", "-wal", "-shm"):
-        part = Path(f"{path}{suffix}")
-        if part.exists():
-            part.rename(Path(f"{aside}{suffix}"))
-    log.error("file manifest %s is unreadable (%s); moved it to %s and starting a fresh one "
-              "(local files are hashed again)", path, exc, aside)
+# -- the one-time import of an older ringsync's files.db ------------------------------------------
+
+
+def import_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
+    """Fold ``legacy`` (an older ringsync's files.db) into the journal ``db``, then remove it.
+
+    The rows and the mark that they are in go in one transaction, fsynced, before the old
+    file is touched; a crash at any point leaves a state the next open completes (import
+    not committed: import again; committed: only remove what is left). True if imported now.
+    """
+    if not any(p.exists() for p in _with_sidecars(legacy)):
+        return False
+    imported = False
+    if legacy.exists():
+        db.execute("PRAGMA synchronous=FULL")  # the commit is on disk before the old file goes
+        try:
+            with _write(db):
+                if db.execute("SELECT 1 FROM journal_imports WHERE name = ?",
+                              (LEGACY_NAME,)).fetchone() is None:
+                    imported = _copy_legacy(db, legacy)
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
+    _remove_legacy(legacy)
+    return imported
+
+
+def _with_sidecars(path: Path) -> tuple[Path, Path, Path]:
+    # The main file first: sidecars without it are never read again, whatever is left.
+    return (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+
+
+@contextmanager
+def _write(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
     try:
-        return _open(path)
-    except sqlite3.DatabaseError as again:
-        raise CorruptDataError(f"cannot create file manifest {path}: {again}") from again
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _copy_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
+    """Inside the caller's transaction: copy the old tables and mark them imported. An
+    unreadable old file is moved aside instead (derived state: files are hashed again and
+    its downloads start over), as the old manifest's own open did."""
+    rows: dict[str, tuple[list[str], list[tuple[object, ...]]]] = {}
+    try:
+        with contextlib.closing(sqlite3.connect(legacy, timeout=BUSY_TIMEOUT)) as old:
+            for table in _TABLES:
+                columns = [str(r[1]) for r in old.execute(f"PRAGMA table_info({table})")]
+                if columns:
+                    rows[table] = (columns, old.execute(
+                        f"SELECT {','.join(columns)} FROM {table}").fetchall())
+    except sqlite3.DatabaseError as exc:
+        if not _is_corrupt(exc):
+            raise
+        aside = move_aside(legacy)
+        log.error("old file manifest %s is unreadable (%s); moved it to %s (local files are "
+                  "hashed again, its downloads start over)", legacy, exc, aside)
+        return False
+    for table, (columns, found) in rows.items():
+        db.executemany(f"INSERT OR IGNORE INTO {table} ({','.join(columns)}) "
+                       f"VALUES ({','.join('?' * len(columns))})", found)
+    db.execute("INSERT INTO journal_imports VALUES (?, ?)", (LEGACY_NAME, time.time()))
+    log.info("imported %s into the node journal (%s); it is removed now", legacy,
+             ", ".join(f"{table}: {len(found)} rows" for table, (_, found) in rows.items()))
+    return True
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Unreadable for good (garbage, a damaged page), not busy or out of disk for now."""
+    code = getattr(exc, "sqlite_errorcode", -1) & 0xFF  # the primary code of an extended one
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _remove_legacy(legacy: Path) -> None:
+    for part in _with_sidecars(legacy):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    fd = os.open(legacy.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,16 +24,15 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from ringsync.errors import BadInputError, UnsafePathError
-from ringsync.files.client import NODE_HEADER
 from ringsync.files.hashing import is_hash
 from ringsync.files.kinds import FileKind, part_name
 from ringsync.files.manifest import FileManifest
 from ringsync.files.paths import resolve_inside, safe_relpath
 from ringsync.files.plan import FetchJob, Source
 from ringsync.inventory import Host
+from ringsync.ops.peer_session import PeerSession
 
 RELAYS_PATH = "/v1/relays"
 MULTI_SOURCE = "multi-source"  # journal source of an aria2 fetch: written out of order, not relayed
@@ -193,19 +192,12 @@ class RelayClient:
     """Reads peers' /v1/relays lists (one aiohttp session for every peer)."""
 
     def __init__(self, node_id: str, token: str | None) -> None:
-        self._headers = {NODE_HEADER: node_id}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._session: aiohttp.ClientSession | None = None
+        self._session = PeerSession(node_id, token, aiohttp.ClientTimeout(total=10))
 
     async def relays(self, peer: Host) -> list[Relay]:
         """What ``peer`` relays; [] when it cannot say (an older node, or unreachable)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(
-                total=10))
-        url = URL.build(scheme="http", host=peer.address, port=peer.p2p_port, path=RELAYS_PATH)
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get().get(peer.url(RELAYS_PATH)) as resp:
                 if resp.status != 200:
                     return []
                 body = await resp.content.read(MAX_LIST_BYTES + 1)
@@ -214,6 +206,4 @@ class RelayClient:
             return []
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ringsync.errors import UnsafePathError
-from ringsync.files.client import NODE_HEADER
 from ringsync.files.hashing import CHUNK
 from ringsync.files.kinds import FileKind, file_priority
 from ringsync.files.layout import FILES_PREFIX, HASH_HEADER, INDEX_PATH, file_dirs, manifest_path
@@ -22,6 +21,7 @@ from ringsync.files.plan import IndexEntry
 from ringsync.files.relay import Ready, RelayRoutes, add_relay_routes
 from ringsync.files.server_pieces import add_piece_routes
 from ringsync.ops.metrics import Metrics
+from ringsync.ops.peer_session import NODE_HEADER
 from ringsync.policy.bandwidth import BandwidthLimiter, Priority
 from ringsync.settings import Settings
 

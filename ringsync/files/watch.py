@@ -4,17 +4,17 @@ waiting out the settle time; the scanner's settle rule still covers everything e
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from asyncinotify import Inotify, Mask
 
 from ringsync.files.kinds import FileKind
+from ringsync.ops.watchtree import TreeWatches
 
 log = logging.getLogger(__name__)
 
-_EVENTS = Mask.MOVED_TO | Mask.CREATE | Mask.ONLYDIR
+_EVENTS = Mask.MOVED_TO | Mask.CREATE
 MAX_WATCHES = 4096
 
 
@@ -31,31 +31,23 @@ async def watch_renames(dirs: Mapping[FileKind, Path],
         log.warning("inotify unavailable (%s): files are picked up after the settle time only", exc)
         return
     with inotify:
+        watches = TreeWatches(inotify, _EVENTS, limit=MAX_WATCHES,
+                              unwatched="files there ship after the settle time",
+                              wanted=lambda d: not d.name.startswith("."))
         roots: dict[Path, FileKind] = {}
         for kind, root in dirs.items():
             root.mkdir(parents=True, exist_ok=True)
             roots[root] = kind
-            _add_tree(inotify, root)
+            watches.add_tree(root)
         async for event in inotify:
             if event.path is None or event.name is None or str(event.name).startswith("."):
                 continue
             if event.mask & Mask.ISDIR:
-                _add_tree(inotify, event.path)
+                watches.add_tree(event.path)
             elif event.mask & Mask.MOVED_TO:
                 found = _kind_of(roots, event.path)
                 if found is not None:
                     on_rename(*found)
-
-
-def _add_tree(inotify: Inotify, top: Path) -> None:
-    for current, dirnames, _ in os.walk(top):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if len(inotify.watches) >= MAX_WATCHES:
-            return
-        try:
-            inotify.add_watch(Path(current), _EVENTS)
-        except OSError as exc:
-            log.warning("cannot watch %s (%s); files there wait out the settle time", current, exc)
 
 
 def _kind_of(roots: Mapping[Path, FileKind], path: Path) -> tuple[FileKind, str] | None:

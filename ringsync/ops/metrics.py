@@ -74,7 +74,8 @@ class Metrics:
         self.circuit_state = Gauge(
             "ringsync_circuit_state",
             "Circuit breaker per peer and transport: 0 closed, 1 half-open (probing), 2 open "
-            "(the peer is left alone; its games wait in its outbox).",
+            "(the transport is skipped for this peer; while all of a peer's are open, its games "
+            "wait in its outbox).",
             ["peer", "transport"],
             registry=r,
         )

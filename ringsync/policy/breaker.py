@@ -1,8 +1,9 @@
 """CircuitBreaker: stop hammering a peer over a transport that keeps failing, probe it later.
 
-Pure: it decides from the outcomes it is told and an injectable clock. The caller acts
-on what it returns (a ``BreakerChange`` to log once and to export as
-``ringsync_circuit_state``), so that a state change is logged once, not each failure.
+Pure: it decides from the outcomes it is told and an injectable clock. A state change
+comes back as a ``BreakerChange`` (``Breakers`` hands each to one listener, which logs it
+once and exports ``ringsync_circuit_state``), so a change is logged once, not each failure.
+A peer's view of its transports' breakers is ``peer_state``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import enum
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ringsync.errors import TransientError
 from ringsync.policy.backoff import Backoff, Clock
 
-__all__ = ["BreakerChange", "BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker"]
+__all__ = [
+    "BreakerChange", "BreakerConfig", "BreakerListener", "BreakerState", "Breakers", "CircuitBreaker",
+    "peer_state",
+]
 
 
 class BreakerState(enum.Enum):
@@ -48,18 +52,23 @@ class BreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class BreakerChange:
-    """A state change: logged once and exported by the caller."""
+    """A state change: logged once and exported by the caller. ``old`` is None when the
+    breaker was just made (closed), so a listener can export it before it ever moves."""
 
     peer: str
     transport: str
-    old: BreakerState
+    old: BreakerState | None
     new: BreakerState
     since: float  # clock time of the change
     reason: str
+    old_for: float = 0.0  # seconds the breaker had been in ``old``
 
     def describe(self) -> str:
-        return (f"circuit to {self.peer} over {self.transport}: {self.old.value} -> "
-                f"{self.new.value} ({self.reason})")
+        old = "new" if self.old is None else f"{self.old.value} for {self.old_for:.0f}s"
+        return f"circuit to {self.peer} over {self.transport}: {old} -> {self.new.value} ({self.reason})"
+
+
+BreakerListener = Callable[[BreakerChange], None]
 
 
 class CircuitBreaker:
@@ -139,18 +148,41 @@ class CircuitBreaker:
         return self._move(BreakerState.OPEN, f"{reason}; next probe in {delay:.1f}s")
 
     def _move(self, new: BreakerState, reason: str) -> BreakerChange:
-        old, self.state, self.since = self.state, new, self._clock()
-        return BreakerChange(self.peer, self.transport, old, new, self.since, reason)
+        now = self._clock()
+        old, old_for = self.state, now - self.since
+        self.state, self.since = new, now
+        return BreakerChange(self.peer, self.transport, old, new, now, reason, old_for)
+
+
+def peer_state(breakers: Iterable[CircuitBreaker]) -> BreakerState:
+    """A peer's circuit as its transports' breakers make it: closed while any transport's
+    is closed (deliveries flow over it), open while none would let an attempt through (its
+    games wait), else half-open (the next delivery is a probe). No breaker: closed."""
+    some, probe = False, False
+    for breaker in breakers:
+        if breaker.state is BreakerState.CLOSED:
+            return BreakerState.CLOSED
+        some = True
+        probe = probe or breaker.would_allow()
+    if not some:
+        return BreakerState.CLOSED
+    return BreakerState.HALF_OPEN if probe else BreakerState.OPEN
 
 
 class Breakers:
-    """One CircuitBreaker per (peer, transport), made on first use with one config."""
+    """One CircuitBreaker per (peer, transport), made on first use with one config: a node
+    keeps one set, shared by every path that reaches its peers (games, files).
+
+    ``allow``, ``record`` and ``release`` act on one breaker and hand any state change (and
+    each new breaker) to ``on_change``: the one place a change is logged and exported.
+    """
 
     def __init__(self, config: BreakerConfig | None = None, *, clock: Clock = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, on_change: BreakerListener | None = None) -> None:
         self._config = config or BreakerConfig()
         self._clock = clock
         self._rng = rng or random.Random()
+        self._on_change = on_change
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
 
     def get(self, peer: str, transport: str) -> CircuitBreaker:
@@ -161,7 +193,30 @@ class Breakers:
             backoff = Backoff(c.recovery_s, c.recovery_max_s, jitter=c.jitter, rng=self._rng)
             breaker = self._breakers[key] = CircuitBreaker(peer, transport, c, clock=self._clock,
                                                            backoff=backoff)
+            self._tell(BreakerChange(peer, transport, None, breaker.state, breaker.since, "first use"))
         return breaker
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(self._breakers.values())
+
+    def allow(self, peer: str, transport: str) -> bool:
+        """Whether one attempt over ``transport`` may start now (see CircuitBreaker.allow)."""
+        allowed, change = self.get(peer, transport).allow()
+        self._tell(change)
+        return allowed
+
+    def record(self, peer: str, transport: str, error: BaseException | None) -> None:
+        """The outcome of an attempt ``allow`` let through: None for a success."""
+        self._tell(self.get(peer, transport).record(error))
+
+    def release(self, peer: str, transport: str) -> None:
+        """An attempt ``allow`` let through ended without a verdict (cancelled)."""
+        self.get(peer, transport).release()
+
+    def age(self, breaker: CircuitBreaker) -> float:
+        """Seconds since ``breaker`` entered its state (what an operator asks of an open one)."""
+        return self._clock() - breaker.since
+
+    def _tell(self, change: BreakerChange | None) -> None:
+        if change is not None and self._on_change is not None:
+            self._on_change(change)

@@ -28,6 +28,7 @@ class Outcome(enum.Enum):
     NEXT = "next"  # could not do it now: the next step is tried
     FAILED = "failed"  # a final answer for this attempt (the peer refused, the batch is bad)
     UNAVAILABLE = "unavailable"  # named in the chain, not provided by this build or node
+    BREAKER_OPEN = "breaker_open"  # skipped: this (peer, transport)'s circuit breaker is open
 
 
 @dataclass(frozen=True, slots=True)

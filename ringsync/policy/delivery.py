@@ -1,107 +1,88 @@
 """DeliveryPolicy: which targets a cycle delivers to, and what each outcome changes.
 
-Pure: retry pacing per peer, a circuit breaker per (peer, transport), and why a peer
-is failing, decided from outcomes and an injectable clock. The auto-sync daemon acts on
-what it returns (deliver, log a transition once, export a state); it does the I/O.
+Pure: retry pacing per peer, and why a peer is failing, decided from outcomes and an
+injectable clock. The circuit breakers are per (peer, transport) and live in the
+transport chain, which tries, skips and records each step; this policy reads the peer's
+view of them (``peer_state``): a peer is left alone only while every one of its
+transports is open. The auto-sync daemon acts on what it returns; it does the I/O.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ringsync.policy.backoff import Clock
-from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState, CircuitBreaker
+from ringsync.policy.breaker import BreakerState, CircuitBreaker, peer_state
 from ringsync.policy.peers import PeerDelivery
 
-__all__ = ["DeliveryPolicy", "Outcome"]
+__all__ = ["Circuits", "DeliveryPolicy", "Outcome"]
+
+Circuits = Callable[[str], Sequence[CircuitBreaker]]  # a peer's breakers, one per transport
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one target's delivery changed: each field is a transition to report once."""
 
-    breaker: BreakerChange | None = None
     began_failing: bool = False
     recovered: bool = False
     retry_in: float = 0.0  # seconds until the peer is tried again (after a failure)
 
 
 class DeliveryPolicy:
-    """Decides per target and cycle; a target whose breaker is open is left alone (its
-    games wait in its outbox) while the others keep flowing.
+    """Decides per target and cycle; a target all of whose transports have an open breaker
+    is left alone (its games wait in its outbox) while the others keep flowing.
 
-    A target chosen while its breaker is half-open is a probe: the caller sends it one
-    push at a time (``probing``) and must report the delivery's outcome (``delivered``,
-    ``failed``) or, when nothing was pushed, ``released``.
+    A target none of whose transports is closed, but one of which may be probed, is
+    ``probing``: the caller sends it one push at a time, so a peer still down costs one
+    failed attempt, not one per push slot.
     """
 
-    def __init__(self, transport: str, *, retry_initial: float, retry_max: float,
-                 breaker: BreakerConfig | None = None, clock: Clock = time.monotonic) -> None:
-        self.transport = transport
+    def __init__(self, circuits: Circuits, *, retry_initial: float, retry_max: float,
+                 clock: Clock = time.monotonic) -> None:
+        self._circuits = circuits
         self._peers = PeerDelivery(retry_initial, retry_max, clock=clock)
-        self._breakers = Breakers(breaker, clock=clock)
-        self._clock = clock
 
     @property
     def failing(self) -> Mapping[str, str]:
         """Peers whose last delivery failed or whose batch was refused, and why."""
         return self._peers.failing
 
-    def breaker(self, peer: str) -> CircuitBreaker:
-        return self._breakers.get(peer, self.transport)
-
-    def breakers(self) -> Iterator[CircuitBreaker]:
-        return iter(self._breakers)
-
-    def age(self, breaker: CircuitBreaker) -> float:
-        """Seconds since ``breaker`` entered its state (what an operator asks of an open one)."""
-        return self._clock() - breaker.since
+    def circuit(self, peer: str) -> BreakerState:
+        """The peer's view of its transports' breakers."""
+        return peer_state(self._circuits(peer))
 
     def new_cycle(self, peer: str | None = None) -> None:
         """A delivery to ``peer`` (to every peer when None) begins."""
         self._peers.new_cycle(peer)
 
     def ready(self, peer: str) -> bool:
-        """Could be delivered to now (no attempt is started)."""
-        return self._peers.ready(peer) and self.breaker(peer).would_allow()
+        """Could be delivered to now: not backing off, some transport not open."""
+        return self._peers.ready(peer) and self.circuit(peer) is not BreakerState.OPEN
 
-    def choose(self, peers: Iterable[str]) -> tuple[list[str], list[BreakerChange]]:
-        """The peers this cycle delivers to, in the given order, and any breaker that
-        moved to half-open on the way (each a state change to report)."""
-        chosen: list[str] = []
-        changes: list[BreakerChange] = []
-        for peer in peers:
-            if not self._peers.ready(peer):
-                continue
-            allowed, change = self.breaker(peer).allow()
-            if change is not None:
-                changes.append(change)
-            if allowed:
-                chosen.append(peer)
-        return chosen, changes
+    def choose(self, peers: Iterable[str]) -> list[str]:
+        """The peers this cycle delivers to, in the given order."""
+        return [peer for peer in peers if self.ready(peer)]
 
     def probing(self, peer: str) -> bool:
-        return self.breaker(peer).state is BreakerState.HALF_OPEN
+        return self.circuit(peer) is BreakerState.HALF_OPEN
 
     def delivered(self, peer: str) -> Outcome:
         """The outbox was walked without a transport failure."""
-        change = self.breaker(peer).record(None)
-        return Outcome(breaker=change, recovered=self._peers.delivered(peer))
+        return Outcome(recovered=self._peers.delivered(peer))
 
     def failed(self, peer: str, error: BaseException) -> Outcome:
-        """The delivery stopped on ``error``; only a transient one counts for the breaker."""
-        change = self.breaker(peer).record(error)
+        """The delivery stopped on ``error`` (the chain already told each step's breaker)."""
         retry_in, began = self._peers.failed(peer, str(error))
-        return Outcome(breaker=change, began_failing=began, retry_in=retry_in)
+        return Outcome(began_failing=began, retry_in=retry_in)
 
     def rejected(self, peer: str, reason: str) -> bool:
         """One batch refused (the rest went on); whether the peer just began failing."""
         return self._peers.rejected(peer, reason)
 
     def released(self, peer: str) -> Outcome:
-        """Chosen, but nothing was pushed (nothing owed, or shared storage): no verdict for
-        the breaker; the peer is no longer failing."""
-        self.breaker(peer).release()
+        """Chosen, but nothing was pushed (nothing owed, or shared storage): the peer is no
+        longer failing."""
         return Outcome(recovered=self._peers.delivered(peer))

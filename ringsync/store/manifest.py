@@ -1,4 +1,5 @@
-"""DataManifest: what games this node generated and which peers hold them, durably."""
+"""DataManifest: what games this node generated and which peers hold them, durably, in the
+node's one journal DB (file sync keeps its tables in the same file: ringsync.files.manifest)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ CREATE TABLE IF NOT EXISTS scan_cursors (
     state TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+JOURNAL_NAME = "manifest.db"  # in the node's state dir: every sync intent of the node
+BUSY_TIMEOUT = 30.0  # seconds a write waits for another writer (file sync) on the journal
 BITS = 63  # target ids with a bit in held/shared/refused; later ones go to overflow
 
 
@@ -89,6 +92,10 @@ class DataManifest:
 
     Thread-safe: every call holds one lock, so async code runs them in worker threads
     (a million-game manifest must not stall the event loop).
+
+    The DB is the node's journal: file sync's records and in-flight transfers live in it
+    too, on connections of their own. This class opens it first (at node start), so it is
+    the one that checks it and moves a corrupt one aside.
     """
 
     def __init__(self, path: Path) -> None:
@@ -111,7 +118,8 @@ class DataManifest:
         # A clean close leaves no WAL behind: the full check (O(games), 0.25 s at a million)
         # runs only after a crash, and a restart after a clean stop costs milliseconds.
         crashed = _nonempty(Path(f"{path}-wal"))
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                             timeout=BUSY_TIMEOUT)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -131,15 +139,13 @@ class DataManifest:
 
     def _quarantine_and_reopen(self, path: Path, exc: Exception) -> sqlite3.Connection:
         # The manifest is derived state: local games are found again by a scan and
-        # re-sent games are de-duplicated by receivers, so a fresh one is safe.
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{path}{suffix}")
-            if part.exists():
-                part.rename(Path(f"{aside}{suffix}"))
+        # re-sent games are de-duplicated by receivers, so a fresh one is safe; so are the
+        # file tables beside them (files are hashed again, downloads start over).
+        aside = move_aside(path)
         log.error(
             "manifest %s is unreadable (%s); moved it to %s and starting a fresh one "
-            "(local games are rescanned; peers ignore games they already hold)",
+            "(local games are rescanned; peers ignore games they already hold; local files "
+            "are hashed again and in-flight downloads start over)",
             path, exc, aside,
         )
         try:
@@ -439,7 +445,7 @@ class DataManifest:
 
     def _received(self) -> sqlite3.Connection:
         if self._received_db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT,
                                  check_same_thread=False)
             try:
                 # FULL: the peer is told "merged" right after, and never sends the ids again.
@@ -481,6 +487,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an unreadable SQLite DB and its -wal/-shm to ``<name>.corrupt-<time>``, kept
+    for a post-mortem; returns the new name."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            part.rename(Path(f"{aside}{suffix}"))
+    return aside
 
 
 def _nonempty(path: Path) -> bool:

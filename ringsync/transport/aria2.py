@@ -31,7 +31,6 @@ from blake3 import blake3
 from yarl import URL
 
 from ringsync.errors import BadInputError
-from ringsync.files.client import NODE_HEADER
 from ringsync.files.fetch import Exclusions
 from ringsync.files.layout import file_url_path
 from ringsync.files.pieces import PIECES_PREFIX, hash_pieces, parse_claims, piece_span
@@ -39,6 +38,7 @@ from ringsync.files.plan import IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
 from ringsync.ops.metrics import Metrics
+from ringsync.ops.peer_session import NODE_HEADER, PeerSession
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Aria2Transport:
                  metrics: Metrics, exclusions: Exclusions, *, min_bytes: int,
                  read_timeout: float = 30.0, binary: str | None = None) -> None:
         self._node_id = node_id
-        self._token = token
+        self._token = token  # also written (0600) into aria2c's input file
         self._hosts = hosts
         self._metrics = metrics
         self._exclusions = exclusions
@@ -70,7 +70,8 @@ class Aria2Transport:
         self._read_timeout = read_timeout
         self._binary = binary if binary is not None else shutil.which(ARIA2C)
         self._failures: dict[str, int] = {}  # content hash -> aria2 runs failed in a row
-        self._session: aiohttp.ClientSession | None = None
+        self._session = PeerSession(node_id, token, aiohttp.ClientTimeout(
+            total=None, connect=10, sock_read=read_timeout))
         self.running: dict[str, asyncio.subprocess.Process] = {}  # content hash -> aria2c
 
     @property
@@ -97,9 +98,7 @@ class Aria2Transport:
                 and len(self.mirrors(e, sources)) >= 2)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def fetch_into(self, e: IndexEntry, sources: Sequence[Source], part: Path) -> bool | None:
         """Fill ``part`` with the content of ``e``. True: it holds exactly that content
@@ -226,7 +225,7 @@ class Aria2Transport:
     async def _claims(self, e: IndexEntry, m: Mirror) -> list[str] | None:
         url = m.url.replace("/v1/files/", PIECES_PREFIX, 1)
         try:
-            async with self._client().get(url) as resp:
+            async with self._session.get().get(url) as resp:
                 if resp.status != 200:
                     raise BadInputError(f"HTTP {resp.status}")
                 return parse_claims(await resp.json(content_type=None), e.size, e.hash)
@@ -242,7 +241,7 @@ class Aria2Transport:
         for i in pieces:
             start, stop = piece_span(i, e.size)
             try:
-                async with self._client().get(m.url, headers={"Range": f"bytes={start}-{stop - 1}"}
+                async with self._session.get().get(m.url, headers={"Range": f"bytes={start}-{stop - 1}"}
                                               ) as resp:
                     if resp.status != 206 or resp.content_length != stop - start:
                         raise BadInputError(f"HTTP {resp.status}, {resp.content_length} bytes")
@@ -268,14 +267,6 @@ class Aria2Transport:
             self._metrics.file_source_exclusions.labels(peer=peer).inc()
         self._exclusions.add(e.hash, peers)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            headers = {NODE_HEADER: self._node_id}
-            if self._token:
-                headers["Authorization"] = f"Bearer {self._token}"
-            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(
-                total=None, connect=10, sock_read=self._read_timeout))
-        return self._session
 
 
 def _prepare(part: Path, control: Path) -> int:

@@ -1,12 +1,14 @@
 """Many small files from one peer in one rsync run over SSH, verified here before publication.
 
-One ``rsync --files-from`` run per batch (one SSH login, one process pair) instead of one
-request per file. rsync writes into a staging directory beside the destination (a dot
-directory: never scanned, watched or shipped; same file system, so publication is a
-rename), keeps interrupted files in ``--partial-dir`` so the next run resumes them, and
-checks host keys against RINGRIFT_SSH_KNOWN_HOSTS (StrictHostKeyChecking=yes, never
-accept-new). rsync's own checksums are not trusted: each staged file is hashed (BLAKE3)
-and published atomically only when it matches the peer's index; a mismatch is discarded.
+One ``rsync --files-from`` run per batch (one process pair) instead of one request per
+file; its ssh rides the node's SSH connection to the peer (the master's control socket,
+``ssh -S``) when the node has one, so rsync adds no login. rsync writes into a staging
+directory beside the destination (a dot directory: never scanned, watched or shipped;
+same file system, so publication is a rename), keeps interrupted files in
+``--partial-dir`` so the next run resumes them, and checks host keys against
+RINGRIFT_SSH_KNOWN_HOSTS (StrictHostKeyChecking=yes, never accept-new). rsync's own
+checksums are not trusted: each staged file is hashed (BLAKE3) and published atomically
+only when it matches the peer's index; a mismatch is discarded.
 """
 
 from __future__ import annotations
@@ -28,13 +30,8 @@ from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
 from ringsync.policy.bandwidth import BandwidthLimits, bytes_per_second
-from ringsync.transport.ssh_tunnel import (
-    checked_known_hosts,
-    client_key,
-    host_key_fix,
-    ssh_address,
-    ssh_where,
-)
+from ringsync.transport.ssh_login import Login, login_refusal, ssh_address, ssh_args
+from ringsync.transport.ssh_tunnel import SshTunnels
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +45,10 @@ _SOME_FILES_FAILED = (23, 24)  # partial transfer / source files vanished: the r
 
 
 @dataclass(frozen=True, slots=True)
-class RsyncOptions:
-    """How rsync logs in to peers; the host's own ssh_* fields come from the inventory."""
+class RsyncOptions(Login):
+    """How rsync logs in to peers (the node's SSH settings); the host's own ssh_* fields come
+    from the inventory."""
 
-    known_hosts: Path
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 3.0
-    keepalive_count_max: int = 3
     io_timeout: int = IO_TIMEOUT
     rsync: str = "rsync"
     extra_args: tuple[str, ...] = ()  # e.g. ("--bwlimit=20m",) in tests and benchmarks
@@ -81,29 +75,21 @@ Publish = Callable[[Sequence[tuple[IndexEntry, Path]], str], list[IndexEntry]]
 Reject = Callable[[IndexEntry, str, str], None]  # (entry, peer, why): a wrong copy was discarded
 
 
-def ssh_command(peer: Host, opts: RsyncOptions) -> list[str]:
-    """The ``ssh`` rsync runs: the inventory's key and port, host keys checked strictly."""
-    known_hosts = checked_known_hosts(peer, opts.known_hosts)
-    cmd = ["ssh", "-p", str(peer.ssh_port)]
-    key = client_key(peer)
-    if key is not None:
-        cmd += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
-    cmd += ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", f"ConnectTimeout={max(1, round(opts.connect_timeout))}",
-            "-o", f"ServerAliveInterval={max(1, round(opts.keepalive_interval))}",
-            "-o", f"ServerAliveCountMax={opts.keepalive_count_max}", "-o", "LogLevel=ERROR"]
-    if peer.ssh_user:
-        cmd += ["-l", peer.ssh_user]
+def ssh_command(peer: Host, opts: RsyncOptions, control: Path | None = None) -> list[str]:
+    """The ``ssh`` rsync runs: the inventory's key and port, host keys checked strictly; over
+    the master at ``control`` when given (ssh logs in itself if that master is gone)."""
+    cmd = ssh_args(peer, opts)
+    if control is not None:
+        cmd += ["-S", str(control), "-o", "ControlMaster=no"]
     return cmd
 
 
 def rsync_command(peer: Host, remote_root: str, files_from: Path, staging: Path,
-                  opts: RsyncOptions) -> list[str]:
+                  opts: RsyncOptions, control: Path | None = None) -> list[str]:
     return [opts.rsync, "--files-from", str(files_from), "--from0", "--times", "--protect-args",
             "--partial-dir", PARTIAL_DIR, "--timeout", str(opts.io_timeout), "--no-motd", "--stats",
             *opts.extra_args,
-            "-e", shlex.join(ssh_command(peer, opts)),
+            "-e", shlex.join(ssh_command(peer, opts, control)),
             f"{ssh_address(peer)}:{remote_root.rstrip('/')}/", f"{staging}/"]
 
 
@@ -138,11 +124,18 @@ def batches(jobs: Iterable[FetchJob], over_ssh: Callable[[str], Host | None],
 class RsyncBatch:
     """Fetches one peer's batch of files of one kind with a single rsync run."""
 
-    def __init__(self, root: Path, opts: RsyncOptions, publish: Publish, reject: Reject) -> None:
+    def __init__(self, root: Path, opts: RsyncOptions, publish: Publish, reject: Reject, *,
+                 tunnels: SshTunnels | None = None) -> None:
         self._root = root
         self._opts = opts
         self._publish = publish
         self._reject = reject
+        self._tunnels = tunnels  # the node's SSH connections: rsync runs over the peer's
+
+    def _connection(self, peer: Host) -> contextlib.AbstractAsyncContextManager[Path | None]:
+        if self._tunnels is None:
+            return contextlib.nullcontext()
+        return self._tunnels.control_path(peer)
 
     def staging(self, peer: str) -> Path:
         return self._root / STAGING_DIR / peer
@@ -157,9 +150,10 @@ class RsyncBatch:
         wanted = {f.source.relpath for f in files}
         list_file = staging / PARTIAL_DIR / "files-from"
         await asyncio.to_thread(_write_list, list_file, sorted(wanted))
-        cmd = rsync_command(peer, remote_root, list_file, staging, self._opts)
         try:
-            code, stdout, stderr = await _run(cmd, peer.name)
+            async with self._connection(peer) as control:
+                cmd = rsync_command(peer, remote_root, list_file, staging, self._opts, control)
+                code, stdout, stderr = await _run(cmd, peer.name)
         finally:
             await asyncio.to_thread(list_file.unlink, missing_ok=True)
         result = await asyncio.to_thread(self._settle, peer.name, staging, files)
@@ -168,7 +162,7 @@ class RsyncBatch:
             log.info("rsync from %s: %d of %d files did not arrive (%s)", peer.name, len(result.missing),
                      len(files), bounded(" ".join(stderr.split()), 300))
         elif code != 0:
-            raise _failure(peer, code, stderr, self._opts.known_hosts)
+            raise _failure(peer, code, stderr, self._opts)
         await asyncio.to_thread(_remove_if_empty, staging)
         return result
 
@@ -258,16 +252,10 @@ async def _run(cmd: list[str], peer: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def _failure(peer: Host, code: int, stderr: str, known_hosts: Path) -> TransportError:
+def _failure(peer: Host, code: int, stderr: str, login: Login) -> TransportError:
     said = bounded(" ".join(stderr.split()), 400) or "nothing on stderr"
     if code == _SSH_FAILED:
-        # ssh reports why only in prose; the text picks the fix to suggest, not the error's type.
-        if "host key" in stderr.lower() or "host_key" in stderr.lower():
-            return PeerUnreachableError(peer.name, f"rsync: SSH host key of {ssh_where(peer)} is unknown "
-                                                   f"or has changed ({said}); nothing was fetched. "
-                                                   + host_key_fix(peer, known_hosts))
-        return PeerUnreachableError(peer.name, f"rsync: ssh to {ssh_where(peer)} failed ({said}); check "
-                                               f"hosts.{peer.name}.ssh_host / ssh_port / ssh_user / ssh_key")
+        return login_refusal(peer, stderr, login, prefix="rsync: ", nothing="nothing was fetched")
     if code == _NO_REMOTE_RSYNC:
         return PeerUnreachableError(peer.name, f"rsync is not installed on {peer.name} ({said}); install "
                                                "it there, or files are fetched one by one")

@@ -1,7 +1,7 @@
-"""SSH transport: the peer protocol carried through one SSH connection per peer (asyncssh).
+"""SSH transport: the peer protocol carried through one SSH connection per peer (OpenSSH).
 
 The far node's data server is reached on its own loopback address through a direct-tcpip
-channel (a local port forward, ``ssh_tunnel``), so one protocol and one client serve HTTP
+channel (the master's local port forward, ``ssh_tunnel``), so one protocol and one client serve HTTP
 and SSH alike, and a node whose data server listens only on 127.0.0.1 is still reachable.
 """
 
@@ -26,8 +26,12 @@ class SshTransport:
     name = "ssh"
 
     def __init__(self, node_id: str, token: str | None, options: SshOptions, *,
-                 read_timeout: float = 120.0, limiter: BandwidthLimiter | None = None) -> None:
-        self._ssh = SshTunnels(options)
+                 read_timeout: float = 120.0, limiter: BandwidthLimiter | None = None,
+                 tunnels: SshTunnels | None = None) -> None:
+        # The node's shared tunnels (files and rsync use the same connections) are closed by
+        # the node; tunnels of our own are closed with us.
+        self._owned = tunnels is None
+        self._ssh = SshTunnels(options) if tunnels is None else tunnels
         self._http = HttpTransport(node_id, token, read_timeout=read_timeout, limiter=limiter)
 
     @property
@@ -44,5 +48,6 @@ class SshTransport:
             return await self._http.peer_data_dir_id(local)
 
     async def close(self) -> None:
-        await self._ssh.close()
+        if self._owned:
+            await self._ssh.close()
         await self._http.close()

@@ -1,51 +1,50 @@
-"""One SSH connection per peer with a local port forwarded to its data server (asyncssh).
+"""One OpenSSH connection per peer with a local port forwarded to its data server.
 
-Shared by every client that speaks the peer HTTP protocol (games, files): the far node's
-data server is reached on its own loopback address through direct-tcpip channels, so a
-node whose data server listens only on 127.0.0.1 is still reachable. The host-key and
-address helpers are shared with the rsync path, which runs OpenSSH itself.
+Shared by every client that speaks the peer HTTP protocol (games, files) and by rsync:
+the far node's data server is reached on its own loopback address through the master's
+forward, so a node whose data server listens only on 127.0.0.1 is still reachable, and
+rsync's ssh rides the same connection through the master's control socket. A node builds
+one ``SshTunnels`` (``NodeContext.ssh``), so a peer costs one SSH connection whatever
+runs over it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
+import hashlib
+import itertools
 import logging
-import warnings
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
 from ringsync.settings import Settings
+from ringsync.transport.ssh_login import Login, checked_known_hosts, ssh_where
+from ringsync.transport.ssh_master import REMOTE_HOST, Master
 
-with warnings.catch_warnings():
-    # asyncssh still imports cryptography's DSA names, which warn on import; DSA keys are never used.
-    warnings.simplefilter("ignore", UserWarning)
-    import asyncssh
+__all__ = ["REMOTE_HOST", "SshOptions", "SshTunnels"]
 
 log = logging.getLogger(__name__)
 
-REMOTE_HOST = "127.0.0.1"  # where the far node's data server is reached, seen from that node
-_CLOSE_TIMEOUT = 5.0
+_PROBE = b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+_DYING = 1.0  # seconds a master whose forward stopped answering gets to exit and say why
+# sun_path holds 104 bytes on BSDs, 108 on Linux: under the base go ringsync-ssh-XXXXXXXX/,
+# <12 hex>-<n>.sock and the 17-character suffix ssh binds before renaming: about 60.
+_SOCKET_BASE_MAX = 40
 
 
 @dataclass(frozen=True, slots=True)
-class SshOptions:
+class SshOptions(Login):
     """How SSH connections to peers are made; the host's own fields come from the inventory."""
 
-    known_hosts: Path
-    max_channels: int = 10  # per connection; sshd's MaxSessions defaults to 10
-    keepalive_interval: float = 3.0
-    keepalive_count_max: int = 3
-    connect_timeout: float = 10.0
-    # AES-GCM first: asyncssh runs it as one OpenSSL call per packet, while its
-    # chacha20-poly1305 (the default it negotiates with OpenSSH) takes three cipher contexts
-    # per packet in Python; profiled on a 128 MiB model over SSH, that was most of the CPU.
-    encryption_algs: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                                        "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
+    max_channels: int = 10  # requests in flight per connection; sshd's MaxSessions defaults to 10
 
     @classmethod
     def from_settings(cls, s: Settings) -> SshOptions:
@@ -55,61 +54,61 @@ class SshOptions:
                    connect_timeout=s.ssh_connect_timeout)
 
 
-class _Watcher(asyncssh.SSHClient):
-    """Remembers why the connection ended (a keepalive timeout, a reset...)."""
-
-    def __init__(self) -> None:
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(f"{type(exc).__name__}: {exc}" if exc else "closed by the peer")
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Tunnel:
     """One SSH connection to a peer and a local port forwarded to its data server."""
 
-    conn: asyncssh.SSHClientConnection
-    watcher: _Watcher
-    listener: asyncssh.SSHListener
+    master: Master
     local: Host  # the peer as the HTTP client sees it: 127.0.0.1:<forwarded port>
-    channels: asyncio.Semaphore
+    channels: asyncio.Semaphore = field(repr=False)
 
     @property
     def lost(self) -> str | None:
-        return self.watcher.lost.result() if self.watcher.lost.done() else None
+        return self.master.lost
+
+    @property
+    def control(self) -> Path:
+        return self.master.control
 
     async def close(self) -> None:
-        self.listener.close()
-        self.conn.close()
-        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
-            async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self.conn.wait_closed()
+        await self.master.stop()
 
 
 class SshTunnels:
-    """One SSH connection per peer, reused for every request to it.
+    """One SSH connection (an OpenSSH control master) per peer, reused for every request to it.
 
-    Requests on one connection are bounded by ``max_channels`` (each in-flight request holds
-    one direct-tcpip channel), keepalives notice a dead peer within about
+    Requests on one connection are bounded by ``max_channels`` (each in-flight request, and
+    each rsync run, holds one), keepalives notice a dead peer within about
     ``keepalive_interval * (keepalive_count_max + 1)`` seconds, and a connection that was
     lost is replaced on the next request.
     """
 
     def __init__(self, options: SshOptions) -> None:
-        asyncssh_log = logging.getLogger("asyncssh")
-        if asyncssh_log.level == logging.NOTSET:
-            # asyncssh logs every channel at INFO; our own lines say what an operator needs.
-            asyncssh_log.setLevel(logging.WARNING)
         self._options = options
         self.tunnels: dict[str, _Tunnel] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        self._dir: Path | None = None  # private (0700) home of the control sockets
+        self._generation = itertools.count(1)
+
+    @property
+    def options(self) -> SshOptions:
+        return self._options
 
     async def close(self) -> None:
+        """Stop every master (none is left running) and remove their socket directory."""
         tunnels, self.tunnels = list(self.tunnels.values()), {}
         for tunnel in tunnels:
             await tunnel.close()
+        if self._dir is not None:
+            atexit.unregister(self.kill_now)
+            self._remove_dir()
+
+    def kill_now(self) -> None:
+        """Stop every master without waiting: for process exit, when no event loop may run
+        (registered with atexit while a master may be running)."""
+        for tunnel in self.tunnels.values():
+            tunnel.master.kill_now()
+        self._remove_dir()
 
     @contextlib.asynccontextmanager
     async def channel(self, peer: Host) -> AsyncIterator[Host]:
@@ -127,25 +126,51 @@ class SshTunnels:
                     raise
                 raise explained from exc
 
+    @contextlib.asynccontextmanager
+    async def control_path(self, peer: Host) -> AsyncIterator[Path]:
+        """The peer's master's control socket, for an ssh (rsync's) to run over the same
+        connection (``ssh -S``); one channel of the connection is held meanwhile."""
+        tunnel = await self._tunnel(peer)
+        async with tunnel.channels:
+            yield tunnel.control
+
     async def _explain(self, peer: Host, tunnel: _Tunnel, exc: TransportError) -> TransportError:
         """Say whether the SSH connection died or the far data server is not there."""
+        if isinstance(exc, PeerRejectedError) and tunnel.lost is None:
+            return exc  # the data server answered (a refusal): nothing to add
+        answered = None if tunnel.lost is not None else await self._probe(tunnel)
+        if answered:
+            return exc  # the data server is there: the error is its own
+        if answered is None or tunnel.master.last_open_failure() is None:
+            await tunnel.master.exit_soon(_DYING)  # a dying master gets a moment to say why
         if (lost := tunnel.lost) is not None:
             await self._drop(peer.name, tunnel)
             return PeerUnreachableError(peer.name, f"SSH connection to {ssh_where(peer)} lost ({lost}); "
-                                             f"the request was cut off: {exc.reason}")
-        if isinstance(exc, PeerRejectedError):
-            return exc  # the data server answered (a refusal): nothing to add
-        try:
-            reader_writer = await tunnel.conn.open_connection(REMOTE_HOST, peer.p2p_port)
-        except asyncssh.ChannelOpenError as probe:
+                                                   f"the request was cut off: {exc.reason}")
+        if answered is False:
+            why = tunnel.master.last_open_failure() or "the channel was closed"
             return PeerUnreachableError(peer.name, f"SSH to {ssh_where(peer)} works, but {REMOTE_HOST}:"
-                                             f"{peer.p2p_port} on it refused a connection ({probe.reason}); "
-                                             f"is its data server running on p2p_port {peer.p2p_port}?")
-        except (asyncssh.Error, OSError) as probe:
-            await self._drop(peer.name, tunnel)
-            return PeerUnreachableError(peer.name, f"SSH connection to {ssh_where(peer)} failed: {probe}")
-        reader_writer[1].close()
+                                                   f"{peer.p2p_port} on it refused a connection ({why}); "
+                                                   f"is its data server running on p2p_port {peer.p2p_port}?")
         return exc
+
+    async def _probe(self, tunnel: _Tunnel) -> bool | None:
+        """Whether the far data server answers through the forward (True), the forward's
+        channel was refused (False), or neither could be told (None: the forward itself is gone,
+        or no answer in time)."""
+        try:
+            async with asyncio.timeout(self._options.connect_timeout):
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.local.p2p_port)
+                try:
+                    writer.write(_PROBE)
+                    await writer.drain()
+                    return bool(await reader.read(1))
+                except ConnectionError:
+                    return False  # ssh accepted, then dropped it: the far end refused the channel
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return None
 
     async def _tunnel(self, peer: Host) -> _Tunnel:
         lock = self._connecting.setdefault(peer.name, asyncio.Lock())
@@ -167,97 +192,26 @@ class SshTunnels:
         await tunnel.close()
 
     async def _open(self, peer: Host) -> _Tunnel:
-        conn, watcher = await self._connect(peer)
-        try:
-            listener = await conn.forward_local_port("127.0.0.1", 0, REMOTE_HOST, peer.p2p_port)
-        except BaseException as exc:
-            conn.close()
-            if isinstance(exc, asyncssh.Error | OSError):
-                raise PeerUnreachableError(peer.name, f"SSH to {ssh_where(peer)}: cannot forward a local "
-                                                f"port ({exc})") from exc
-            raise
+        checked_known_hosts(peer, self._options.known_hosts)
+        master = await Master.start(peer, self._options, self._control(peer))
         local = dataclasses.replace(peer, p2p_host="127.0.0.1", tailscale_ip=None, ssh_host=None,
-                                    p2p_port=listener.get_port())
+                                    p2p_port=master.local_port)
         log.info("SSH connection to %s (%s) open; its data server is forwarded to 127.0.0.1:%d",
                  peer.name, ssh_where(peer), local.p2p_port)
-        return _Tunnel(conn, watcher, listener, local, asyncio.Semaphore(self._options.max_channels))
+        return _Tunnel(master, local, asyncio.Semaphore(self._options.max_channels))
 
-    async def _connect(self, peer: Host) -> tuple[asyncssh.SSHClientConnection, _Watcher]:
-        host, opts = ssh_address(peer), self._options
-        known_hosts = checked_known_hosts(peer, opts.known_hosts)
-        watcher = _Watcher()
-        try:
-            conn, _ = await asyncssh.create_connection(
-                lambda: watcher, host, peer.ssh_port, username=peer.ssh_user or (),  # (): the local user
-                client_keys=_client_keys(peer), known_hosts=str(known_hosts),
-                encryption_algs=list(opts.encryption_algs),
-                keepalive_interval=opts.keepalive_interval,
-                keepalive_count_max=opts.keepalive_count_max,
-                connect_timeout=opts.connect_timeout, login_timeout=opts.connect_timeout,
-            )
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise PeerUnreachableError(peer.name, _host_key_refused(peer, known_hosts, exc)) from exc
-        except asyncssh.PermissionDenied as exc:
-            raise PeerUnreachableError(peer.name, f"SSH login to {ssh_where(peer)} refused ({exc.reason}); "
-                                            "add this node's public key to that user's "
-                                            "authorized_keys, or fix hosts."
-                                            f"{peer.name}.ssh_user / ssh_key") from exc
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            raise PeerUnreachableError(peer.name, f"SSH to {ssh_where(peer)} failed: "
-                                            f"{type(exc).__name__}: {exc}") from exc
-        return conn, watcher
+    def _control(self, peer: Host) -> Path:
+        """A fresh socket path per master: a dying master removes its own path on exit, so its
+        successor must not share it."""
+        if self._dir is None:
+            base = tempfile.gettempdir()
+            self._dir = Path(tempfile.mkdtemp(prefix="ringsync-ssh-",
+                                              dir=base if len(base) <= _SOCKET_BASE_MAX else "/tmp"))
+            atexit.register(self.kill_now)
+        name = hashlib.blake2s(f"{peer.name}|{ssh_where(peer)}".encode(), digest_size=6).hexdigest()
+        return self._dir / f"{name}-{next(self._generation)}.sock"
 
-
-def ssh_where(peer: Host) -> str:
-    user = f"{peer.ssh_user}@" if peer.ssh_user else ""
-    return f"{user}{ssh_address(peer)}:{peer.ssh_port}"
-
-
-def ssh_address(peer: Host) -> str:
-    host = peer.ssh_host or peer.tailscale_ip or peer.p2p_host
-    if host is None:
-        raise PeerUnreachableError(peer.name, f"no address to reach it over SSH; set hosts.{peer.name}."
-                                        "ssh_host in the inventory")
-    return host
-
-
-def _client_keys(peer: Host) -> list[str] | tuple[()]:
-    """The inventory's key; without one, asyncssh's defaults (~/.ssh/id_*, an agent)."""
-    key = client_key(peer)
-    return () if key is None else [str(key)]
-
-
-def client_key(peer: Host) -> Path | None:
-    """The inventory's ssh_key, checked to be a file here; None when the host names none."""
-    if peer.ssh_key is None:
-        return None
-    key = Path(peer.ssh_key).expanduser()
-    if not key.is_file():
-        raise PeerUnreachableError(peer.name, f"hosts.{peer.name}.ssh_key = {peer.ssh_key!r} is not a "
-                                        "readable file on this node; point it at the private key "
-                                        "that logs in to that host")
-    return key
-
-
-def checked_known_hosts(peer: Host, path: Path) -> Path:
-    if not path.is_file():
-        raise PeerUnreachableError(peer.name, f"no known_hosts file at {path} (RINGRIFT_SSH_KNOWN_HOSTS), "
-                                        "so no SSH host key can be checked and nothing is sent; "
-                                        + host_key_fix(peer, path))
-    return path
-
-
-def _host_key_refused(peer: Host, path: Path, exc: asyncssh.HostKeyNotVerifiable) -> str:
-    return (f"SSH host key of {ssh_address(peer)} port {peer.ssh_port} is unknown or has changed: "
-            f"it does not match {path} ({exc.reason}); nothing was sent. "
-            + host_key_fix(peer, path))
-
-
-def host_key_fix(peer: Host, path: Path) -> str:
-    host, port = ssh_address(peer), peer.ssh_port
-    entry = host if port == 22 else f"[{host}]:{port}"
-    return (f"Fix: check the host's key fingerprint on {peer.name} itself "
-            "(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), compare it with "
-            f"`ssh-keyscan -p {port} {host} | ssh-keygen -lf -`, then remove any stale entry "
-            f"(ssh-keygen -R '{entry}' -f {path}) and add it: "
-            f"ssh-keyscan -p {port} {host} >> {path}")
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

@@ -250,7 +250,7 @@ def test_a_source_serving_corrupt_bytes_is_detected_excluded_and_the_file_fetche
 
 
 def journal_done(cluster: Cluster, name: str) -> int:
-    db = cluster.nodes[name].data_dir / ".ringsync" / name / "files.db"
+    db = cluster.nodes[name].data_dir / ".ringsync" / name / "manifest.db"
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     except sqlite3.OperationalError:

@@ -56,8 +56,11 @@ def test_many_small_models_arrive_by_one_rsync_run_from_an_ssh_only_peer(
                        for p in src_models.rglob("*.pth"))
 
         wait_until(arrived, 45, "every model at selfplay-1 with its hash")
-        log = cluster.nodes["selfplay-1"].log_path.read_text()
-        assert "rsync from train-1:" in log  # the small files came in one batch
+        log_path = cluster.nodes["selfplay-1"].log_path
+        # The run's summary is logged after its files are renamed into place: wait for it.
+        wait_until(lambda: "rsync from train-1:" in log_path.read_text(), 10,
+                   "the rsync run's summary")  # the small files came in one batch
+        log = log_path.read_text()
         assert f"{FILES + 1} of {FILES + 1} models files published" in log
         assert "is reached over ssh" in log  # its index came through the SSH tunnel
         assert not list(here.rglob(".ringsync-rsync"))  # staging cleaned up

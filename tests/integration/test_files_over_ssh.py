@@ -21,6 +21,7 @@ from ringsync.files.scanner import FileScanner
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.metrics import Metrics
+from ringsync.policy.breaker import BreakerConfig, Breakers, BreakerState
 from ringsync.transport.files import FileClientChain, SshFileClient
 from ringsync.transport.ssh_tunnel import SshOptions, SshTunnels
 from tests.conftest import TOKEN
@@ -42,23 +43,31 @@ def sshd() -> Iterator[SshServer]:
 async def source(node_factory: Callable[..., NodeContext], served: Callable[..., Any]) -> NodeContext:
     """A training node holding a model; its data server listens on 127.0.0.1 only."""
     ctx = node_factory()
-    path = ctx.settings.models_dir / "canonical_hex8_2p.pth"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(os.urandom(SIZE))
-    os.utime(path, (1, 1))  # settled
+    await serve_models(ctx, served, {"canonical_hex8_2p.pth": os.urandom(SIZE)})
+    return ctx
+
+
+async def serve_models(ctx: NodeContext, served: Callable[..., Any], models: dict[str, bytes]) -> None:
+    """Write settled models at ``ctx``, record them in its manifest, and start its data server."""
+    for relpath, data in models.items():
+        path = ctx.settings.models_dir / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (1, 1))  # settled
     manifest = FileManifest(manifest_path(ctx.settings))
     try:
         FileScanner(file_dirs(ctx.settings), manifest, 5.0).scan()
     finally:
         manifest.close()
     await served(ctx)
-    return ctx
 
 
 @pytest.fixture
 async def chain(sshd: SshServer) -> AsyncIterator[FileClientChain]:
     ssh = SshFileClient(FileClient("selfplay-1", TOKEN), SshTunnels(SshOptions(known_hosts=sshd.known_hosts)))
-    client = FileClientChain({"http": FileClient("selfplay-1", TOKEN), "ssh": ssh}, ("http", "ssh"))
+    # One failure opens a breaker here: the fetch after the index goes straight to SSH.
+    client = FileClientChain({"http": FileClient("selfplay-1", TOKEN), "ssh": ssh}, ("http", "ssh"),
+                             Breakers(BreakerConfig(failure_threshold=1)))
     yield client
     await client.close()
 
@@ -74,7 +83,8 @@ async def test_a_model_reaches_a_node_whose_data_server_listens_only_on_loopback
         tmp_path: Path, sshd: SshServer, source: NodeContext, chain: FileClientChain) -> None:
     peer = peer_of(sshd, source)
     (entry,) = await chain.index(peer)
-    assert chain._order.order(peer)[0] == "ssh"  # HTTP could not reach it; SSH did
+    # HTTP could not reach it (its breaker for train-1 is open); SSH did.
+    assert [b.state for b in chain.circuits(peer)] == [BreakerState.OPEN, BreakerState.CLOSED]
     models, metrics = tmp_path / "here" / "models", Metrics()
     manifest = FileManifest(tmp_path / "here" / "files.db")
     try:

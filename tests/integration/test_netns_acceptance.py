@@ -96,7 +96,7 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
         source = selfplay.data_dir / SOURCE_DB
 
         def breaker() -> float:
-            return scrape(lab, h0, selfplay.port, 'ringsync_circuit_state{peer="train-1"')
+            return scrape(lab, h0, selfplay.port, 'ringsync_circuit_state{peer="train-1",transport="http"}')
 
         try:
             for name in ("train-1", "train-2", "selfplay-1"):  # receivers up before the sender
@@ -112,7 +112,8 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                 opened_after = time.monotonic() - cut_at
                 health = auto_sync_health(lab, h0, cluster)
                 assert health["state"] == "degraded", health
-                assert re.search(r"train-1: circuit (open|half_open) over http for \d+s", health["detail"])
+                assert re.search(r"train-1: circuit (open|half_open) over http since "
+                                 r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s\)", health["detail"])
                 during = len(held_game_ids(train1))
                 assert scrape(lab, h0, selfplay.port, 'ringsync_circuit_state{peer="train-2"') == 0
                 time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
@@ -137,8 +138,8 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                   "during the 30 s cut; train-1 caught up after the heal")
             assert auto_sync_health(lab, h0, cluster)["state"] == "healthy"
             log = selfplay.log_path.read_text()
-            assert "circuit to train-1 over http: closed -> open" in log, log[-3000:]
-            assert "circuit to train-1 over http: half_open -> closed" in log, log[-3000:]
+            assert re.search(r"circuit to train-1 over http: closed for \d+s -> open", log), log[-3000:]
+            assert re.search(r"circuit to train-1 over http: half_open for \d+s -> closed", log), log[-3000:]
             assert "circuit to train-2" not in log
         finally:
             cluster.stop_all()
@@ -231,9 +232,11 @@ def test_a_200mb_model_reaches_four_selfplay_hosts_whole_past_a_source_serving_c
                 assert "not asking it for this content again" in log, n
             served = [ln.split()[1] for ln in (scratch / "evil.log").read_text().splitlines()
                       if ln.startswith("served ")]
-            # Each node asked it once, then excluded it (train-1 too: it wants models and
-            # held only the temp file then).
-            assert sorted(served) == sorted([*RECEIVERS, "train-1"]), served
+            # Each receiver asked it once, then excluded it. train-1 (it wants models too and
+            # held only the temp file then) asks at most once: it polled evil-1 before evil-1
+            # listened, so its breaker for evil-1 may still be open.
+            assert sorted(n for n in served if n != "train-1") == sorted(RECEIVERS), served
+            assert served.count("train-1") <= 1, served
             print(f"200 MB model at 4 selfplay hosts {spread:.1f} s after its rename")
         finally:
             cluster.stop_all()

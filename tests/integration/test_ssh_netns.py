@@ -22,6 +22,7 @@ import pytest
 
 from ringsync.localcluster import Cluster, held_game_ids, read_game_ids, wait_until
 from tests.integration.test_end_to_end import merged_rows, per_game_rows
+from tests.integration.test_ssh_master import ssh_processes
 from tests.netns import LabHost, NetnsLab, lab_cluster, netns_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_root, pytest.mark.timeout(90)]
@@ -97,9 +98,28 @@ def test_loopback_only_training_host_gets_every_game_exactly_once_over_ssh(
     for trainer in ("train-1", "train-2"):
         assert_holds_exactly(cluster, trainer, completed)
     log = cluster.nodes["selfplay-1"].log_path.read_text()
-    assert re.search(r"SSH connection to train-1 \(root@[\d.]+:22\) open", log), log[-2000:]
+    assert len(re.findall(r"SSH connection to train-1 \(root@[\d.]+:22\) open", log)) == 1, log[-2000:]
     assert "SSH connection to train-2" not in log  # the HTTP peer is not tunnelled
+    # Games and file sync (which polls train-1's file index over SSH) share one connection.
+    h0, h1 = lab.hosts[0], lab.hosts[1]
+    sshd_log = (h1.root / "sshd.log").read_text(errors="replace")
+    assert sshd_log.count(f"Accepted publickey for root from {h0.address} ") == 1, sshd_log[-2000:]
+    established = lab.run(h1, "ss", "-Htn", "state", "established", "( sport = :22 )")
+    assert sum(f"{h0.address}:" in ln for ln in established.splitlines()) == 1, established
+    node = cluster.nodes["selfplay-1"].process
+    assert node is not None
+    masters = [p for p in ssh_processes(f"{h1.address}") if parent_of(p) == node.pid]
+    assert len(masters) == 1  # selfplay-1's one master (train-2 reaches train-1 over SSH too)
     assert cluster.terminate("selfplay-1") == 0, cluster.nodes["selfplay-1"].log_tail()
+    wait_until(lambda: not set(masters) & set(ssh_processes(f"{h1.address}")), 10,
+               "selfplay-1's ssh master gone with it")
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 def test_an_ssh_peer_cut_off_mid_stream_catches_up_exactly_once_while_the_other_keeps_receiving(

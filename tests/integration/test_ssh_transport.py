@@ -16,6 +16,7 @@ from ringsync.errors import PeerRejectedError, TransportError
 from ringsync.inventory import Host
 from ringsync.localcluster import free_port
 from ringsync.node import NodeContext
+from ringsync.policy.breaker import BreakerConfig, Breakers, BreakerState
 from ringsync.protocol.batch import content_digest, encode_batch
 from ringsync.store.gamedb import count_games
 from ringsync.transport.http import HttpTransport
@@ -119,10 +120,12 @@ async def test_chain_falls_back_to_ssh_and_keeps_using_it(
     wrong = Host(name="train-1", p2p_host="127.0.0.1", p2p_port=free_port())
     chain = TransportChain({"http": _Redirect(http, wrong),
                             "ssh": SshTransport("selfplay-1", TOKEN, SshOptions(sshd.known_hosts))},
-                           ("http",))
+                           ("http",), Breakers(BreakerConfig(failure_threshold=1)))
     try:
         first = await chain.push_games(peer, payload, content_digest(payload))
-        assert (first.inserted, chain.order(peer)) == (n, ["ssh", "http"])
+        assert first.inserted == n
+        # HTTP's breaker for the peer opened on its failure: the next push skips it.
+        assert [b.state for b in chain.circuits(peer)] == [BreakerState.OPEN, BreakerState.CLOSED]
         bad = b"x" * 100
         with pytest.raises(PeerRejectedError):  # the peer answered: no fallback to HTTP
             await chain.push_games(peer, bad, content_digest(bad))

@@ -4,6 +4,7 @@ after healing it half-opens, closes and catches up, every game exactly once."""
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +14,13 @@ import pytest
 from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.base import HealthState
 from ringsync.inventory import Host
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuit_breakers
 from ringsync.policy.breaker import BreakerConfig, BreakerState
 from ringsync.protocol.results import MergeResult
 from ringsync.store.receiver import GameReceiver
+from ringsync.transport.base import GameTransport
 from ringsync.transport.memory import MemoryTransport
+from ringsync.transport.select import TransportChain
 from tests.conftest import write_games
 from tests.unit.clock import FakeClock
 from tests.unit.test_auto_sync import held
@@ -55,7 +58,7 @@ def duplicates_at(ctx: NodeContext, peer: str) -> float | None:
 async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
     node_factory: Callable[..., NodeContext], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ringsync.daemons.auto_sync")
+    caplog.set_level(logging.INFO, logger="ringsync.node")
     transport = CountingTransport()
     for name in ("train-1", "train-2"):
         transport.receivers[name] = GameReceiver(tmp_path / name / "synced")
@@ -66,7 +69,8 @@ async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
     db = ctx.settings.games_dir / "sp.db"
     first, _ = write_games(db, 30)
     transport.down.add("train-2")
-    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, breaker=BREAKER, clock=clock)
+    ctx.breakers = circuit_breakers(ctx.metrics, BREAKER, clock=clock)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, clock=clock)
     try:
         for _ in range(3):  # three transient failures in a row open train-2's breaker
             await daemon.sync_once()
@@ -104,9 +108,11 @@ async def test_an_open_breaker_holds_one_targets_games_while_the_other_flows(
         await daemon.drain()
         for receiver in transport.receivers.values():
             receiver.close()
-    changes = [r.getMessage() for r in caplog.records if "circuit to train-2" in r.getMessage()]
-    assert [c.split(": ", 1)[1].split(" (")[0] for c in changes] == [
+    changes = [r.getMessage() for r in caplog.records if "circuit to train-2 over memory" in r.getMessage()]
+    assert [re.sub(r" for \d+s", "", c.split(": ", 1)[1].split(" (")[0]) for c in changes] == [
         "closed -> open", "open -> half_open", "half_open -> closed"]
+    assert "open for 30s -> half_open" in changes[1]  # how long it was open
+    assert all(re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", c) for c in changes)
 
 
 async def test_a_probe_that_fails_reopens_the_breaker_for_longer(
@@ -118,7 +124,8 @@ async def test_a_probe_that_fails_reopens_the_breaker_for_longer(
     ctx = node_factory("selfplay-1")
     write_games(ctx.settings.games_dir / "sp.db", 5)
     transport.down.add("train-2")
-    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, breaker=BREAKER, clock=clock)
+    ctx.breakers = circuit_breakers(ctx.metrics, BREAKER, clock=clock)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.0, clock=clock)
     try:
         for _ in range(3):
             await daemon.sync_once()
@@ -133,3 +140,62 @@ async def test_a_probe_that_fails_reopens_the_breaker_for_longer(
     finally:
         await daemon.drain()
         transport.receivers["train-1"].close()
+
+
+async def test_with_two_transports_a_target_waits_only_once_both_breakers_are_open(
+    node_factory: Callable[..., NodeContext], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    http, ssh = CountingTransport(), CountingTransport()
+    for name in ("train-1", "train-2"):
+        receiver = GameReceiver(tmp_path / name / "synced")
+        http.receivers[name] = ssh.receivers[name] = receiver
+    clock = FakeClock()
+    ctx = node_factory("selfplay-1")
+    ctx.breakers = circuit_breakers(ctx.metrics, BREAKER, clock=clock)
+    transports: dict[str, GameTransport] = {"http": http, "ssh": ssh}
+    chain = TransportChain(transports, ("http", "ssh"), ctx.breakers)
+    db = ctx.settings.games_dir / "sp.db"
+    written = write_games(db, 10)[0]
+    http.down.add("train-2")
+    daemon = AutoSyncDaemon(ctx, chain, retry_initial=0.0, clock=clock)
+
+    def gauge(transport: str) -> float | None:
+        return ctx.metrics.registry.get_sample_value(
+            "ringsync_circuit_state", {"peer": "train-2", "transport": transport})
+
+    try:
+        for seed in range(2, 5):  # HTTP's breaker opens; SSH carries every game meanwhile
+            await daemon.sync_once()
+            written += write_games(db, 10, seed=seed)[0]
+        await daemon.sync_once()
+        assert (gauge("http"), gauge("ssh")) == (BreakerState.OPEN.gauge, BreakerState.CLOSED.gauge)
+        assert sorted(held(tmp_path, "train-2")) == sorted(written)
+        assert "train-2: circuit open over http since" in daemon.health().detail
+        tried_http = http.tried["train-2"]
+        await daemon.sync_once()
+        assert http.tried["train-2"] == tried_http  # HTTP skipped, SSH used
+
+        ssh.down.add("train-2")  # now every transport is down: the target waits
+        for _ in range(4):
+            written += write_games(db, 5, seed=len(written))[0]
+            await daemon.sync_once()
+        assert (gauge("http"), gauge("ssh")) == (BreakerState.OPEN.gauge,) * 2
+        tried = (http.tried["train-2"], ssh.tried["train-2"])
+        for _ in range(3):
+            written += write_games(db, 5, seed=len(written))[0]
+            await daemon.sync_once()
+            assert not await daemon._backlog_waiting()  # no spinning on a waiting target
+        assert (http.tried["train-2"], ssh.tried["train-2"]) == tried  # nothing tried
+        assert sorted(held(tmp_path, "train-1")) == sorted(written)  # the other flows
+        assert ctx.manifest.outbox_size("train-2") > 0
+        got = held(tmp_path, "train-2")
+        assert len(got) == len(set(got))
+    finally:
+        await daemon.drain()
+        for receiver in http.receivers.values():
+            receiver.close()
+    lines = [r.getMessage() for r in caplog.records if "train-2" in r.getMessage()]
+    assert len([m for m in lines if "circuit to train-2 over http" in m]) == 1  # closed -> open
+    assert len([m for m in lines if "circuit to train-2 over ssh" in m]) == 1
+    assert len([m for m in lines if "delivery to train-2 failing" in m]) == 1  # not per failure

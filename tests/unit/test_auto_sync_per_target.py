@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from ringsync.daemons.auto_sync import AutoSyncDaemon
 from ringsync.daemons.auto_sync._batches import BatchBuilder, LateChanges, Prepared
 from ringsync.daemons.auto_sync.triggers import Trigger
 from ringsync.inventory import Host
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuit_breakers
 from ringsync.policy.breaker import BreakerConfig, BreakerState
 from ringsync.protocol.results import MergeResult
 from ringsync.selfplay_sim import SelfplayWriter
@@ -206,8 +207,9 @@ async def test_a_dead_target_comes_back_on_its_own_timer(
     db = ctx.settings.games_dir / "sp.db"
     transport.down.add("train-2")
     breaker = BreakerConfig(failure_threshold=2, recovery_s=0.3, recovery_max_s=1.0, jitter=0.0)
-    caplog.set_level(logging.INFO, logger="ringsync.daemons.auto_sync")
-    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.05, breaker=breaker)
+    caplog.set_level(logging.INFO, logger="ringsync.node")
+    ctx.breakers = circuit_breakers(ctx.metrics, breaker)
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=0.05)
     async with running(daemon):
         done, _ = await asyncio.to_thread(write_games, db, 6)
         await arrive(transport, tmp_path, "train-1", done, 10)
@@ -219,9 +221,9 @@ async def test_a_dead_target_comes_back_on_its_own_timer(
         await arrive(transport, tmp_path, "train-2", done, 10)
     assert sorted(held(tmp_path, "train-2")) == sorted(done)
     assert ctx.manifest.outbox_size("train-2") == 0
-    assert daemon._policy.breaker("train-2").state is BreakerState.CLOSED
-    changes = [r.getMessage().split(": ", 1)[1].split(" (")[0] for r in caplog.records
-               if "circuit to train-2" in r.getMessage()]
+    assert ctx.breakers.get("train-2", "memory").state is BreakerState.CLOSED
+    changes = [re.sub(r" for \d+s", "", r.getMessage().split(": ", 1)[1].split(" (")[0])
+               for r in caplog.records if "circuit to train-2" in r.getMessage()]
     assert changes == ["closed -> open", "open -> half_open", "half_open -> closed"]
 
 

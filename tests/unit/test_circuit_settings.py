@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ringsync.daemons.auto_sync import breaker_config
 from ringsync.errors import ConfigError
+from ringsync.node import breaker_config
 from ringsync.policy.breaker import BreakerConfig
 from ringsync.settings import load_settings
 

@@ -1,64 +1,76 @@
-"""DeliveryPolicy on a fake clock: which targets a cycle takes, what an outcome changes."""
+"""DeliveryPolicy on a fake clock: which targets a cycle takes, what an outcome changes,
+and the per-peer view of its transports' breakers."""
 
 from __future__ import annotations
 
 from ringsync.errors import BatchRejectedError, PeerRefusedError, PeerUnreachableError
-from ringsync.policy.breaker import BreakerConfig, BreakerState
+from ringsync.policy.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from ringsync.policy.delivery import DeliveryPolicy
 from tests.unit.clock import FakeClock
 
 DOWN = PeerUnreachableError("b", "connection refused")
+CONFIG = BreakerConfig(failure_threshold=2, recovery_s=10.0, jitter=0.0)
 
 
-def policy(clock: FakeClock) -> DeliveryPolicy:
-    return DeliveryPolicy("http", retry_initial=0.0, retry_max=60.0, clock=clock,
-                          breaker=BreakerConfig(failure_threshold=2, recovery_s=10.0, jitter=0.0))
+def policy(clock: FakeClock, breakers: Breakers, retry_initial: float = 0.0) -> DeliveryPolicy:
+    def circuits(peer: str) -> list[CircuitBreaker]:
+        return [breakers.get(peer, "http"), breakers.get(peer, "ssh")]
+    return DeliveryPolicy(circuits, retry_initial=retry_initial, retry_max=60.0, clock=clock)
 
 
-def test_an_open_breaker_leaves_its_target_out_and_the_others_in() -> None:
+def trip(breakers: Breakers, peer: str, transport: str) -> None:
+    for _ in range(CONFIG.failure_threshold):
+        assert breakers.allow(peer, transport)
+        breakers.record(peer, transport, DOWN)
+
+
+def test_a_peer_waits_only_while_every_one_of_its_transports_is_open() -> None:
     clock = FakeClock()
-    p = policy(clock)
-    assert p.choose(["a", "b"]) == (["a", "b"], [])
+    breakers = Breakers(CONFIG, clock=clock)
+    p = policy(clock, breakers)
+    assert p.choose(["a", "b"]) == ["a", "b"]
+    trip(breakers, "b", "http")
+    assert p.circuit("b") is BreakerState.CLOSED  # SSH still carries it
+    assert p.choose(["a", "b"]) == ["a", "b"]
+    assert not p.probing("b")
+    clock.advance(5.0)
+    trip(breakers, "b", "ssh")
+    assert p.circuit("b") is BreakerState.OPEN
+    assert p.choose(["a", "b"]) == ["a"]
+    assert not p.ready("b")
+    clock.advance(5.0)  # HTTP's recovery time passed (SSH's has 5 s to go): a probe may go
+    assert p.circuit("b") is BreakerState.HALF_OPEN
+    assert p.choose(["a", "b"]) == ["a", "b"]
+    assert p.probing("b")
+    assert breakers.allow("b", "http")  # the chain takes the one probe slot...
+    assert p.circuit("b") is BreakerState.OPEN  # ...and no second delivery starts meanwhile
+    breakers.record("b", "http", None)
+    assert p.circuit("b") is BreakerState.CLOSED
+    assert not p.probing("b")
+
+
+def test_retry_pacing_stays_per_peer_whatever_the_breakers_say() -> None:
+    clock = FakeClock()
+    p = policy(clock, Breakers(CONFIG, clock=clock), retry_initial=4.0)
     first = p.failed("b", DOWN)
     assert first.began_failing
-    assert first.breaker is None
-    p.choose(["a", "b"])
-    opened = p.failed("b", DOWN).breaker
-    assert opened is not None
-    assert opened.new is BreakerState.OPEN
-    assert p.choose(["a", "b"]) == (["a"], [])
-    assert not p.ready("b")
-    assert p.age(p.breaker("b")) == 0.0
-    clock.advance(10.0)
-    assert p.ready("b")
-    chosen, changes = p.choose(["a", "b"])
-    assert chosen == ["a", "b"]
-    assert [c.new for c in changes] == [BreakerState.HALF_OPEN]
-    assert p.probing("b")
-    assert p.choose(["b"]) == ([], [])  # one probe at a time
-    closed = p.delivered("b")
-    assert closed.recovered
-    assert closed.breaker is not None
-    assert closed.breaker.new is BreakerState.CLOSED
+    assert first.retry_in == 4.0
+    assert p.choose(["a", "b"]) == ["a"]
+    assert not p.failed("b", DOWN).began_failing  # logged once
+    clock.advance(8.0)
+    assert p.choose(["a", "b"]) == ["a", "b"]
+    assert p.delivered("b").recovered
+    assert "b" not in p.failing
 
 
-def test_a_probe_that_pushed_nothing_gives_no_verdict() -> None:
+def test_refusals_back_off_the_peer_but_never_open_a_breaker() -> None:
     clock = FakeClock()
-    p = policy(clock)
-    for _ in range(2):
-        p.choose(["b"])
-        p.failed("b", DOWN)
-    clock.advance(10.0)
-    assert p.choose(["b"])[0] == ["b"]
-    p.released("b")
-    assert p.probing("b")
-    assert p.choose(["b"])[0] == ["b"]  # the released probe slot is free again
-
-
-def test_refusals_back_off_the_peer_but_never_open_its_breaker() -> None:
-    p = policy(FakeClock())
+    breakers = Breakers(CONFIG, clock=clock)
+    p = policy(clock, breakers)
     for error in (BatchRejectedError("b", "bad"), PeerRefusedError("b", "coordinator")) * 3:
-        outcome = p.failed("b", error)
-        assert outcome.breaker is None
-    assert p.breaker("b").state is BreakerState.CLOSED
+        p.failed("b", error)
+        assert breakers.allow("b", "http")
+        breakers.record("b", "http", error)
+    assert breakers.get("b", "http").state is BreakerState.CLOSED
     assert "coordinator" in p.failing["b"]
+    assert p.released("b").recovered

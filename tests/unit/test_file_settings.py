@@ -19,7 +19,7 @@ def test_defaults_live_in_the_data_dir(tmp_path: Path) -> None:
     s = load_settings({**BASE, "RINGRIFT_DATA_DIR": "data"}, cwd=tmp_path)
     assert file_dirs(s) == {FileKind.MODELS: tmp_path / "data" / "models",
                             FileKind.TRAINING_DATA: tmp_path / "data" / "training"}
-    assert manifest_path(s) == tmp_path / "data" / ".ringsync" / "n1" / "files.db"
+    assert manifest_path(s) == tmp_path / "data" / ".ringsync" / "n1" / "manifest.db"
     assert (s.file_settle_time, s.file_poll_interval) == (5.0, 10.0)
 
 

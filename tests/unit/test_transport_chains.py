@@ -8,6 +8,7 @@ import pytest
 
 from ringsync.errors import ConfigError, PeerRefusedError
 from ringsync.inventory import Host
+from ringsync.policy.breaker import Breakers
 from ringsync.policy.chains import Outcome, TransportChains, parse_chains
 from ringsync.settings import load_settings
 from ringsync.transport.base import GameTransport
@@ -68,12 +69,11 @@ async def test_every_step_of_the_games_chain_is_counted() -> None:
     seen: list[tuple[str, Outcome]] = []
     http, ssh = Fake("http", up=set()), Fake("ssh", up={"t1"}, refuses=frozenset({"t2"}))
     transports: dict[str, GameTransport] = {"http": http, "ssh": ssh}
-    chain = TransportChain(transports, ("http", "ssh"), on_attempt=lambda t, o: seen.append((t, o)))
+    chain = TransportChain(transports, ("http", "ssh"), Breakers(),
+                           on_attempt=lambda t, o: seen.append((t, o)))
     await chain.push_games(Host(name="t1", transport=("rsync", "http", "ssh")), b"x", "d")
     assert seen == [("rsync", Outcome.UNAVAILABLE), ("http", Outcome.NEXT), ("ssh", Outcome.OK)]
     seen.clear()
     with pytest.raises(PeerRefusedError):
         await chain.push_games(Host(name="t2"), b"x", "d")
     assert seen == [("http", Outcome.NEXT), ("ssh", Outcome.FAILED)]
-    assert chain.name == "chain"
-    assert TransportChain({"http": http}, ("http",)).name == "http"

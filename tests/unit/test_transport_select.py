@@ -14,6 +14,7 @@ from ringsync.errors import (
     TransportError,
 )
 from ringsync.inventory import Host, Inventory, parse_inventory
+from ringsync.policy.breaker import Breakers
 from ringsync.protocol.results import MergeResult
 from ringsync.settings import Settings, load_settings
 from ringsync.transport.base import GameTransport
@@ -46,20 +47,23 @@ class Fake:
 
 def chain(http: Fake, ssh: Fake, default: tuple[str, ...] = ("http", "ssh")) -> TransportChain:
     transports: dict[str, GameTransport] = {"http": http, "ssh": ssh}
-    return TransportChain(transports, default)
+    return TransportChain(transports, default, Breakers())
 
 
-async def test_falls_back_when_unreachable_and_then_starts_with_what_worked() -> None:
+async def test_falls_back_when_unreachable_and_keeps_the_configured_order() -> None:
     http, ssh = Fake("http", up=set()), Fake("ssh", up={"t1"})
     c = chain(http, ssh)
     peer = Host(name="t1")
     assert (await c.push_games(peer, b"x", "d")).inserted == 1
     assert (http.calls, ssh.calls) == (1, 1)
     assert await c.peer_data_dir_id(peer) == "ssh" * 8
-    assert (http.calls, ssh.calls) == (1, 2)  # no HTTP timeout paid again
+    # HTTP is tried again: its breaker, not the last success, decides when it is skipped
+    # (tests/unit/test_chain_breakers.py).
+    assert (http.calls, ssh.calls) == (2, 2)
     http.up.add("t1")
     ssh.up.clear()
-    assert (await c.push_games(peer, b"x", "d")).inserted == 1  # SSH lost: back to HTTP
+    assert (await c.push_games(peer, b"x", "d")).inserted == 1
+    assert (http.calls, ssh.calls) == (3, 2)
     assert c.order(peer) == ["http", "ssh"]
 
 
@@ -85,12 +89,15 @@ async def test_a_host_transport_field_wins_over_the_default_order() -> None:
 
 async def test_plain_http_unless_some_peer_uses_ssh(tmp_path: Path) -> None:
     hosts = {"a": Host(name="a"), "b": Host(name="b")}
-    plain = build_transport(Settings(node_id="a", data_dir=tmp_path, inventory=Inventory(hosts=hosts)))
-    assert isinstance(plain, HttpTransport)
+    plain = build_transport(Settings(node_id="a", data_dir=tmp_path, inventory=Inventory(hosts=hosts)),
+                            Breakers())
+    assert isinstance(plain._transports["http"], HttpTransport)
+    assert set(plain._transports) == {"http"}
     await plain.close()
     hosts["b"] = Host(name="b", transport=("ssh",))
-    mixed = build_transport(Settings(node_id="a", data_dir=tmp_path, inventory=Inventory(hosts=hosts)))
-    assert isinstance(mixed, TransportChain)
+    mixed = build_transport(Settings(node_id="a", data_dir=tmp_path, inventory=Inventory(hosts=hosts)),
+                            Breakers())
+    assert set(mixed._transports) == {"http", "ssh"}
     assert mixed.order(hosts["b"]) == ["ssh"]
     assert mixed.order(hosts["a"]) == ["http"]
     await mixed.close()

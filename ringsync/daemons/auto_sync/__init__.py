@@ -24,15 +24,14 @@ from ringsync.errors import (
     TransportError,
 )
 from ringsync.inventory import Host
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuit_since
 from ringsync.policy.backoff import Clock
-from ringsync.policy.breaker import BreakerChange, BreakerConfig, BreakerState
+from ringsync.policy.breaker import BreakerState, CircuitBreaker
 from ringsync.policy.delivery import DeliveryPolicy, Outcome
 from ringsync.policy.shared_storage import Siblings
-from ringsync.settings import Settings
 from ringsync.store.ringrift_schema import MIN_MOVES_REQUIRED
 from ringsync.transport.base import GameTransport
-from ringsync.transport.select import build_transport, count_attempts
+from ringsync.transport.select import TransportChain, build_transport, count_attempts
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +43,6 @@ class _Pass:
     """What one delivery pass did (a probe that pushed nothing gives no verdict)."""
 
     pushed: bool = False
-
-
-def breaker_config(s: Settings) -> BreakerConfig:
-    return BreakerConfig(failure_threshold=s.circuit_failure_threshold,
-                         recovery_s=s.circuit_recovery, recovery_max_s=s.circuit_recovery_max)
 
 
 class AutoSyncDaemon(Daemon):
@@ -66,17 +60,13 @@ class AutoSyncDaemon(Daemon):
 
     def __init__(
         self, ctx: NodeContext, transport: GameTransport | None = None, *,
-        retry_initial: float = 1.0, breaker: BreakerConfig | None = None,
-        clock: Clock = time.monotonic,
+        retry_initial: float = 1.0, clock: Clock = time.monotonic,
     ) -> None:
         s = ctx.settings
         self._ctx = ctx
-        self._transport = transport or build_transport(
-            s, limiter=ctx.bandwidth, on_attempt=count_attempts(ctx.metrics, "games"))
-        self._policy = DeliveryPolicy(self._transport.name, retry_initial=retry_initial,
-                                      retry_max=max(1.0, min(60.0, s.sync_interval)),
-                                      breaker=breaker or breaker_config(s), clock=clock)
-        self._clock = clock
+        self._transport = game_chain(ctx, transport)
+        self._policy = DeliveryPolicy(self._circuits, retry_initial=retry_initial,
+                                      retry_max=max(1.0, min(60.0, s.sync_interval)), clock=clock)
         self._sources = LocalSources(ctx, on_change=self._update_health,
                                      on_games_changed=self._games_changed)
         self._sharing = StorageSharing(ctx, self._transport)
@@ -238,15 +228,12 @@ class AutoSyncDaemon(Daemon):
     # -- delivery ----------------------------------------------------------------------------
 
     def _choose(self, hosts: Iterable[Host]) -> list[Host]:
-        """Those of ``hosts`` to deliver to now: not backing off, breaker not open."""
+        """Those of ``hosts`` to deliver to now: not backing off, some transport not open."""
         by_name = {h.name: h for h in hosts}
-        chosen, changes = self._policy.choose(by_name)
-        for change in changes:
-            self._breaker_changed(change)
-        for name in by_name:
-            self._ctx.metrics.circuit_state.labels(
-                peer=name, transport=self._policy.transport).set(self._policy.breaker(name).state.gauge)
-        return [by_name[name] for name in chosen]
+        return [by_name[name] for name in self._policy.choose(by_name)]
+
+    def _circuits(self, peer: str) -> list[CircuitBreaker]:
+        return self._transport.circuits(self._ctx.settings.inventory.get(peer) or Host(name=peer))
 
     async def _own_pass(self, name: str) -> float | None:
         """One pass of ``name``'s own loop; returns when the loop may try again by itself
@@ -270,9 +257,14 @@ class AutoSyncDaemon(Daemon):
         return await asyncio.to_thread(self._ctx.manifest.has_pending, name)
 
     def _breaker_wait(self, name: str) -> float | None:
-        """Seconds until ``name``'s open breaker lets a probe through (None: not open)."""
-        retry_at = self._policy.breaker(name).retry_at
-        return None if retry_at is None else max(0.0, retry_at - self._clock())
+        """Seconds until one of ``name``'s transports lets a probe through (None: some
+        transport is not open)."""
+        if self._policy.circuit(name) is not BreakerState.OPEN:
+            return None
+        breakers = self._ctx.breakers
+        waits = [b.retry_at - (b.since + breakers.age(b)) for b in self._circuits(name)
+                 if b.retry_at is not None]  # since + age: now, on the breakers' clock
+        return max(0.0, min(waits)) if waits else None
 
     async def _deliver_alone(self, target: Host, siblings: Siblings | None) -> Outcome | None:
         """``_deliver``, while no other pass to ``target`` runs (its loop's, or sync_once's)."""
@@ -308,6 +300,7 @@ class AutoSyncDaemon(Daemon):
             m.outbox_games.labels(peer=name).set(
                 await asyncio.to_thread(self._ctx.manifest.outbox_size, name))
             m.delivery_pass_duration.labels(peer=name).observe(time.perf_counter() - started)
+            self._update_health()  # a transport's breaker may have moved while games flowed
             self._ctx.memory.idle()
         return failed
 
@@ -419,30 +412,33 @@ class AutoSyncDaemon(Daemon):
 
     def _report(self, peer: str, outcome: Outcome, exc: BaseException | None) -> None:
         """Log the transitions of one delivery's outcome, once each."""
-        if outcome.breaker is not None:
-            self._breaker_changed(outcome.breaker)
         if outcome.began_failing:
             level = logging.ERROR if isinstance(exc, PeerRejectedError) else logging.WARNING
             log.log(level, "delivery to %s failing (retry in %.0fs): %s", peer, outcome.retry_in, exc)
         if outcome.recovered:
             log.info("delivery to %s recovered; its backlog is delivered", peer)
-        if outcome.breaker or outcome.began_failing or outcome.recovered:
+        if outcome.began_failing or outcome.recovered:
             self._update_health()
-
-    def _breaker_changed(self, change: BreakerChange) -> None:
-        level = logging.WARNING if change.new is BreakerState.OPEN else logging.INFO
-        log.log(level, "%s", change.describe())
-        self._ctx.metrics.circuit_state.labels(peer=change.peer, transport=change.transport).set(
-            change.new.gauge)
 
     def _update_health(self) -> None:
         failing, unreadable = self._policy.failing, self._sources.errors
-        open_ = [f"{b.peer}: circuit {b.state.value} over {b.transport} for "
-                 f"{self._policy.age(b):.0f}s" for b in self._policy.breakers()
-                 if b.state is not BreakerState.CLOSED]
+        open_ = [circuit_since(self._ctx.breakers, b) for h in self._ctx.router.game_targets()
+                 for b in self._circuits(h.name) if b.state is not BreakerState.CLOSED]
         if failing or unreadable or open_:
             detail = "; ".join([*open_, *(f"{p}: {r}" for p, r in sorted(failing.items())),
                                 *(r for _, r in sorted(unreadable.items()))])
             self._health = Health(HealthState.DEGRADED, detail[:500])
         else:
             self._health = Health(HealthState.HEALTHY)
+
+
+def game_chain(ctx: NodeContext, transport: GameTransport | None) -> TransportChain:
+    """The games chain behind the node's breakers; a given transport (tests) is its one step."""
+    attempts = count_attempts(ctx.metrics, "games")
+    if transport is None:
+        return build_transport(ctx.settings, ctx.breakers, limiter=ctx.bandwidth, on_attempt=attempts,
+                               tunnels=ctx.ssh())
+    if isinstance(transport, TransportChain):
+        return transport
+    return TransportChain({transport.name: transport}, (transport.name,), ctx.breakers,
+                          on_attempt=attempts)

@@ -1,5 +1,6 @@
 """The HTTP transport: client, server and the wire names and statuses they share."""
 
+from ringsync.ops.peer_session import NODE_HEADER
 from ringsync.transport.http.client import HttpTransport
 from ringsync.transport.http.wire import (
     BATCH_CONTENT_TYPE,
@@ -7,7 +8,6 @@ from ringsync.transport.http.wire import (
     DIGEST_HEADER,
     GAMES_PATH,
     MAX_ANSWER_BYTES,
-    NODE_HEADER,
     STORAGE_PATH,
 )
 

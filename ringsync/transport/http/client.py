@@ -12,6 +12,7 @@ import aiohttp
 from ringsync.errors import PeerUnreachableError, TransientError, TransportError
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
+from ringsync.ops.peer_session import PeerSession
 from ringsync.policy.bandwidth import BandwidthLimiter, Priority
 from ringsync.protocol.results import MergeResult
 from ringsync.transport.http.wire import (
@@ -20,7 +21,6 @@ from ringsync.transport.http.wire import (
     DIGEST_HEADER,
     GAMES_PATH,
     MAX_ANSWER_BYTES,
-    NODE_HEADER,
     STORAGE_PATH,
     error_for_status,
 )
@@ -39,21 +39,10 @@ class HttpTransport:
 
     def __init__(self, node_id: str, token: str | None, *, read_timeout: float = 120.0,
                  limiter: BandwidthLimiter | None = None) -> None:
-        self._node_id = node_id
         self._limiter = limiter or BandwidthLimiter()  # default: no rate limit
-        self._token = token
         # A black-holed peer (link down) is noticed within the push timeout, not 10 s later.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout,
-                                              sock_connect=min(10.0, read_timeout))
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            headers = {NODE_HEADER: self._node_id}
-            if self._token:
-                headers["Authorization"] = f"Bearer {self._token}"
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
-        return self._session
+        self._session = PeerSession(node_id, token, aiohttp.ClientTimeout(
+            total=None, connect=10, sock_read=read_timeout, sock_connect=min(10.0, read_timeout)))
 
     async def push_games(self, peer: Host, payload: bytes, digest: str, *,
                          data_dir_id: str | None = None) -> MergeResult:
@@ -74,7 +63,7 @@ class HttpTransport:
     async def _request(self, method: str, peer: Host, path: str, **kwargs: Any) -> bytes:
         """The body of a 200 answer; any other answer or failure is a typed error."""
         try:
-            async with self._client().request(method, peer.url(path), **kwargs) as resp:
+            async with self._session.get().request(method, peer.url(path), **kwargs) as resp:
                 body = await _read_answer(peer.name, resp)
                 if resp.status != 200:
                     raise _rejection(peer.name, resp.status, body)
@@ -85,9 +74,7 @@ class HttpTransport:
         return body
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
 
 async def _read_answer(peer: str, resp: aiohttp.ClientResponse) -> bytes:

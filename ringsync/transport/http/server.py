@@ -35,8 +35,9 @@ from ringsync.errors import (
 )
 from ringsync.files.server import add_file_routes
 from ringsync.health import HealthState
-from ringsync.node import NodeContext
+from ringsync.node import NodeContext, circuits_status
 from ringsync.ops.logsafe import bounded, quoted
+from ringsync.ops.peer_session import NODE_HEADER
 from ringsync.protocol.results import MergeResult
 from ringsync.store.received_configs import TooManyConfigsError
 from ringsync.transport.http.guard import PeerNoise
@@ -45,7 +46,6 @@ from ringsync.transport.http.wire import (
     DATA_DIR_HEADER,
     DIGEST_HEADER,
     GAMES_PATH,
-    NODE_HEADER,
     RETRY_AFTER_SECONDS,
     STORAGE_PATH,
     status_for,
@@ -218,6 +218,7 @@ def node_status(ctx: NodeContext, held: dict[str, int]) -> dict[str, Any]:
         "received_games": held,
         "received_total": sum(held.values()),
         "storage": ctx.shared.status(time.monotonic()),
+        "circuits": circuits_status(ctx.breakers),  # per (peer, transport), not closed
     }
 
 

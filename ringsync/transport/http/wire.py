@@ -26,7 +26,6 @@ from ringsync.errors import (
 GAMES_PATH = "/v1/games"
 STORAGE_PATH = "/v1/storage"
 DIGEST_HEADER = "X-Ringsync-Digest"
-NODE_HEADER = "X-Ringsync-Node"
 DATA_DIR_HEADER = "X-Ringsync-Data-Dir-Id"
 BATCH_CONTENT_TYPE = "application/vnd.ringsync.games+msgpack"
 # A peer's answer is small JSON (an ack lists at most a batch's refused ids): a larger one

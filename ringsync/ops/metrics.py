@@ -55,7 +55,16 @@ class Metrics:
         )
         self.sync_cycle_duration = Histogram(
             "ringsync_sync_cycle_duration_seconds",
-            "Duration of one auto-sync cycle.",
+            "Duration of one auto-sync cycle: finding new games and queueing them for every "
+            "target (each target's delivery runs on its own: ringsync_delivery_pass_duration_seconds).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_pass_duration = Histogram(
+            "ringsync_delivery_pass_duration_seconds",
+            "Duration of one delivery pass over a peer's outbox (its own loop: a slow peer "
+            "holds only its own games).",
+            ["peer"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

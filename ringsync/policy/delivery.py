@@ -54,8 +54,9 @@ class DeliveryPolicy:
         """The peer's view of its transports' breakers."""
         return peer_state(self._circuits(peer))
 
-    def new_cycle(self) -> None:
-        self._peers.new_cycle()
+    def new_cycle(self, peer: str | None = None) -> None:
+        """A delivery to ``peer`` (to every peer when None) begins."""
+        self._peers.new_cycle(peer)
 
     def ready(self, peer: str) -> bool:
         """Could be delivered to now: not backing off, some transport not open."""

@@ -27,8 +27,12 @@ class PeerDelivery:
     def failing(self) -> Mapping[str, str]:
         return self._failing
 
-    def new_cycle(self) -> None:
-        self._rejected_in_cycle = set()
+    def new_cycle(self, peer: str | None = None) -> None:
+        """A new delivery to ``peer`` (to every peer when None): its refusals start over."""
+        if peer is None:
+            self._rejected_in_cycle = set()
+        else:
+            self._rejected_in_cycle.discard(peer)
 
     def ready(self, peer: str) -> bool:
         """Not backing off."""

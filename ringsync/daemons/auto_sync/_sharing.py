@@ -114,17 +114,36 @@ class StorageSharing:
         for target in targets:
             if target.name not in unreachable:
                 await self.shares(target)  # the marker is fresh now: no second request
+        return self._grouped([t.name for t in targets]), unreachable
+
+    async def siblings_of(self, target: Host, targets: Sequence[str]
+                          ) -> tuple[Siblings | None, TransientError | None]:
+        """``target``'s siblings among ``targets`` (None: it has none), or why it is unreachable.
+
+        For one target's own delivery: only ``target`` is probed; the others count with
+        the markers their own deliveries learnt, so that a cut-off target never costs
+        another one a connect timeout. A target whose marker is not known yet is its own
+        group: until it is, a sibling may be sent games its data dir holds already (the
+        receiver de-duplicates them; it costs a transfer, once).
+        """
+        error = await self._probe(target)
+        if error is not None:
+            return None, error
+        await self.shares(target)
+        return self._grouped(targets).get(target.name), None
+
+    def _grouped(self, targets: Sequence[str]) -> dict[str, Siblings]:
+        """Storage groups from the markers known now (not ours); a new group is logged once."""
         now = time.monotonic()
-        markers = {t.name: self._ctx.shared.marker_of(t.name, now) for t in targets
-                   if t.name not in self._sharing}
-        groups = storage_groups([t.name for t in targets], markers)
+        markers = {t: self._ctx.shared.marker_of(t, now) for t in targets if t not in self._sharing}
+        groups = storage_groups(targets, markers)
         for name, group in groups.items():
             if name != group.pusher and self._siblings.get(name) != group:
                 log.warning("%s uses the same data dir as %s: games go to %s only and count as "
                             "held by both (one copy on that storage)", name, group.pusher,
                             group.pusher)
         self._siblings = groups
-        return groups, unreachable
+        return groups
 
     async def held_with(self, target: str, others: Sequence[str]) -> None:
         """Games the other targets on ``target``'s data dir acknowledged are held by it too."""

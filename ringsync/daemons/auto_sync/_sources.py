@@ -44,11 +44,15 @@ class LocalSources:
 
     An unreadable source is loud once (log, ``sources_unreadable``, ``errors``) and
     ``on_change`` is called whenever ``errors`` changes, so the owner can update its health.
+    ``on_games_changed`` hears of shipped games that gained rows before they are queued
+    again (deliveries in flight may hold their old rows).
     """
 
-    def __init__(self, ctx: NodeContext, on_change: Callable[[], None]) -> None:
+    def __init__(self, ctx: NodeContext, on_change: Callable[[], None],
+                 on_games_changed: Callable[[list[str]], None] = lambda ids: None) -> None:
         self._ctx = ctx
         self._on_change = on_change
+        self._on_games_changed = on_games_changed
         self._open: dict[str, Source] = {}
         self._inodes: dict[str, int] = {}
         self._jsonl: JsonlIndex | None = None
@@ -66,6 +70,7 @@ class LocalSources:
         self._deleted_after: dict[str, str] = {}  # source key -> game id the next check starts after
         self._deleted_seen: set[str] = set()
         self._missing_reported: set[str] = set()
+        self._queued = 0  # games queued by the discover() running
 
     @property
     def errors(self) -> Mapping[str, str]:
@@ -105,8 +110,9 @@ class LocalSources:
 
     # -- discovery ---------------------------------------------------------------------------
 
-    async def discover(self, *, force: bool) -> None:
-        """Scan sources that changed; on the interval (``force``) scan them all.
+    async def discover(self, *, force: bool) -> int:
+        """Scan sources that changed; on the interval (``force``) scan them all. Returns the
+        games queued for the targets (found, or queued again because they changed).
 
         A source is scanned when inotify saw its DB, WAL or log change, or when its stat
         changed; the stat check alone can miss a commit that leaves the WAL the same size
@@ -130,7 +136,7 @@ class LocalSources:
                if force or key in dirty or key in more or source.changed()]
         # Fresh changes first, backlogs after: all share one budget of rows per cycle, so
         # a first start with many large sources still delivers after one chunk's reading.
-        budget = self._budget
+        budget, self._queued = self._budget, 0
         for key in sorted(due, key=lambda k: k in more):
             source = self._open.get(key)
             if source is None:
@@ -143,6 +149,7 @@ class LocalSources:
         self._ctx.metrics.source_scan_backlog.set(len(self._more))
         grown = min(2 * self._budget, MAX_CHUNK_GROWTH * self.scan_chunk_rows)
         self._budget = grown if self._more else self.scan_chunk_rows
+        return self._queued
 
     def _open_saved(self, file: SourceFile, inode: int) -> Source:
         """Open a source where the saved scan of this very file (not of one it replaced) stopped."""
@@ -207,27 +214,33 @@ class LocalSources:
             m.source_rows_rescanned.inc(source.rows_below_cursor - rescanned)
             if scan.more:
                 self._more.add(key)
-        await asyncio.to_thread(self._record, key, scan, targets)
+        if scan.changed:
+            self._on_games_changed([g.game_id for g in scan.changed])
+        self._queued += await asyncio.to_thread(self._record, key, scan, targets)
         if isinstance(source, GameSource):
             await asyncio.to_thread(self._save_state, key, source)
             return source.last_scan_rows
         self._jsonl_scanned(source)
         return 0
 
-    def _record(self, key: str, scan: Scan, targets: list[str]) -> None:
-        """Queue the scan's new games for every target, and its changed games again."""
+    def _record(self, key: str, scan: Scan, targets: list[str]) -> int:
+        """Queue the scan's new games for every target, and its changed games again;
+        returns how many games it recorded (found again elsewhere included)."""
         m, manifest = self._ctx.metrics, self._ctx.manifest
         found = scan.completed + scan.changed  # a changed game the manifest lacks is new to it
+        queued = 0
         if found:
             # A game received from a peer, wherever it was copied to here, is not ours to push.
             received = manifest.received_filter([g.game_id for g in found])
             games = [LocalGame(g.game_id, key, g.config_key) for g in found
                      if g.game_id not in received]
             m.games_discovered.inc(manifest.record_discovered(games, targets))
+            queued = len(games)
         if scan.changed:  # rows added to shipped games: their holders get them merged by key
-            manifest.requeue([g.game_id for g in scan.changed])
+            queued += manifest.requeue([g.game_id for g in scan.changed])
             m.source_games_changed.inc(len(scan.changed))
         m.source_games_given_up.inc(scan.given_up)
+        return queued
 
     def _jsonl_scanned(self, source: JsonlSource) -> None:
         """Count what the scan skipped; its read position is durable only now, after the manifest."""

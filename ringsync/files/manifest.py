@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ringsync.errors import CorruptDataError
 from ringsync.files.kinds import FileKind
+from ringsync.store._sqlite import use_wal
 from ringsync.store.manifest import BUSY_TIMEOUT, move_aside
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def _open(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=BUSY_TIMEOUT)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        use_wal(db, BUSY_TIMEOUT)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA schema_version").fetchone()  # garbage: 'not a database'
         db.executescript(_SCHEMA)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -27,6 +28,22 @@ _ABANDONED = frozenset({"aborted", "abandoned", "cancelled", "canceled", "failed
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def use_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """PRAGMA journal_mode=WAL, waiting for a lock as long as ``timeout``: on a new DB,
+    connections switching it at the same moment get "database is locked" at once, without
+    SQLite's busy handler (seen when a node's file daemon and file server open its journal
+    together at first start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _q(name: str) -> str:

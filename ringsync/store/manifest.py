@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ringsync.errors import CorruptDataError
+from ringsync.store._sqlite import use_wal
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class DataManifest:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                              timeout=BUSY_TIMEOUT)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            use_wal(db, BUSY_TIMEOUT)
             db.execute("PRAGMA synchronous=NORMAL")
             if crashed:
                 if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":

@@ -75,6 +75,7 @@ class AutoSyncDaemon(Daemon):
         self._targets = TargetLoops(self._own_pass, self._owes)
         self._routed: list[str] | None = None  # the targets the manifest was last told of
         self._health = Health(HealthState.STARTING)
+        self._running = False
         self._refused_warned: set[str] = set()
         self._batches = BatchBuilder(self._sources, node_id=s.node_id,
                                      max_batch_bytes=s.max_batch_bytes, batch_games=s.batch_games)
@@ -96,6 +97,7 @@ class AutoSyncDaemon(Daemon):
                 self._targets.start(tg)
                 tg.create_task(watch_sources(self._ctx.settings, self._on_fs_event))
                 self._health = Health(HealthState.HEALTHY)
+                self._running = True
                 ready()
                 await self._loop()
         finally:
@@ -129,6 +131,8 @@ class AutoSyncDaemon(Daemon):
         await self._transport.close()
 
     def health(self) -> Health:
+        if self._running:  # breakers move between passes too: what an operator sees is now
+            self._update_health()
         return self._health
 
     # -- triggers ----------------------------------------------------------------------------

@@ -29,13 +29,14 @@ class SshFileClient:
         self._owned = owned  # False: the node's shared tunnels, which the node closes
 
     async def index(self, peer: Host) -> list[IndexEntry]:
-        async with self.tunnels.channel(peer) as local:
+        async with self.tunnels.channel(peer, "files") as local:
             return await self._client.index(local)
 
     @contextlib.asynccontextmanager
     async def open(self, peer: Host, source: Source, start: int) -> AsyncIterator[Body]:
         # The channel is held while the body streams: a download is one request.
-        async with self.tunnels.channel(peer) as local, self._client.open(local, source, start) as body:
+        async with self.tunnels.channel(peer, "files") as local, \
+                self._client.open(local, source, start) as body:
             yield body
 
     async def close(self) -> None:

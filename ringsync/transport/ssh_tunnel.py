@@ -26,7 +26,7 @@ from pathlib import Path
 from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
 from ringsync.settings import Settings
-from ringsync.transport.ssh_login import Login, checked_known_hosts, ssh_where
+from ringsync.transport.ssh_login import Login, ssh_where
 from ringsync.transport.ssh_master import REMOTE_HOST, Master
 
 __all__ = ["REMOTE_HOST", "SshOptions", "SshTunnels"]
@@ -60,7 +60,16 @@ class _Tunnel:
 
     master: Master
     local: Host  # the peer as the HTTP client sees it: 127.0.0.1:<forwarded port>
-    channels: asyncio.Semaphore = field(repr=False)
+    max_channels: int
+    # One bound per purpose ("games", "files"): a multi-GB training file streaming over
+    # every channel never holds up a games push to the same peer.
+    pools: dict[str, asyncio.Semaphore] = field(default_factory=dict, repr=False)
+
+    def slot(self, purpose: str) -> asyncio.Semaphore:
+        pool = self.pools.get(purpose)
+        if pool is None:
+            pool = self.pools[purpose] = asyncio.Semaphore(self.max_channels)
+        return pool
 
     @property
     def lost(self) -> str | None:
@@ -77,8 +86,8 @@ class _Tunnel:
 class SshTunnels:
     """One SSH connection (an OpenSSH control master) per peer, reused for every request to it.
 
-    Requests on one connection are bounded by ``max_channels`` (each in-flight request, and
-    each rsync run, holds one), keepalives notice a dead peer within about
+    Requests on one connection are bounded by ``max_channels`` per purpose (games; files and
+    rsync runs), each in-flight request holding one, keepalives notice a dead peer within about
     ``keepalive_interval * (keepalive_count_max + 1)`` seconds, and a connection that was
     lost is replaced on the next request.
     """
@@ -106,18 +115,20 @@ class SshTunnels:
     def kill_now(self) -> None:
         """Stop every master without waiting: for process exit, when no event loop may run
         (registered with atexit while a master may be running)."""
+        atexit.unregister(self.kill_now)
         for tunnel in self.tunnels.values():
             tunnel.master.kill_now()
         self._remove_dir()
 
     @contextlib.asynccontextmanager
-    async def channel(self, peer: Host) -> AsyncIterator[Host]:
-        """The forwarded endpoint of the peer's data server, holding one channel of its connection.
+    async def channel(self, peer: Host, purpose: str = "games") -> AsyncIterator[Host]:
+        """The forwarded endpoint of the peer's data server, holding one channel of its
+        connection from ``purpose``'s pool.
 
         A TransportError raised inside is re-typed when the SSH side explains it (the
         connection died, or nothing listens on the far data port)."""
         tunnel = await self._tunnel(peer)
-        async with tunnel.channels:
+        async with tunnel.slot(purpose):
             try:
                 yield tunnel.local
             except TransportError as exc:
@@ -131,7 +142,7 @@ class SshTunnels:
         """The peer's master's control socket, for an ssh (rsync's) to run over the same
         connection (``ssh -S``); one channel of the connection is held meanwhile."""
         tunnel = await self._tunnel(peer)
-        async with tunnel.channels:
+        async with tunnel.slot("files"):
             yield tunnel.control
 
     async def _explain(self, peer: Host, tunnel: _Tunnel, exc: TransportError) -> TransportError:
@@ -192,13 +203,12 @@ class SshTunnels:
         await tunnel.close()
 
     async def _open(self, peer: Host) -> _Tunnel:
-        checked_known_hosts(peer, self._options.known_hosts)
         master = await Master.start(peer, self._options, self._control(peer))
         local = dataclasses.replace(peer, p2p_host="127.0.0.1", tailscale_ip=None, ssh_host=None,
                                     p2p_port=master.local_port)
         log.info("SSH connection to %s (%s) open; its data server is forwarded to 127.0.0.1:%d",
                  peer.name, ssh_where(peer), local.p2p_port)
-        return _Tunnel(master, local, asyncio.Semaphore(self._options.max_channels))
+        return _Tunnel(master, local, self._options.max_channels)
 
     def _control(self, peer: Host) -> Path:
         """A fresh socket path per master: a dying master removes its own path on exit, so its

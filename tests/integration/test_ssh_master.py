@@ -158,7 +158,8 @@ async def test_games_files_and_rsync_share_one_ssh_connection_per_peer(
     (tunnel,) = clients.tunnels.tunnels.values()
     marker = str(tunnel.control.parent)
     assert ssh_processes(marker) == [tunnel.master.proc.pid]  # one master, no other ssh running
-    assert tunnel.channels._value == 10  # every request and rsync run gave its channel back
+    assert tunnel.pools
+    assert all(p._value == 10 for p in tunnel.pools.values())
     for e in await clients.files.index(peer):
         assert hash_file(clients.models / e.relpath) == e.hash
     assert count_games(source.settings.synced_dir / "hex8_2p.db") == 5
@@ -169,6 +170,33 @@ async def test_games_files_and_rsync_share_one_ssh_connection_per_peer(
     await clients.tunnels.close()
     assert ssh_processes(marker) == []  # close() leaves no ssh behind
     assert not Path(marker).exists()
+
+
+async def test_files_holding_every_channel_never_hold_up_a_games_push(
+        tmp_path: Path, sshd: SshServer, source: NodeContext, clients: Clients) -> None:
+    """Games and files draw from their own channel pools of one connection: long file
+    streams on every files channel (a multi-GB NPZ backlog) leave games their own."""
+    peer = ssh_peer(sshd, source.settings.p2p_port)
+    limit = clients.tunnels.options.max_channels
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def a_long_file_stream() -> None:
+        async with clients.tunnels.channel(peer, "files"):
+            held.set()
+            await release.wait()
+
+    streams = [asyncio.create_task(a_long_file_stream()) for _ in range(limit)]
+    try:
+        await asyncio.wait_for(held.wait(), 30)
+        await asyncio.sleep(0.1)  # every stream has its channel
+        (tunnel,) = clients.tunnels.tunnels.values()
+        assert tunnel.slot("files")._value == 0  # the files pool is exhausted
+        async with asyncio.timeout(10):  # a games request still gets through at once
+            assert len(await clients.games.peer_data_dir_id(peer)) == 32
+    finally:
+        release.set()
+        await asyncio.gather(*streams)
 
 
 async def test_a_killed_master_is_replaced_on_the_next_request(

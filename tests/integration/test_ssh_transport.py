@@ -71,7 +71,7 @@ async def test_push_over_ssh_merges_each_game_once_through_one_connection(
         assert len(await transport.peer_data_dir_id(peer)) == 32
         assert len(transport._tunnels) == 1  # one SSH connection served every request
         assert counted.peak == 3  # never more requests on the connection than channels allowed
-        assert transport._tunnels["train-1"].channels._value == 3  # every channel given back
+        assert transport._tunnels["train-1"].slot("games")._value == 3  # every channel given back
     finally:
         await transport.close()
     assert count_games(ctx.settings.synced_dir / "hex8_2p.db") == n

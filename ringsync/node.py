@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -60,9 +61,16 @@ class NodeContext:
             self._ssh = SshTunnels(SshOptions.from_settings(self.settings))
         return self._ssh
 
+    async def close_connections(self) -> None:
+        """Stop the SSH masters and wait for them (bounded; shielded from a second cancel)."""
+        if self._ssh is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(15):
+                    await asyncio.shield(self._ssh.close())
+
     def close(self) -> None:
         if self._ssh is not None:
-            self._ssh.kill_now()
+            self._ssh.kill_now()  # whatever close_connections did not get to
         self.receiver.close()
         self.manifest.close()
 

@@ -75,6 +75,7 @@ async def run_node(settings: Settings, types: Sequence[DaemonType]) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         summary = ctx.manifest.summary()
+        await ctx.close_connections()
         ctx.close()
         log.info("stopped: %d local games known, delivered %s, still owed %s",
                  summary["games"], summary["delivered"] or "{}", summary["pending"] or "{}")

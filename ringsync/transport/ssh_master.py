@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from ringsync.errors import PeerUnreachableError
 from ringsync.inventory import Host
+from ringsync.ops.logsafe import child_env
 from ringsync.transport.ssh_login import (
     Login,
     connection_lost,
@@ -72,7 +72,7 @@ class Master:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
+                    stderr=asyncio.subprocess.PIPE, env=child_env(LC_ALL="C"))
             except FileNotFoundError as exc:
                 raise PeerUnreachableError(peer.name, "ssh is not installed on this node "
                                                       "(apt-get install openssh-client)") from exc
@@ -83,7 +83,7 @@ class Master:
                 log.debug("local port %d was taken before ssh bound it (attempt %d)", port, attempt + 1)
                 continue
             except BaseException:
-                await master.stop()
+                await asyncio.shield(master.stop())  # a second cancel leaves no ssh behind
                 raise
             return master
         raise PeerUnreachableError(peer.name, "SSH: no free local port could be bound for the forward")
@@ -153,6 +153,7 @@ class Master:
                 self.proc.kill()
             await self.exit_soon(_STOP_TIMEOUT)
         self._reader.cancel()
+        await asyncio.wait([self._reader], timeout=_STOP_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             self.control.unlink()
 

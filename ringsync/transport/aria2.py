@@ -36,7 +36,7 @@ from ringsync.files.layout import file_url_path
 from ringsync.files.pieces import PIECES_PREFIX, hash_pieces, parse_claims, piece_span
 from ringsync.files.plan import IndexEntry, Source
 from ringsync.inventory import Host
-from ringsync.ops.logsafe import bounded
+from ringsync.ops.logsafe import bounded, child_env
 from ringsync.ops.metrics import Metrics
 from ringsync.ops.peer_session import NODE_HEADER, PeerSession
 
@@ -151,7 +151,7 @@ class Aria2Transport:
                     "--stop-with-process=" + str(os.getpid())]
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, env=child_env())
             self.running[e.hash] = proc
             try:
                 assert proc.stderr is not None

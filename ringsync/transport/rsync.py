@@ -28,7 +28,7 @@ from ringsync.files.hashing import hash_file
 from ringsync.files.kinds import FileKind
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
-from ringsync.ops.logsafe import bounded
+from ringsync.ops.logsafe import bounded, child_env
 from ringsync.policy.bandwidth import BandwidthLimits, bytes_per_second
 from ringsync.transport.ssh_login import Login, login_refusal, ssh_address, ssh_args
 from ringsync.transport.ssh_tunnel import SshTunnels
@@ -233,7 +233,7 @@ async def _run(cmd: list[str], peer: str) -> tuple[int, str, str]:
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, env={**os.environ, "LC_ALL": "C"})
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_env(LC_ALL="C"))
     except FileNotFoundError as exc:
         raise PeerUnreachableError(peer, f"{cmd[0]} is not installed on this node "
                                          "(apt-get install rsync); files are fetched one by one") from exc

@@ -82,3 +82,15 @@ def test_a_keepalive_timeout_is_named_as_one(login: Login) -> None:
     assert connection_lost("Connection to 10.0.0.5 closed by remote host.", login) == \
         "Connection to 10.0.0.5 closed by remote host."
     assert connection_lost("", login) == ""
+
+
+def test_children_never_inherit_the_cluster_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ringsync.ops.logsafe import child_env
+
+    monkeypatch.setenv("RINGRIFT_CLUSTER_AUTH_TOKEN", "s3cret-token")
+    monkeypatch.setenv("RINGRIFT_SYNC_INTERVAL", "30")
+    env = child_env(LC_ALL="C")
+    assert "RINGRIFT_CLUSTER_AUTH_TOKEN" not in env
+    assert "s3cret-token" not in env.values()
+    assert env["RINGRIFT_SYNC_INTERVAL"] == "30"
+    assert env["LC_ALL"] == "C"

@@ -294,7 +294,9 @@ def _copy_legacy(db: sqlite3.Connection, legacy: Path) -> bool:
     its downloads start over), as the old manifest's own open did."""
     rows: dict[str, tuple[list[str], list[tuple[object, ...]]]] = {}
     try:
-        with contextlib.closing(sqlite3.connect(legacy, timeout=BUSY_TIMEOUT)) as old:
+        # Read-only: a files.db another opener removed meanwhile is not created empty.
+        with contextlib.closing(sqlite3.connect(f"{legacy.as_uri()}?mode=ro", uri=True,
+                                                timeout=BUSY_TIMEOUT)) as old:
             for table in _TABLES:
                 columns = [str(r[1]) for r in old.execute(f"PRAGMA table_info({table})")]
                 if columns:

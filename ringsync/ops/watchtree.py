@@ -27,9 +27,13 @@ class TreeWatches:
         self._limit = limit
         self._unwatched = unwatched
         self.wanted = wanted
-        self.count = 0
         self._full_reported = False
         self._refused_reported = False
+
+    @property
+    def count(self) -> int:
+        """Directories watched now (the kernel drops the watch of one that is removed)."""
+        return len(self._inotify.watches)
 
     def add_tree(self, top: Path) -> None:
         """Watch ``top`` and every wanted directory below it (created before the watch, too)."""
@@ -54,5 +58,4 @@ class TreeWatches:
                 log.warning("cannot watch %s (%s; raise the sysctl fs.inotify.max_user_watches "
                             "if it is the limit): %s", directory, exc, self._unwatched)
             return True
-        self.count += 1
         return True

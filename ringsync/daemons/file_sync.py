@@ -281,10 +281,7 @@ class FileSyncDaemon(Daemon):
 
     async def _rsync(self, fetcher: FileFetcher, peer: str, kind: FileKind, files: list[BatchFile]) -> None:
         s, host = self._ctx.settings, self._over_ssh(peer)
-        opts = RsyncOptions(known_hosts=s.ssh_known_hosts, connect_timeout=s.ssh_connect_timeout,
-                            keepalive_interval=s.ssh_keepalive_interval,
-                            keepalive_count_max=s.ssh_keepalive_count_max,
-                            extra_args=bwlimit_args(s.bandwidth_limits, peer))
+        opts = RsyncOptions.from_settings(s, extra_args=bwlimit_args(s.bandwidth_limits, peer))
         batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy,
                            tunnels=self._ctx.ssh())
         try:

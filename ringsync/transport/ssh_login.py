@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self, TypeVar
 
 from ringsync.errors import PeerUnreachableError
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded
+from ringsync.settings import Settings
 
 # AES-GCM first: with AES-NI it is the cheapest cipher OpenSSH has, cheaper than its default
 # chacha20-poly1305 (the whole file goes through it on a large transfer).
@@ -24,6 +26,8 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly130
 
 _HOST_KEY = re.compile(r"host.key|host identification", re.IGNORECASE)
 _KEEPALIVE = re.compile(r"timeout, server .* not responding", re.IGNORECASE)
+
+_L = TypeVar("_L", bound="Login")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,18 @@ class Login:
     keepalive_interval: float = 3.0
     keepalive_count_max: int = 3
 
+    @classmethod
+    def from_settings(cls, s: Settings, **more: Any) -> Self:
+        """The node's SSH settings, and ``more`` fields of a subclass (SshOptions, RsyncOptions)."""
+        return login_from_settings(cls, s, **more)
+
+
+def login_from_settings(cls: type[_L], s: Settings, **more: Any) -> _L:
+    """``cls`` (Login or a subclass) from the node's SSH settings; a subclass's own
+    ``from_settings`` adds its fields here (zero-argument super() fails in slotted dataclasses)."""
+    return cls(known_hosts=s.ssh_known_hosts, connect_timeout=s.ssh_connect_timeout,
+               keepalive_interval=s.ssh_keepalive_interval,
+               keepalive_count_max=s.ssh_keepalive_count_max, **more)
 
 
 def ssh_args(peer: Host, login: Login, *, log_level: str = "ERROR") -> list[str]:

@@ -22,11 +22,12 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 from ringsync.errors import PeerRejectedError, PeerUnreachableError, TransportError
 from ringsync.inventory import Host
 from ringsync.settings import Settings
-from ringsync.transport.ssh_login import Login, ssh_where
+from ringsync.transport.ssh_login import Login, login_from_settings, ssh_where
 from ringsync.transport.ssh_master import REMOTE_HOST, Master
 
 __all__ = ["REMOTE_HOST", "SshOptions", "SshTunnels"]
@@ -47,11 +48,8 @@ class SshOptions(Login):
     max_channels: int = 10  # requests in flight per connection; sshd's MaxSessions defaults to 10
 
     @classmethod
-    def from_settings(cls, s: Settings) -> SshOptions:
-        return cls(known_hosts=s.ssh_known_hosts, max_channels=s.ssh_max_channels,
-                   keepalive_interval=s.ssh_keepalive_interval,
-                   keepalive_count_max=s.ssh_keepalive_count_max,
-                   connect_timeout=s.ssh_connect_timeout)
+    def from_settings(cls, s: Settings, **more: Any) -> Self:
+        return login_from_settings(cls, s, max_channels=s.ssh_max_channels, **more)
 
 
 @dataclass(slots=True, eq=False)

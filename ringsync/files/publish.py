@@ -105,9 +105,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 @functools.cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name, use_errno=True) if name else None
-    fn = getattr(libc, "sync_file_range", None)
+    fn = getattr(_c_library(), "sync_file_range", None)
     if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -116,11 +114,14 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def _c_library() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
+    return None if name is None else ctypes.CDLL(name, use_errno=True)
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library when it has syncfs (Linux)."""
+    libc = _c_library()
     return libc if hasattr(libc, "syncfs") else None
 
 

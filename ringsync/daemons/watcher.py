@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from asyncinotify import Inotify, Mask
+from asyncinotify import Mask
 
-from ringsync.ops.watchtree import TreeWatches
+from ringsync.ops.watchtree import TreeWatches, open_inotify
 from ringsync.policy.sources import SourcePatterns, kind_of
 from ringsync.settings import Settings
 
@@ -63,10 +63,8 @@ async def watch_sources(settings: Settings, on_change: Callable[[Path | None], N
     output (games/synced/) is not watched: received games are never pushed on as if
     freshly generated. Without inotify the interval alone drives syncs.
     """
-    try:
-        inotify = Inotify()
-    except OSError as exc:
-        log.warning("inotify unavailable (%s): syncing every RINGRIFT_SYNC_INTERVAL only", exc)
+    inotify = open_inotify("syncing every RINGRIFT_SYNC_INTERVAL only")
+    if inotify is None:
         return
     with inotify:
         watches = TreeWatches(inotify, _FILE_EVENTS, limit=limit,

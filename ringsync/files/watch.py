@@ -7,10 +7,10 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from asyncinotify import Inotify, Mask
+from asyncinotify import Mask
 
 from ringsync.files.kinds import FileKind
-from ringsync.ops.watchtree import TreeWatches
+from ringsync.ops.watchtree import TreeWatches, open_inotify
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,8 @@ async def watch_renames(dirs: Mapping[FileKind, Path],
     Directories are watched recursively (dot-directories not); without inotify the
     settle time alone decides, as it does for a file written in place.
     """
-    try:
-        inotify = Inotify()
-    except OSError as exc:
-        log.warning("inotify unavailable (%s): files are picked up after the settle time only", exc)
+    inotify = open_inotify("files are picked up after the settle time only")
+    if inotify is None:
         return
     with inotify:
         watches = TreeWatches(inotify, _EVENTS, limit=MAX_WATCHES,

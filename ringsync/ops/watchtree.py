@@ -12,6 +12,16 @@ from asyncinotify import Inotify, Mask
 log = logging.getLogger(__name__)
 
 
+def open_inotify(without: str) -> Inotify | None:
+    """An inotify instance, or None (logged with ``without``: what happens instead) where the
+    kernel refuses one (no inotify, or fs.inotify.max_user_instances reached)."""
+    try:
+        return Inotify()
+    except OSError as exc:
+        log.warning("inotify unavailable (%s): %s", exc, without)
+        return None
+
+
 class TreeWatches:
     """Watches directories and every ``wanted`` one below them, at most ``limit`` in all.
 

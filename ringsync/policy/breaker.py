@@ -97,6 +97,11 @@ class CircuitBreaker:
         """When an open breaker lets a probe through (None unless open)."""
         return self._retry_at if self.state is BreakerState.OPEN else None
 
+    def retry_in(self) -> float | None:
+        """Seconds until an open breaker lets a probe through (None unless open)."""
+        at = self.retry_at
+        return None if at is None else max(0.0, at - self._clock())
+
     def would_allow(self) -> bool:
         """Whether ``allow`` would let an attempt through now (nothing changes)."""
         if self.state is BreakerState.OPEN:

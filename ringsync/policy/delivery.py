@@ -1,4 +1,4 @@
-"""DeliveryPolicy: which targets a cycle delivers to, and what each outcome changes.
+"""DeliveryPolicy: which targets a pass delivers to, and what each outcome changes.
 
 Pure: retry pacing per peer, and why a peer is failing, decided from outcomes and an
 injectable clock. The circuit breakers are per (peer, transport) and live in the
@@ -63,7 +63,7 @@ class DeliveryPolicy:
         return self._peers.ready(peer) and self.circuit(peer) is not BreakerState.OPEN
 
     def choose(self, peers: Iterable[str]) -> list[str]:
-        """The peers this cycle delivers to, in the given order."""
+        """The peers a pass delivers to now, in the given order."""
         return [peer for peer in peers if self.ready(peer)]
 
     def probing(self, peer: str) -> bool:

@@ -265,10 +265,8 @@ class AutoSyncDaemon(Daemon):
         transport is not open)."""
         if self._policy.circuit(name) is not BreakerState.OPEN:
             return None
-        breakers = self._ctx.breakers
-        waits = [b.retry_at - (b.since + breakers.age(b)) for b in self._circuits(name)
-                 if b.retry_at is not None]  # since + age: now, on the breakers' clock
-        return max(0.0, min(waits)) if waits else None
+        waits = [w for b in self._circuits(name) if (w := b.retry_in()) is not None]
+        return min(waits) if waits else None
 
     async def _deliver_alone(self, target: Host, siblings: Siblings | None) -> Outcome | None:
         """``_deliver``, while no other pass to ``target`` runs (its loop's, or sync_once's)."""

@@ -11,7 +11,7 @@ class Trigger(enum.StrEnum):
     STARTUP = "startup"  # the first cycle after start
     EVENT = "event"  # a generator committed: seen by inotify or told by /v1/notify
     INTERVAL = "interval"  # RINGRIFT_SYNC_INTERVAL passed without an event
-    BACKLOG = "backlog"  # the last cycle left work a ready target can take now
+    BACKLOG = "backlog"  # a large first scan has more to read, and a delivery pass ended
     MANUAL = "manual"  # sync_once() called directly (tools, tests)
     EXCLUDED_SKIP = "excluded_skip"  # this node pushes nothing; the cycle is counted, not run
 

@@ -30,7 +30,7 @@ from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded, child_env
 from ringsync.policy.bandwidth import BandwidthLimits, bytes_per_second
-from ringsync.transport.ssh_login import Login, login_refusal, ssh_address, ssh_args
+from ringsync.transport.ssh_login import Login, login_refusal, ssh_address, ssh_args, ssh_refused
 from ringsync.transport.ssh_tunnel import SshTunnels
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ PARTIAL_DIR = ".rsync-partial"  # inside the staging dir; rsync resumes interrup
 IO_TIMEOUT = 60  # rsync --timeout: a stall this long fails the run (there is no total timeout)
 _STOP_TIMEOUT = 5.0
 _SSH_FAILED = 255  # rsync's exit code when the ssh it ran failed (connect, host key, login)
+# rsync's "protocol data stream" error: also what it exits with when its ssh dies before
+# rsync notices (a race seen with a changed host key), so ssh's own words decide then.
+_STREAM_ERROR = 12
 _NO_REMOTE_RSYNC = 127
 _SOME_FILES_FAILED = (23, 24)  # partial transfer / source files vanished: the rest arrived
 
@@ -254,7 +257,7 @@ async def _run(cmd: list[str], peer: str) -> tuple[int, str, str]:
 
 def _failure(peer: Host, code: int, stderr: str, login: Login) -> TransportError:
     said = bounded(" ".join(stderr.split()), 400) or "nothing on stderr"
-    if code == _SSH_FAILED:
+    if code == _SSH_FAILED or (code == _STREAM_ERROR and ssh_refused(stderr)):
         return login_refusal(peer, stderr, login, prefix="rsync: ", nothing="nothing was fetched")
     if code == _NO_REMOTE_RSYNC:
         return PeerUnreachableError(peer.name, f"rsync is not installed on {peer.name} ({said}); install "

@@ -80,6 +80,11 @@ def _seconds(value: float) -> int:
     return max(1, round(value))  # ssh takes whole seconds
 
 
+def ssh_refused(said: str) -> bool:
+    """Whether ssh's own words say it refused the host key or was refused the login."""
+    return bool(_HOST_KEY.search(said)) or "permission denied (" in said.lower()
+
+
 def login_refusal(peer: Host, said: str, login: Login, *, prefix: str = "",
                   nothing: str = "nothing was sent") -> PeerUnreachableError:
     """The error for an ssh that could not log in, from what it printed (``said``)."""

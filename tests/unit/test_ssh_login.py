@@ -94,3 +94,20 @@ def test_children_never_inherit_the_cluster_token(monkeypatch: pytest.MonkeyPatc
     assert "s3cret-token" not in env.values()
     assert env["RINGRIFT_SYNC_INTERVAL"] == "30"
     assert env["LC_ALL"] == "C"
+
+
+def test_rsync_dying_with_its_ssh_on_a_changed_host_key_is_a_refusal_not_a_retry(tmp_path: Path) -> None:
+    """rsync may exit 12 (stream error) instead of 255 when its ssh refuses the host key."""
+    from ringsync.errors import PeerUnreachableError
+    from ringsync.transport.rsync import RsyncOptions, _failure
+
+    peer = Host("train-1", ssh_host="10.0.0.5", ssh_port=2222)
+    said = ("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.\n"
+            "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n")
+    err = _failure(peer, 12, said, RsyncOptions(known_hosts=tmp_path / "kh"))
+    assert isinstance(err, PeerUnreachableError)
+    assert "ssh-keyscan -p 2222 10.0.0.5" in str(err)
+    # a file that cannot be read on the peer is not a login refusal
+    other = _failure(peer, 23, "rsync: send_files failed to open \"x\": Permission denied (13)",
+                     RsyncOptions(known_hosts=tmp_path / "kh"))
+    assert not isinstance(other, PeerUnreachableError)

@@ -4,6 +4,11 @@ Pure: it decides from the outcomes it is told and an injectable clock. A state c
 comes back as a ``BreakerChange`` (``Breakers`` hands each to one listener, which logs it
 once and exports ``ringsync_circuit_state``), so a change is logged once, not each failure.
 A peer's view of its transports' breakers is ``peer_state``.
+
+Each attempt a breaker lets through is an ``Attempt`` that remembers the state it began
+in. A failure speaks only for that state: a push begun while the breaker was closed and
+timing out after it opened is old news, not a failed probe. A success always speaks: the
+peer answered, so the link works, whenever the attempt began.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from ringsync.errors import TransientError
 from ringsync.policy.backoff import Backoff, Clock
 
 __all__ = [
-    "BreakerChange", "BreakerConfig", "BreakerListener", "BreakerState", "Breakers", "CircuitBreaker",
-    "peer_state",
+    "Attempt", "BreakerChange", "BreakerConfig", "BreakerListener", "BreakerState", "Breakers",
+    "CircuitBreaker", "peer_state",
 ]
 
 
@@ -71,6 +76,17 @@ class BreakerChange:
 BreakerListener = Callable[[BreakerChange], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt a breaker let through: hand it back to ``record`` or ``release``.
+    ``epoch`` counts the breaker's state changes when it began; ``probe`` is a half-open one."""
+
+    peer: str
+    transport: str
+    epoch: int
+    probe: bool = False
+
+
 class CircuitBreaker:
     """Closed / open / half-open for one (peer, transport).
 
@@ -91,6 +107,7 @@ class CircuitBreaker:
         self._opened = 0  # times opened without closing since: the recovery grows with it
         self._retry_at = 0.0
         self._probes = 0  # half-open attempts in flight
+        self._epoch = 0  # state changes so far: which state an Attempt began in
 
     @property
     def retry_at(self) -> float | None:
@@ -110,29 +127,33 @@ class CircuitBreaker:
             return self._probes < self._config.half_open_probes
         return True
 
-    def allow(self) -> tuple[bool, BreakerChange | None]:
-        """Whether one attempt may start now (a half-open probe is then in flight)."""
+    def allow(self) -> tuple[Attempt | None, BreakerChange | None]:
+        """The attempt that may start now (a half-open probe is then in flight), or None."""
         change = None
         if self.state is BreakerState.OPEN:
             if self._clock() < self._retry_at:
-                return False, None
+                return None, None
             change = self._move(BreakerState.HALF_OPEN, "recovery time passed: probing")
-        if self.state is BreakerState.HALF_OPEN:
+        probe = self.state is BreakerState.HALF_OPEN
+        if probe:
             if self._probes >= self._config.half_open_probes:
-                return False, change
+                return None, change
             self._probes += 1
-        return True, change
+        return Attempt(self.peer, self.transport, self._epoch, probe), change
 
-    def record(self, error: BaseException | None) -> BreakerChange | None:
-        """The outcome of an attempt ``allow`` let through: None for a success."""
-        if self.state is BreakerState.HALF_OPEN:
-            self._probes = max(0, self._probes - 1)
+    def record(self, attempt: Attempt, error: BaseException | None) -> BreakerChange | None:
+        """The outcome of ``attempt``: None for a success."""
+        current = attempt.epoch == self._epoch
+        self._end(attempt)
         if not isinstance(error, TransientError):
             self._failures = 0
             if self.state is BreakerState.CLOSED:
                 return None
             self._opened = 0
-            return self._move(BreakerState.CLOSED, "a probe got through")
+            return self._move(BreakerState.CLOSED, "a probe got through" if attempt.probe and current
+                              else "an attempt begun before it opened got an answer")
+        if not current:  # begun in an earlier state: its failure was already known then
+            return None
         self._failures += 1
         if self.state is BreakerState.HALF_OPEN:
             return self._open(f"probe failed: {error}")
@@ -140,22 +161,26 @@ class CircuitBreaker:
             return self._open(f"{self._failures} failures in a row, last: {error}")
         return None
 
-    def release(self) -> None:
-        """An attempt ``allow`` let through did nothing that tells (nothing was sent)."""
-        if self.state is BreakerState.HALF_OPEN:
+    def release(self, attempt: Attempt) -> None:
+        """``attempt`` did nothing that tells (nothing was sent)."""
+        self._end(attempt)
+
+    def _end(self, attempt: Attempt) -> None:
+        if attempt.probe and attempt.epoch == self._epoch:  # its probe slot is free again
             self._probes = max(0, self._probes - 1)
 
     def _open(self, reason: str) -> BreakerChange:
         self._opened += 1
         delay = self._recovery.delay(self._opened)
         self._retry_at = self._clock() + delay
-        self._probes = 0
         return self._move(BreakerState.OPEN, f"{reason}; next probe in {delay:.1f}s")
 
     def _move(self, new: BreakerState, reason: str) -> BreakerChange:
         now = self._clock()
         old, old_for = self.state, now - self.since
         self.state, self.since = new, now
+        self._epoch += 1  # attempts begun before are old news, their probe slots gone
+        self._probes = 0
         return BreakerChange(self.peer, self.transport, old, new, now, reason, old_for)
 
 
@@ -204,19 +229,19 @@ class Breakers:
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(self._breakers.values())
 
-    def allow(self, peer: str, transport: str) -> bool:
-        """Whether one attempt over ``transport`` may start now (see CircuitBreaker.allow)."""
-        allowed, change = self.get(peer, transport).allow()
+    def allow(self, peer: str, transport: str) -> Attempt | None:
+        """The attempt over ``transport`` that may start now, or None (see CircuitBreaker.allow)."""
+        attempt, change = self.get(peer, transport).allow()
         self._tell(change)
-        return allowed
+        return attempt
 
-    def record(self, peer: str, transport: str, error: BaseException | None) -> None:
-        """The outcome of an attempt ``allow`` let through: None for a success."""
-        self._tell(self.get(peer, transport).record(error))
+    def record(self, attempt: Attempt, error: BaseException | None) -> None:
+        """The outcome of ``attempt``: None for a success."""
+        self._tell(self.get(attempt.peer, attempt.transport).record(attempt, error))
 
-    def release(self, peer: str, transport: str) -> None:
-        """An attempt ``allow`` let through ended without a verdict (cancelled)."""
-        self.get(peer, transport).release()
+    def release(self, attempt: Attempt) -> None:
+        """``attempt`` ended without a verdict (cancelled)."""
+        self.get(attempt.peer, attempt.transport).release(attempt)
 
     def age(self, breaker: CircuitBreaker) -> float:
         """Seconds since ``breaker`` entered its state (what an operator asks of an open one)."""

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from ringsync.errors import PeerUnreachableError, TransportError
 from ringsync.inventory import Host
-from ringsync.policy.breaker import Breakers, CircuitBreaker
+from ringsync.policy.breaker import Attempt, Breakers, CircuitBreaker
 from ringsync.policy.chains import Outcome
 
 __all__ = ["AttemptCallback", "GuardedOrder", "Walk", "unreachable"]
@@ -95,6 +95,7 @@ class Walk:
         self._order, self._peer = order, peer
         self._failures: list[tuple[str, TransportError]] = []
         self._skipped: list[str] = []  # breaker open
+        self._attempts: dict[str, Attempt] = {}  # transport -> its attempt, until it ends
         self.last: TransportError | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -102,29 +103,30 @@ class Walk:
         for name in o.order(self._peer):
             if not o.built(name):  # named in a host's transport field, not built here
                 o.attempted(name, Outcome.UNAVAILABLE)
-            elif not o.breakers.allow(self._peer.name, name):
+            elif (attempt := o.breakers.allow(self._peer.name, name)) is None:
                 o.attempted(name, Outcome.BREAKER_OPEN)
                 self._skipped.append(name)
             else:
+                self._attempts[name] = attempt
                 yield name
 
     def reached(self, name: str) -> None:
-        self._order.breakers.record(self._peer.name, name, None)
+        self._order.breakers.record(self._attempts.pop(name), None)
         self._order.attempted(name, Outcome.OK)
         self._order.worked(self._peer, name)
 
     def unreachable(self, name: str, exc: PeerUnreachableError) -> None:
-        self._order.breakers.record(self._peer.name, name, exc)
+        self._order.breakers.record(self._attempts.pop(name), exc)
         self._order.attempted(name, Outcome.NEXT)
         self._failures.append((name, exc))
         self.last = exc
 
     def failed(self, name: str, exc: TransportError) -> None:
-        self._order.breakers.record(self._peer.name, name, exc)
+        self._order.breakers.record(self._attempts.pop(name), exc)
         self._order.attempted(name, Outcome.FAILED)
 
     def abandoned(self, name: str) -> None:
-        self._order.breakers.release(self._peer.name, name)
+        self._order.breakers.release(self._attempts.pop(name))
 
     def error(self) -> TransportError:
         """What to raise when no transport reached the peer."""

@@ -139,7 +139,9 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
             assert auto_sync_health(lab, h0, cluster)["state"] == "healthy"
             log = selfplay.log_path.read_text()
             assert re.search(r"circuit to train-1 over http: closed for \d+s -> open", log), log[-3000:]
-            assert re.search(r"circuit to train-1 over http: half_open for \d+s -> closed", log), log[-3000:]
+            # closed by its probe, or by an answer to a push begun before it opened
+            closed = r"circuit to train-1 over http: (half_)?open for \d+s -> closed"
+            assert re.search(closed, log), log[-3000:]
             assert "circuit to train-2" not in log
         finally:
             cluster.stop_all()

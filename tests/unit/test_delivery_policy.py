@@ -20,8 +20,9 @@ def policy(clock: FakeClock, breakers: Breakers, retry_initial: float = 0.0) -> 
 
 def trip(breakers: Breakers, peer: str, transport: str) -> None:
     for _ in range(CONFIG.failure_threshold):
-        assert breakers.allow(peer, transport)
-        breakers.record(peer, transport, DOWN)
+        attempt = breakers.allow(peer, transport)
+        assert attempt is not None
+        breakers.record(attempt, DOWN)
 
 
 def test_a_peer_waits_only_while_every_one_of_its_transports_is_open() -> None:
@@ -42,9 +43,10 @@ def test_a_peer_waits_only_while_every_one_of_its_transports_is_open() -> None:
     assert p.circuit("b") is BreakerState.HALF_OPEN
     assert p.choose(["a", "b"]) == ["a", "b"]
     assert p.probing("b")
-    assert breakers.allow("b", "http")  # the chain takes the one probe slot...
+    probe = breakers.allow("b", "http")  # the chain takes the one probe slot...
+    assert probe is not None
     assert p.circuit("b") is BreakerState.OPEN  # ...and no second delivery starts meanwhile
-    breakers.record("b", "http", None)
+    breakers.record(probe, None)
     assert p.circuit("b") is BreakerState.CLOSED
     assert not p.probing("b")
 
@@ -69,8 +71,9 @@ def test_refusals_back_off_the_peer_but_never_open_a_breaker() -> None:
     p = policy(clock, breakers)
     for error in (BatchRejectedError("b", "bad"), PeerRefusedError("b", "coordinator")) * 3:
         p.failed("b", error)
-        assert breakers.allow("b", "http")
-        breakers.record("b", "http", error)
+        attempt = breakers.allow("b", "http")
+        assert attempt is not None
+        breakers.record(attempt, error)
     assert breakers.get("b", "http").state is BreakerState.CLOSED
     assert "coordinator" in p.failing["b"]
     assert p.released("b").recovered

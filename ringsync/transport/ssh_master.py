@@ -54,6 +54,7 @@ class Master:
         self.local_port = local_port
         self._login = login
         self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        self.lines_read = 0  # every stderr line so far: a mark that later lines are newer than
         self._reader = asyncio.create_task(self._read_stderr())
         self._exited = asyncio.create_task(proc.wait())
 
@@ -130,11 +131,15 @@ class Master:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self._stderr.append(line)
+                self.lines_read += 1
                 log.debug("ssh master %s: %s", self.control.name, line)
 
-    def last_open_failure(self) -> str | None:
-        """The reason of the newest refused channel ("open failed: connect failed: ...")."""
-        for line in reversed(self._stderr):
+    def last_open_failure(self, since: int = 0) -> str | None:
+        """The reason of the newest refused channel ("open failed: connect failed: ..."),
+        among the lines read after the mark ``since`` (a ``lines_read``): an older refusal
+        does not explain a new failure."""
+        newer = self.lines_read - since
+        for line in reversed(list(self._stderr)[-newer:] if newer > 0 else []):
             if "open failed" in line:
                 return line.split("open failed:", 1)[-1].strip()
         return None

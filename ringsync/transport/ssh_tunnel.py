@@ -127,10 +127,11 @@ class SshTunnels:
         connection died, or nothing listens on the far data port)."""
         tunnel = await self._tunnel(peer)
         async with tunnel.slot(purpose):
+            mark = tunnel.master.lines_read  # what ssh says from here on is about this request
             try:
                 yield tunnel.local
             except TransportError as exc:
-                explained = await self._explain(peer, tunnel, exc)
+                explained = await self._explain(peer, tunnel, exc, mark)
                 if explained is exc:
                     raise
                 raise explained from exc
@@ -143,21 +144,23 @@ class SshTunnels:
         async with tunnel.slot("files"):
             yield tunnel.control
 
-    async def _explain(self, peer: Host, tunnel: _Tunnel, exc: TransportError) -> TransportError:
-        """Say whether the SSH connection died or the far data server is not there."""
+    async def _explain(self, peer: Host, tunnel: _Tunnel, exc: TransportError,
+                       mark: int) -> TransportError:
+        """Say whether the SSH connection died or the far data server is not there (from what
+        ssh said after ``mark``)."""
         if isinstance(exc, PeerRejectedError) and tunnel.lost is None:
             return exc  # the data server answered (a refusal): nothing to add
         answered = None if tunnel.lost is not None else await self._probe(tunnel)
         if answered:
             return exc  # the data server is there: the error is its own
-        if answered is None or tunnel.master.last_open_failure() is None:
+        if answered is None or tunnel.master.last_open_failure(mark) is None:
             await tunnel.master.exit_soon(_DYING)  # a dying master gets a moment to say why
         if (lost := tunnel.lost) is not None:
             await self._drop(peer.name, tunnel)
             return PeerUnreachableError(peer.name, f"SSH connection to {ssh_where(peer)} lost ({lost}); "
                                                    f"the request was cut off: {exc.reason}")
         if answered is False:
-            why = tunnel.master.last_open_failure() or "the channel was closed"
+            why = tunnel.master.last_open_failure(mark) or "the channel was closed"
             return PeerUnreachableError(peer.name, f"SSH to {ssh_where(peer)} works, but {REMOTE_HOST}:"
                                                    f"{peer.p2p_port} on it refused a connection ({why}); "
                                                    f"is its data server running on p2p_port {peer.p2p_port}?")

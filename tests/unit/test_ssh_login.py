@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from ringsync.inventory import Host
 from ringsync.transport.ssh_login import Login, connection_lost, login_refusal, ssh_args
+from ringsync.transport.ssh_master import Master
 
 
 @pytest.fixture
@@ -111,3 +113,37 @@ def test_rsync_dying_with_its_ssh_on_a_changed_host_key_is_a_refusal_not_a_retry
     other = _failure(peer, 23, "rsync: send_files failed to open \"x\": Permission denied (13)",
                      RsyncOptions(known_hosts=tmp_path / "kh"))
     assert not isinstance(other, PeerUnreachableError)
+
+
+def test_an_older_refused_channel_does_not_explain_a_new_failure(tmp_path: Path, login: Login) -> None:
+    """A master's stderr keeps its last lines; only those after a request's mark explain it."""
+    refused = "channel 3: open failed: connect failed: Connection refused"
+
+    async def run() -> tuple[str | None, str | None, str | None]:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", f"echo '{refused}' >&2; read line; echo '{refused} again' >&2; exec sleep 30",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        master = Master(proc, tmp_path / "ctl", 1, login)
+
+        async def read(lines: int) -> None:
+            async with asyncio.timeout(10):
+                while master.lines_read < lines:  # noqa: ASYNC110 (the reader task counts them)
+                    await asyncio.sleep(0.01)
+
+        try:
+            await read(1)
+            mark = master.lines_read
+            before = master.last_open_failure(mark)  # the old refusal is not this request's
+            assert proc.stdin is not None
+            proc.stdin.write(b"\n")
+            await read(2)
+            return master.last_open_failure(0), before, master.last_open_failure(mark)
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            await master.stop()
+
+    any_time, before, after = asyncio.run(run())
+    assert any_time == "connect failed: Connection refused again"
+    assert before is None
+    assert after == "connect failed: Connection refused again"

@@ -60,6 +60,10 @@ class RetryPacer(Generic[K]):
         """Not backing off."""
         return self._clock() >= self._retry_at.get(key, 0.0)
 
+    def retry_in(self, key: K) -> float:
+        """Seconds until ``key`` may be tried again (0 when it may now)."""
+        return max(0.0, self._retry_at.get(key, 0.0) - self._clock())
+
     def failed(self, key: K) -> float:
         """One more failure of ``key``: the seconds until it may be tried again."""
         failures = self._failures[key] = self._failures.get(key, 0) + 1

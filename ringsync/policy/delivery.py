@@ -32,7 +32,7 @@ class Outcome:
 
 
 class DeliveryPolicy:
-    """Decides per target and cycle; a target all of whose transports have an open breaker
+    """Decides per target and pass; a target all of whose transports have an open breaker
     is left alone (its games wait in its outbox) while the others keep flowing.
 
     A target none of whose transports is closed, but one of which may be probed, is
@@ -54,13 +54,24 @@ class DeliveryPolicy:
         """The peer's view of its transports' breakers."""
         return peer_state(self._circuits(peer))
 
-    def new_cycle(self, peer: str | None = None) -> None:
-        """A delivery to ``peer`` (to every peer when None) begins."""
-        self._peers.new_cycle(peer)
+    def new_pass(self, peer: str) -> None:
+        """A delivery pass to ``peer`` begins."""
+        self._peers.new_pass(peer)
 
     def ready(self, peer: str) -> bool:
         """Could be delivered to now: not backing off, some transport not open."""
         return self._peers.ready(peer) and self.circuit(peer) is not BreakerState.OPEN
+
+    def wait(self, peer: str) -> float | None:
+        """Seconds until ``peer`` could be delivered to (None: now): the end of its backoff,
+        or of the shortest open breaker's recovery time when every transport's is open."""
+        if self.ready(peer):
+            return None
+        breakers = 0.0
+        if self.circuit(peer) is BreakerState.OPEN:
+            breakers = min((w for b in self._circuits(peer) if (w := b.retry_in()) is not None),
+                           default=0.0)
+        return max(self._peers.retry_in(peer), breakers)
 
     def choose(self, peers: Iterable[str]) -> list[str]:
         """The peers a pass delivers to now, in the given order."""

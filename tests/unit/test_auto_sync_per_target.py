@@ -305,3 +305,20 @@ async def test_a_target_that_owes_nothing_is_not_retried_for_nothing(
         assert await arrive(transport, tmp_path, "train-2", done, 10) < 2.0
     assert not ctx.metrics.registry.get_sample_value(
         "ringsync_circuit_state", {"peer": "train-2", "transport": "memory"})
+
+
+async def test_a_backoff_begun_outside_its_loop_is_retried_on_time(
+        node_factory: Callable[..., NodeContext], transport: StallingTransport) -> None:
+    """sync_once (the CLI's pass) failed train-2 and set its backoff: the loop's own pass,
+    finding it backing off, is told to come back when the backoff ends, not when woken next
+    (with a long interval and no new commits, that could be an hour)."""
+    ctx = node_factory("selfplay-1", sync_interval=3600.0)
+    write_games(ctx.settings.games_dir / "sp.db", 3)
+    transport.down.add("train-2")
+    daemon = AutoSyncDaemon(ctx, transport, retry_initial=4.0)
+    await daemon.sync_once()
+    assert ctx.manifest.outbox_size("train-2") == 3
+    wait = await daemon._own_pass("train-2")
+    assert wait is not None
+    assert 0.0 < wait <= 4.0 * 1.25  # its backoff's end (jittered), however it was begun
+    assert await daemon._own_pass("train-1") is None  # delivered: nothing to come back for

@@ -30,10 +30,10 @@ def test_only_transitions_are_reported() -> None:
 
 def test_a_peer_that_refused_a_batch_this_cycle_stays_failing() -> None:
     peers = PeerDelivery(1.0, 60.0, clock=Clock())
-    peers.new_cycle()
+    peers.new_pass("a")
     assert peers.rejected("a", "batch rejected: 413") is True
     assert peers.rejected("a", "batch rejected: 413") is False
     assert peers.delivered("a") is False  # reachable, but a batch is still refused
     assert peers.failing == {"a": "batch rejected: 413"}
-    peers.new_cycle()
-    assert peers.delivered("a") is True  # a clean cycle: recovered
+    peers.new_pass("a")
+    assert peers.delivered("a") is True  # a clean pass: recovered

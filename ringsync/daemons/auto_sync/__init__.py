@@ -245,8 +245,8 @@ class AutoSyncDaemon(Daemon):
         hosts = {h.name: h for h in self._ctx.router.game_targets()}
         if self._stopping or name not in hosts:
             return None
-        if not self._choose([hosts[name]]):
-            return self._breaker_wait(name)
+        if not self._choose([hosts[name]]):  # backing off (maybe since a pass of sync_once's)
+            return self._policy.wait(name)
         siblings, unreachable = await self._sharing.siblings_of(hosts[name], list(hosts))
         failed: Outcome | None
         if unreachable is not None:
@@ -255,18 +255,10 @@ class AutoSyncDaemon(Daemon):
         else:
             failed = await self._deliver(hosts[name], siblings)  # the loop holds its lock
         self._sharing.warn_if_all_shared()
-        return None if failed is None else max(failed.retry_in, self._breaker_wait(name) or 0.0)
+        return None if failed is None else self._policy.wait(name) or 0.0
 
     async def _owes(self, name: str) -> bool:
         return await asyncio.to_thread(self._ctx.manifest.has_pending, name)
-
-    def _breaker_wait(self, name: str) -> float | None:
-        """Seconds until one of ``name``'s transports lets a probe through (None: some
-        transport is not open)."""
-        if self._policy.circuit(name) is not BreakerState.OPEN:
-            return None
-        waits = [w for b in self._circuits(name) if (w := b.retry_in()) is not None]
-        return min(waits) if waits else None
 
     async def _deliver_alone(self, target: Host, siblings: Siblings | None) -> Outcome | None:
         """``_deliver``, while no other pass to ``target`` runs (its loop's, or sync_once's)."""
@@ -286,7 +278,7 @@ class AutoSyncDaemon(Daemon):
         this = _Pass()
         failed: Outcome | None = None
         started = time.perf_counter()
-        self._policy.new_cycle(name)
+        self._policy.new_pass(name)
         try:
             async with self._batches.session():
                 await self._deliver_outbox(target, siblings, this)

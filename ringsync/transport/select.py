@@ -31,8 +31,9 @@ def build_transport(s: Settings, breakers: Breakers, *, limiter: BandwidthLimite
     http = HttpTransport(s.node_id, s.auth_token, read_timeout=s.push_timeout, limiter=limiter)
     if all(o == ("http",) for o in orders | {order}):
         return TransportChain({"http": http}, order, breakers, on_attempt=on_attempt)
-    ssh = SshTransport(s.node_id, s.auth_token, SshOptions.from_settings(s),
-                       read_timeout=s.push_timeout, limiter=limiter, tunnels=tunnels)
+    ssh = SshTransport(s.node_id, s.auth_token,
+                       SshOptions.from_settings(s) if tunnels is None else tunnels,
+                       read_timeout=s.push_timeout, limiter=limiter)
     return TransportChain({"http": http, "ssh": ssh}, order, breakers, on_attempt=on_attempt)
 
 

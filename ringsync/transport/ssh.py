@@ -25,13 +25,12 @@ class SshTransport:
 
     name = "ssh"
 
-    def __init__(self, node_id: str, token: str | None, options: SshOptions, *,
-                 read_timeout: float = 120.0, limiter: BandwidthLimiter | None = None,
-                 tunnels: SshTunnels | None = None) -> None:
-        # The node's shared tunnels (files and rsync use the same connections) are closed by
-        # the node; tunnels of our own are closed with us.
-        self._owned = tunnels is None
-        self._ssh = SshTunnels(options) if tunnels is None else tunnels
+    def __init__(self, node_id: str, token: str | None, ssh: SshOptions | SshTunnels, *,
+                 read_timeout: float = 120.0, limiter: BandwidthLimiter | None = None) -> None:
+        # ``ssh``: the node's shared tunnels (files and rsync use the same connections, and the
+        # node closes them), or the options of tunnels of our own, closed with us.
+        self._owned = isinstance(ssh, SshOptions)
+        self._ssh = SshTunnels(ssh) if isinstance(ssh, SshOptions) else ssh
         self._http = HttpTransport(node_id, token, read_timeout=read_timeout, limiter=limiter)
 
     @property

@@ -82,7 +82,7 @@ class Clients:
 
 def make_clients(tmp_path: Path, known_hosts: Path, peer: Host) -> Clients:
     tunnels = SshTunnels(SshOptions(known_hosts=known_hosts, connect_timeout=5.0))
-    games = SshTransport("selfplay-1", TOKEN, tunnels.options, tunnels=tunnels)
+    games = SshTransport("selfplay-1", TOKEN, tunnels)
     files = SshFileClient(FileClient("selfplay-1", TOKEN), tunnels, owned=False)
     models = tmp_path / "here" / "models"
     models.mkdir(parents=True)
@@ -269,7 +269,7 @@ async def test_a_taken_local_port_is_retried_with_another(
         ports = iter([taken.getsockname()[1]])
         monkeypatch.setattr(ssh_master, "_free_port", lambda: next(ports, None) or _any_port())
         tunnels = SshTunnels(SshOptions(known_hosts=sshd.known_hosts))
-        games = SshTransport("selfplay-1", TOKEN, tunnels.options, tunnels=tunnels)
+        games = SshTransport("selfplay-1", TOKEN, tunnels)
         assert tunnels.tunnels == {}
         try:
             assert len(await games.peer_data_dir_id(ssh_peer(sshd, source.settings.p2p_port))) == 32

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -255,6 +256,23 @@ def lab_cluster(lab: NetnsLab, nodes: list[tuple[str, str, LabHost]], *, root: P
         node.command_prefix = host.command()
         node.extra_env["RINGRIFT_SSH_KNOWN_HOSTS"] = str(lab.known_hosts)
     return cluster
+
+
+@contextlib.contextmanager
+def writing_games(source: Path, games: int, *, rate: float, seed: int,
+                  moves: int = 20) -> Iterator[subprocess.Popen[bytes]]:
+    """A RingRift-like writer committing ``games`` games at ``rate`` per second into
+    ``source`` for the block's length (wait for it inside); killed if still running after."""
+    writer = subprocess.Popen([sys.executable, "-m", "ringsync.selfplay_sim", str(source),
+                               "--games", str(games), "--rate", str(rate), "--moves", str(moves),
+                               "--seed", str(seed)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield writer
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(10)
 
 
 def _run(argv: list[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> str:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from ringsync.localcluster import Cluster, held_game_ids, read_game_ids, wait_until
 from tests.integration.test_file_sync import PartialWatcher, digest, journal_done
 from tests.integration.test_ssh_netns import assert_holds_exactly
-from tests.netns import LabHost, NetnsLab, lab_cluster, netns_lab
+from tests.netns import LabHost, NetnsLab, lab_cluster, netns_lab, writing_games
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_root, pytest.mark.timeout(90)]
 
@@ -101,10 +100,7 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
         try:
             for name in ("train-1", "train-2", "selfplay-1"):  # receivers up before the sender
                 cluster.start(name)
-            writer = subprocess.Popen([sys.executable, "-m", "ringsync.selfplay_sim", str(source),
-                                       "--games", "450", "--rate", "15", "--moves", "20", "--seed", "17"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
+            with writing_games(source, 450, rate=15, seed=17) as writer:
                 wait_until(lambda: len(held_game_ids(train1)) >= 20, 30, "the first games at train-1")
                 lab.cut(h1)
                 cut_at, at_cut = time.monotonic(), len(held_game_ids(train2))
@@ -123,10 +119,6 @@ def test_a_training_host_cut_off_30s_opens_its_breaker_catches_up_exactly_once_a
                 assert breaker() in (1, 2)  # open, or half-open while a probe tries
                 lab.heal(h1)
                 assert writer.wait(30) == 0
-            finally:
-                if writer.poll() is None:
-                    writer.kill()
-                    writer.wait(10)
             completed = read_game_ids(source, "WHERE game_status = 'completed'")
             assert len(completed) == 450
             wait_until(lambda: all(len(held_game_ids(n)) >= 450 for n in (train1, train2)), 25,

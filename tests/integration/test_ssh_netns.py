@@ -23,7 +23,7 @@ import pytest
 from ringsync.localcluster import Cluster, held_game_ids, read_game_ids, wait_until
 from tests.integration.test_end_to_end import merged_rows, per_game_rows
 from tests.integration.test_ssh_master import ssh_processes
-from tests.netns import LabHost, NetnsLab, lab_cluster, netns_lab
+from tests.netns import LabHost, NetnsLab, lab_cluster, netns_lab, writing_games
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_root, pytest.mark.timeout(90)]
 
@@ -130,10 +130,7 @@ def test_an_ssh_peer_cut_off_mid_stream_catches_up_exactly_once_while_the_other_
     train1, train2 = cluster.nodes["train-1"], cluster.nodes["train-2"]
     try:
         cluster.start_all()
-        writer = subprocess.Popen([sys.executable, "-m", "ringsync.selfplay_sim", str(source), "--games",
-                                   str(GAMES), "--rate", "12", "--moves", "20", "--seed", "13"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        with writing_games(source, GAMES, rate=12, seed=13) as writer:
             wait_until(lambda: len(held_game_ids(train1)) >= 20, 30, "the first games at train-1")
             lab.cut(lab.hosts[1])
             at_cut = len(held_game_ids(train2))
@@ -146,10 +143,6 @@ def test_an_ssh_peer_cut_off_mid_stream_catches_up_exactly_once_while_the_other_
             assert "delivery to train-1 failing" in log, log[-3000:]
             lab.heal(lab.hosts[1])
             assert writer.wait(60) == 0
-        finally:
-            if writer.poll() is None:
-                writer.kill()
-                writer.wait(10)
         completed = read_game_ids(source, "WHERE game_status = 'completed'")
         assert len(completed) == GAMES
         wait_until(lambda: all(len(held_game_ids(n)) >= GAMES for n in (train1, train2)), 40,

@@ -309,20 +309,25 @@ class DataManifest:
                 (tid, *hids, limit)).fetchall()
         return [str(r[0]) for r in rows]
 
-    def requeue(self, game_ids: Sequence[str]) -> int:
-        """Queue delivered games again for every target that holds them; returns rows queued.
+    def requeue(self, game_ids: Sequence[str], target: str | None = None) -> int:
+        """Queue delivered games again for every target that holds them (only ``target``,
+        when given); returns rows queued.
 
         For games that gained rows at the source after they were shipped: the receiver
         merges the game's rows by key, so the new rows arrive exactly once.
         """
         with self._lock, self._transaction():
-            return self._requeue(game_ids)
+            if target is None:
+                return self._requeue(game_ids)
+            tid = self._known_target(target)
+            return 0 if tid is None else self._requeue(game_ids, tid)
 
-    def _requeue(self, game_ids: Sequence[str]) -> int:
+    def _requeue(self, game_ids: Sequence[str], tid: int | None = None) -> int:
         before = self._db.total_changes
+        only = "" if tid is None else f" AND t.id = {int(tid)}"
         self._db.executemany(
             f"INSERT OR IGNORE INTO queue SELECT t.id, k.game_id FROM local_games k JOIN targets t "
-            f"ON {_holds('t.id')} WHERE k.game_id = ?",
+            f"ON {_holds('t.id')} WHERE k.game_id = ?{only}",
             [(gid,) for gid in game_ids],
         )
         return self._db.total_changes - before

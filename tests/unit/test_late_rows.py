@@ -129,6 +129,12 @@ def test_manifest_requeue_puts_delivered_games_back_for_their_holders(
     assert [g.game_id for g in manifest.pending("t2", 10)] == ["a", "b"]
     assert manifest.delivered_from("s.db", 10) == ["a", "b"]
     assert manifest.delivered_from("s.db", 1, after="a") == ["b"]
+    manifest.ack("t1", ["a"])
+    manifest.ack("t2", ["a", "b"])
+    assert manifest.requeue(["a", "b"], "t2") == 2  # the one target whose copy is old
+    assert manifest.pending("t1", 10) == []
+    assert [g.game_id for g in manifest.pending("t2", 10)] == ["a", "b"]
+    assert manifest.requeue(["a"], "nobody") == 0
 
 
 async def test_changed_game_is_sent_again_to_its_holders(

@@ -384,7 +384,8 @@ class AutoSyncDaemon(Daemon):
         acked = [g for g in game_ids if g not in refused]
         await asyncio.to_thread(self._ctx.manifest.ack, target.name, acked)
         if changed := self._batches.changes.since(epoch, acked):  # read before rows were added
-            await asyncio.to_thread(self._ctx.manifest.requeue, changed)
+            # Only here: discovery queued the change again for the targets that held it then.
+            await asyncio.to_thread(self._ctx.manifest.requeue, changed, target.name)
         m.push_duration.observe(time.perf_counter() - started)
         m.batches_sent.labels(peer=target.name, outcome="ok").inc()
         m.bytes_sent.labels(peer=target.name).inc(len(payload))

@@ -31,7 +31,7 @@ from ringsync.transport.rsync import (
     RsyncRun,
     admitted,
     batches,
-    breaker_open,
+    behind_breakers,
     bwlimit_args,
     settle,
 )
@@ -281,7 +281,7 @@ class FileSyncDaemon(Daemon):
             return
         breakers = self._ctx.breakers
         jobs = [j for j in jobs if j.entry.ident not in self._rsync_missed]
-        groups = batches(jobs, breaker_open(breakers, self._over_ssh), self._exclusions.by_hash,
+        groups = batches(jobs, behind_breakers(breakers, self._over_ssh), self._exclusions.by_hash,
                          self._ctx.settings.rsync_min_files)
         for run in admitted(groups, breakers):
             task = tg.create_task(self._rsync(fetcher, run))

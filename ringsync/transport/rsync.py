@@ -143,8 +143,8 @@ class RsyncRun:
         return self.attempt.peer
 
 
-def breaker_open(breakers: Breakers, over_ssh: Callable[[str], Host | None]
-                 ) -> Callable[[str], Host | None]:
+def behind_breakers(breakers: Breakers, over_ssh: Callable[[str], Host | None]
+                    ) -> Callable[[str], Host | None]:
     """``over_ssh`` for ``batches`` minus the peers whose rsync breaker would turn a run away,
     so their files go to another holder's batch or one by one. Nothing changes."""
     def usable(peer: str) -> Host | None:

@@ -19,7 +19,7 @@ from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, Brea
 from ringsync.policy.chains import Outcome
 from ringsync.transport.aria2 import ARIA2, Aria2Transport, Mirror, server_verdicts
 from ringsync.transport.files import FileClientChain
-from ringsync.transport.rsync import RSYNC, RsyncRun, admitted, batches, breaker_open, settle
+from ringsync.transport.rsync import RSYNC, RsyncRun, admitted, batches, behind_breakers, settle
 from ringsync.transport.select import count_attempts
 from ringsync.transport.ssh_login import Login, login_refusal
 from tests.unit.clock import FakeClock
@@ -52,7 +52,7 @@ class Node:
         self.breakers = Breakers(CONFIG, clock=self.clock, on_change=self.changes.append)
 
     def runs(self, todo: list[FetchJob]) -> list[RsyncRun]:
-        groups = batches(todo, breaker_open(self.breakers, HOSTS.get), {}, min_files=3)
+        groups = batches(todo, behind_breakers(self.breakers, HOSTS.get), {}, min_files=3)
         return admitted(groups, self.breakers)
 
     def state(self, peer: str, transport: str) -> BreakerState:

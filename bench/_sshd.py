@@ -134,9 +134,10 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def sshd_server(log_level: str = "ERROR") -> Iterator[SshServer]:
+def sshd_server(log_level: str = "ERROR", extra: tuple[str, ...] = ()) -> Iterator[SshServer]:
     """Start `sshd -D -e -f CONFIG` as the current user on a free loopback port; stop it on exit.
-    ``log_level`` INFO logs each login (SshServer.logins counts them)."""
+    ``log_level`` INFO logs each login (SshServer.logins counts them); ``extra``: more
+    sshd_config lines (a ForceCommand, say)."""
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
     tmp = Path(tempfile.mkdtemp(prefix="ringsync-bench-sshd-"))
     proc: subprocess.Popen[bytes] | None = None
@@ -152,7 +153,7 @@ def sshd_server(log_level: str = "ERROR") -> Iterator[SshServer]:
         server = SshServer(port=port, client_key=tmp / "client_ed25519", known_hosts=known_hosts,
                            user=getpass.getuser(), log=log)
         with log.open("wb") as out:
-            config = sshd_config(tmp, port, log_level=log_level)
+            config = sshd_config(tmp, port, log_level=log_level, extra=extra)
             proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
                                     stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env={**os.environ, "LC_ALL": "C"})

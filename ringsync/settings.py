@@ -177,9 +177,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "peer counts as dead and its connection is closed (>= 1)"),
     EnvVar("RINGRIFT_SSH_CONNECT_TIMEOUT", "10", "Seconds an SSH connection and login to a peer "
            "may take (> 0)"),
-    EnvVar("RINGRIFT_CIRCUIT_FAILURE_THRESHOLD", "5", "Transient delivery failures in a row (peer "
-           "unreachable, timed out, busy) that open a peer's circuit breaker: its games wait and "
-           "it is probed later (1-1000)"),
+    EnvVar("RINGRIFT_CIRCUIT_FAILURE_THRESHOLD", "5", "Transient failures in a row (peer "
+           "unreachable, timed out, busy) that open a peer's circuit breaker for one transport "
+           "(http, ssh, rsync, aria2): it is skipped for that peer (its games wait once every "
+           "game transport is open) and probed later (1-1000)"),
     EnvVar("RINGRIFT_CIRCUIT_RECOVERY", "5", "Seconds an open circuit breaker leaves its peer "
            "alone before one probe (> 0); doubles with each failed probe, with 20% jitter"),
     EnvVar("RINGRIFT_CIRCUIT_RECOVERY_MAX", "300", "Most seconds an open circuit breaker waits "

@@ -84,6 +84,11 @@ def render(statuses: list[dict[str, Any]]) -> str:
                 if d.get("state") not in ("healthy", None) and d.get("detail")]
     if problems:  # e.g. a source DB that cannot be read, a peer refusing batches
         lines += ["", "problems:", *problems]
+    circuits = [f"  {st['node']} -> {c['peer']}: circuit {c['state']} over {c['transport']} "
+                f"since {c['since']} ({c['seconds']}s)" for st in statuses
+                for c in st.get("circuits", [])]
+    if circuits:  # every breaker not closed, whatever it guards: games, files, rsync, aria2
+        lines += ["", "circuits not closed:", *circuits]
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
@@ -26,7 +25,17 @@ from ringsync.ops.logsafe import bounded
 from ringsync.policy.chains import Outcome
 from ringsync.transport.aria2 import Aria2Transport
 from ringsync.transport.files import build_file_client
-from ringsync.transport.rsync import BatchFile, RsyncBatch, RsyncOptions, batches, bwlimit_args
+from ringsync.transport.rsync import (
+    RsyncBatch,
+    RsyncOptions,
+    RsyncRun,
+    admitted,
+    batches,
+    behind_breakers,
+    bwlimit_args,
+    settle,
+)
+from ringsync.transport.select import count_attempts
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ _JITTER = 0.1
 # again this soon, with jitter, a bounded number of times: relays appear within a second.
 QUICK_RETRY_SECONDS = 0.3
 QUICK_RETRIES = 30
-RSYNC_RETRY_AFTER = 300.0  # seconds a peer whose rsync run failed gets per-file fetches only
+FILE_REQUESTS = "files"  # data_type of the per-peer client chain's steps (index reads, opens)
 
 
 class FileSyncDaemon(Daemon):
@@ -64,11 +73,14 @@ class FileSyncDaemon(Daemon):
         self._dirs = file_dirs(s)
         self._routing = FileRouting(s.inventory, s.node_id, s.coordinator_node)
         self._wanted = self._routing.kinds_wanted_here()
-        self._client = build_file_client(s, ctx.breakers, ctx.ssh())
+        # Each request's way through a peer's http/ssh steps, under data_type "files".
+        self._client = build_file_client(s, ctx.breakers, ctx.ssh(),
+                                         on_attempt=count_attempts(ctx.metrics, FILE_REQUESTS))
         self._relay_client = RelayClient(s.node_id, s.auth_token)
         self._exclusions = Exclusions()
         self._aria2 = Aria2Transport(s.node_id, s.auth_token, s.inventory.get, ctx.metrics,
-                                     self._exclusions, min_bytes=s.transport_chains.large_file_bytes)
+                                     self._exclusions, min_bytes=s.transport_chains.large_file_bytes,
+                                     breakers=ctx.breakers)
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
         # Per kind: a backlog of training data never holds the slots a new model needs here
         # (the serving side then gives the model its priority's share of the bandwidth).
@@ -77,7 +89,7 @@ class FileSyncDaemon(Daemon):
         self._stuck: set[Ident] = set()  # files no source could serve last time
         self._quick: dict[Ident, int] = {}  # quick retries spent per file
         self._retry = asyncio.Event()  # a fetch failed: poll again soon
-        self._rsync_failed: dict[str, float] = {}  # peer -> when its rsync run last failed
+        self._rsync_missed: set[Ident] = set()  # a failed rsync run's files: one by one next
         self._stopping = False
         self._wake = asyncio.Event()  # a file was renamed into place: scan now
         self._health = Health(HealthState.STARTING)
@@ -224,6 +236,7 @@ class FileSyncDaemon(Daemon):
             log.warning("fetching %s/%s failed: %s", e.kind.value, e.relpath, bounded(str(exc)))
         finally:
             self._in_flight.pop(e.ident, None)
+            self._rsync_missed.discard(e.ident)  # it had its turn one by one
 
     async def _through_chain(self, steps: Mapping[str, FileStep], job: FetchJob) -> bool:
         """The job's chain, step by step, until one publishes the file; each step counted."""
@@ -244,8 +257,8 @@ class FileSyncDaemon(Daemon):
         return False
 
     def _attempted(self, kind: FileKind, transport: str, outcome: Outcome) -> None:
-        self._ctx.metrics.transport_attempts.labels(
-            data_type=kind.value, transport=transport, outcome=outcome.value).inc()
+        count_attempts(self._ctx.metrics, kind.value)(transport, outcome)
+
     # -- many small files from one SSH peer: one rsync run -----------------------------------------
 
     def _over_ssh(self, name: str) -> Host | None:
@@ -260,42 +273,49 @@ class FileSyncDaemon(Daemon):
         theirs = host.models_dir if kind is FileKind.MODELS else host.training_dir
         return theirs or str(self._dirs[kind])
 
-    def _rsync_peer(self, name: str) -> Host | None:
-        """An SSH peer to rsync from, unless its last rsync run failed recently."""
-        failed = self._rsync_failed.get(name)
-        if failed is not None and time.monotonic() - failed < RSYNC_RETRY_AFTER:
-            return None
-        return self._over_ssh(name)
-
     def _start_batches(self, tg: asyncio.TaskGroup, fetcher: FileFetcher, jobs: list[FetchJob]) -> None:
         """Files owed by one SSH-reachable peer, RINGRIFT_RSYNC_MIN_FILES or more of them,
-        go in one rsync run; the rest (and any a batch did not deliver) are fetched one by one."""
+        go in one rsync run while that peer's rsync breaker lets one start; the rest (and any
+        a batch did not deliver) are fetched one by one."""
         if self._stopping:
             return
-        groups = batches(jobs, self._rsync_peer, self._exclusions.by_hash,
+        breakers = self._ctx.breakers
+        jobs = [j for j in jobs if j.entry.ident not in self._rsync_missed]
+        groups = batches(jobs, behind_breakers(breakers, self._over_ssh), self._exclusions.by_hash,
                          self._ctx.settings.rsync_min_files)
-        for (peer, kind), files in groups.items():
-            task = tg.create_task(self._rsync(fetcher, peer, kind, files))
-            for f in files:
+        for run in admitted(groups, breakers):
+            task = tg.create_task(self._rsync(fetcher, run))
+            for f in run.files:
                 self._in_flight[f.entry.ident] = task
 
-    async def _rsync(self, fetcher: FileFetcher, peer: str, kind: FileKind, files: list[BatchFile]) -> None:
-        s, host = self._ctx.settings, self._over_ssh(peer)
+    async def _rsync(self, fetcher: FileFetcher, run: RsyncRun) -> None:
+        s, host, peer, kind = self._ctx.settings, self._over_ssh(run.peer), run.peer, run.kind
         opts = RsyncOptions.from_settings(s, extra_args=bwlimit_args(s.bandwidth_limits, peer))
         batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy,
                            tunnels=self._ctx.ssh())
         try:
             async with self._slots[kind]:
-                if host is not None and not self._stopping:
-                    result = await batch.fetch(host, self._remote_root(host, kind), files)
-                    log.info("rsync from %s: %d of %d %s files published, %d corrupt", peer,
-                             len(result.published), len(files), kind.value, len(result.corrupt))
+                if host is None or self._stopping:
+                    self._ctx.breakers.release(run.attempt)  # nothing ran: no verdict
+                    return
+                result = await batch.fetch(host, self._remote_root(host, kind), run.files)
         except (OSError, TransportError) as exc:
+            settle(self._ctx.breakers, run, exc)
             log.warning("rsync of %d %s files from %s failed: %s; fetching them one by one next",
-                        len(files), kind.value, peer, bounded(str(exc)))
-            self._rsync_failed[peer] = time.monotonic()
+                        len(run.files), kind.value, peer, bounded(str(exc)))
+            self._attempted(kind, "rsync", Outcome.NEXT)
+            self._rsync_missed.update(f.entry.ident for f in run.files)
+            self._retry.set()
+        except BaseException:
+            self._ctx.breakers.release(run.attempt)
+            raise
+        else:
+            settle(self._ctx.breakers, run, None)
+            log.info("rsync from %s: %d of %d %s files published, %d corrupt", peer,
+                     len(result.published), len(run.files), kind.value, len(result.corrupt))
+            self._attempted(kind, "rsync", Outcome.OK)
         finally:
-            for f in files:
+            for f in run.files:
                 self._in_flight.pop(f.entry.ident, None)
 
     def _update_health(self, local: Mapping[Ident, object]) -> None:

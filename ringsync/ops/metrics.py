@@ -73,9 +73,9 @@ class Metrics:
         )
         self.circuit_state = Gauge(
             "ringsync_circuit_state",
-            "Circuit breaker per peer and transport: 0 closed, 1 half-open (probing), 2 open "
-            "(the transport is skipped for this peer; while all of a peer's are open, its games "
-            "wait in its outbox).",
+            "Circuit breaker per peer and transport (http, ssh, rsync, aria2): 0 closed, 1 "
+            "half-open (probing), 2 open (the transport is skipped for this peer; while all of a "
+            "peer's game transports are open, its games wait in its outbox).",
             ["peer", "transport"],
             registry=r,
         )
@@ -279,7 +279,10 @@ class Metrics:
             "ringsync_transport_attempts_total",
             "Steps of the fallback chains (RINGRIFT_TRANSPORT_CHAINS) by data type, transport and "
             "outcome (ok; next: could not do it now, the next transport was tried; failed: a "
-            "final answer for this attempt; unavailable: named but not provided here).",
+            "final answer for this attempt; unavailable: named but not provided here; "
+            "breaker_open: skipped, its circuit breaker open). Files: each file's steps and rsync "
+            "batch runs under its kind, the http/ssh requests under a file's http step under "
+            "data_type files.",
             ["data_type", "transport", "outcome"], registry=r,
         )
 

@@ -11,6 +11,14 @@ whole file) is checked afterwards. When it is wrong, each source's piece list
 (/v1/pieces/...) shows which 4 MiB pieces are in dispute; those are fetched again by Range,
 source by source, until the file verifies. Every source whose pieces differ from the
 verified file, or whose bytes differ from its own piece list, is excluded for that content.
+
+Each source sits behind its circuit breaker for transport ``aria2``: one whose breaker is
+open is not handed to aria2c. aria2c reports per server host (``--server-stat-of``), not
+per source, whether it could connect: a host it could not connect to or that timed out
+(status ERROR) counts against that source's breaker, one that served bytes (OK) closes
+it. A source that shares its host with another cannot be told apart and gives no verdict;
+an HTTP error answer (busy, not found) gives none either (aria2c records no status for it).
+Wrong bytes are not a link failure: they stay with the exclusions.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import aiohttp
 from blake3 import blake3
 from yarl import URL
 
-from ringsync.errors import BadInputError
+from ringsync.errors import BadInputError, PeerUnreachableError
 from ringsync.files.fetch import Exclusions
 from ringsync.files.layout import file_url_path
 from ringsync.files.pieces import PIECES_PREFIX, hash_pieces, parse_claims, piece_span
@@ -39,6 +47,7 @@ from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded, child_env
 from ringsync.ops.metrics import Metrics
 from ringsync.ops.peer_session import NODE_HEADER, PeerSession
+from ringsync.policy.breaker import Attempt, Breakers
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ ARIA2C = "aria2c"
 CONTROL_SUFFIX = ".aria2"
 MIXED = "aria2-mixed"  # the metric's source label for bytes aria2 fetched from several peers
 FAILURES_BEFORE_FALLBACK = 3
+ARIA2 = "aria2"  # the transport name of the sources' circuit breakers
+SERVER_STATS = "server-stats"  # aria2c's --server-stat-of file, in the run's private dir
 _STDERR_LIMIT = 2000
 
 
@@ -54,19 +65,41 @@ class Mirror:
     peer: str
     url: str
 
+    @property
+    def host(self) -> str:
+        return URL(self.url).host or ""
+
+
+def server_verdicts(stats: str, mirrors: Sequence[Mirror]) -> dict[str, bool]:
+    """Per source, from aria2c's server stats (lines of ``key=value, ...``): False when aria2c
+    could not connect to its host or it timed out (status=ERROR), True when it served
+    (status=OK). A source absent here, or sharing its host with another, is left out."""
+    by_host: dict[str, list[str]] = {}
+    for m in mirrors:
+        by_host.setdefault(m.host, []).append(m.peer)
+    verdicts = {}
+    for line in stats.splitlines():
+        fields = {k.strip(): v.strip() for k, _, v in (f.partition("=") for f in line.split(","))}
+        peers = by_host.get(fields.get("host", ""), [])
+        if len(peers) == 1 and fields.get("status") in ("OK", "ERROR"):
+            verdicts[peers[0]] = fields["status"] == "OK"
+    return verdicts
+
 
 class Aria2Transport:
     """Multi-source fetches for the FileFetcher (its ``multi`` hook)."""
 
     def __init__(self, node_id: str, token: str | None, hosts: Callable[[str], Host | None],
                  metrics: Metrics, exclusions: Exclusions, *, min_bytes: int,
-                 read_timeout: float = 30.0, binary: str | None = None) -> None:
+                 read_timeout: float = 30.0, binary: str | None = None,
+                 breakers: Breakers | None = None) -> None:
         self._node_id = node_id
         self._token = token  # also written (0600) into aria2c's input file
         self._hosts = hosts
         self._metrics = metrics
         self._exclusions = exclusions
         self._min_bytes = min_bytes
+        self._breakers = breakers  # the node's; None: every source is always tried
         self._read_timeout = read_timeout
         self._binary = binary if binary is not None else shutil.which(ARIA2C)
         self._failures: dict[str, int] = {}  # content hash -> aria2 runs failed in a row
@@ -83,13 +116,16 @@ class Aria2Transport:
         out, seen = [], set()
         for s in sources:
             host = self._hosts(s.peer)
-            if host is None or s.peer in excluded or s.peer in seen:
+            if host is None or s.peer in excluded or s.peer in seen or not self._may_try(s.peer):
                 continue
             seen.add(s.peer)
             url = URL.build(scheme="http", host=host.address, port=host.p2p_port,
                             path=file_url_path(s.kind, s.relpath))
             out.append(Mirror(s.peer, str(url)))
         return out
+
+    def _may_try(self, peer: str) -> bool:
+        return self._breakers is None or self._breakers.get(peer, ARIA2).would_allow()
 
     def wants(self, e: IndexEntry, sources: Sequence[Source]) -> bool:
         """Worth it: aria2c installed, the file large, and at least two sources."""
@@ -104,13 +140,20 @@ class Aria2Transport:
         """Fill ``part`` with the content of ``e``. True: it holds exactly that content
         (verified); False: not now, resumed next time; None: give up on multi-source
         (``part`` removed), the caller fetches from one source."""
-        mirrors = self.mirrors(e, sources)
+        attempts = self._allow(self.mirrors(e, sources))
+        mirrors = list(attempts)
+        if not mirrors:  # their breakers turned away since wants(): another time
+            return False
         control = part.with_name(part.name + CONTROL_SUFFIX)
         resumed = await asyncio.to_thread(_prepare, part, control)
         if resumed:
             log.info("resuming the aria2 fetch of %s/%s at about %d of %d bytes", e.kind.value,
                      e.relpath, resumed, e.size)
-        ok = await self._run(e, mirrors, part)
+        verdicts: dict[str, bool] = {}
+        try:
+            ok = await self._run(e, mirrors, part, verdicts)
+        finally:
+            self._settle(attempts, verdicts)
         if not ok:
             failures = self._failures[e.hash] = self._failures.get(e.hash, 0) + 1
             if failures >= FAILURES_BEFORE_FALLBACK:
@@ -132,7 +175,27 @@ class Aria2Transport:
 
     # -- the aria2c run ------------------------------------------------------------------------
 
-    async def _run(self, e: IndexEntry, mirrors: list[Mirror], part: Path) -> bool:
+    def _allow(self, mirrors: list[Mirror]) -> dict[Mirror, Attempt | None]:
+        """The mirrors whose breakers let an attempt start now, each with its attempt."""
+        if self._breakers is None:
+            return dict.fromkeys(mirrors)
+        allowed = {m: self._breakers.allow(m.peer, ARIA2) for m in mirrors}
+        return {m: a for m, a in allowed.items() if a is not None}
+
+    def _settle(self, attempts: dict[Mirror, Attempt | None], verdicts: dict[str, bool]) -> None:
+        """Each source's breaker hears whether aria2c could reach it; no verdict, no count."""
+        for m, attempt in attempts.items():
+            if attempt is None or self._breakers is None:
+                continue
+            if m.peer not in verdicts:
+                self._breakers.release(attempt)
+            else:
+                self._breakers.record(attempt, None if verdicts[m.peer] else PeerUnreachableError(
+                    m.peer, "aria2c could not connect to it, or it stopped answering"))
+
+    async def _run(self, e: IndexEntry, mirrors: list[Mirror], part: Path,
+                   verdicts: dict[str, bool]) -> bool:
+        """One aria2c run; ``verdicts`` gets what its server stats say of each source."""
         assert self._binary is not None
         private = Path(tempfile.mkdtemp(prefix="ringsync-aria2-"))  # mode 0700
         try:
@@ -148,6 +211,7 @@ class Aria2Transport:
                     f"--timeout={int(max(1, self._read_timeout))}", "--summary-interval=0",
                     "--console-log-level=error", "--download-result=hide", "--enable-color=false",
                     "--remote-time=false", "--check-certificate=false", "--http-accept-gzip=false",
+                    f"--server-stat-of={private / SERVER_STATS}",
                     "--stop-with-process=" + str(os.getpid())]
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -164,6 +228,7 @@ class Aria2Transport:
                 raise
             finally:
                 self.running.pop(e.hash, None)
+            verdicts.update(server_verdicts(_read(private / SERVER_STATS), mirrors))
         finally:
             shutil.rmtree(private, ignore_errors=True)
         if code != 0:
@@ -296,6 +361,14 @@ def control_file_done(control: Path) -> int:
         return 0
     done = sum(bin(b).count("1") for b in bitfield) * piece
     return int(min(done, total))
+
+
+def _read(path: Path) -> str:
+    """The text at ``path``; "" when there is none (aria2c writes its stats as it exits)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _remove(part: Path, control: Path) -> None:

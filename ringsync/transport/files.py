@@ -81,15 +81,16 @@ class FileClientChain:
             await client.close()
 
 
-def build_file_client(s: Settings, breakers: Breakers,
-                      tunnels: SshTunnels | None = None) -> FileClientChain:
+def build_file_client(s: Settings, breakers: Breakers, tunnels: SshTunnels | None = None, *,
+                      on_attempt: AttemptCallback | None = None) -> FileClientChain:
     """HTTP, and SSH where some peer may be reached over it (its inventory ``transport``, else
     RINGRIFT_TRANSPORT_ORDER), in that order, behind the node's ``breakers``. ``tunnels``:
-    the node's shared SSH connections (else the client opens its own)."""
+    the node's shared SSH connections (else the client opens its own); ``on_attempt`` hears
+    each step's outcome, as the games chain's does."""
     orders = {h.transport or s.transport_order for h in s.inventory.hosts.values()}
     clients: dict[str, PeerFiles] = {"http": FileClient(s.node_id, s.auth_token)}
     if any(order != ("http",) for order in orders | {s.transport_order}):
         clients["ssh"] = SshFileClient(FileClient(s.node_id, s.auth_token),
                                        tunnels or SshTunnels(SshOptions.from_settings(s)),
                                        owned=tunnels is None)
-    return FileClientChain(clients, s.transport_order, breakers)
+    return FileClientChain(clients, s.transport_order, breakers, on_attempt=on_attempt)

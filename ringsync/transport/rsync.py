@@ -9,6 +9,10 @@ same file system, so publication is a rename), keeps interrupted files in
 RINGRIFT_SSH_KNOWN_HOSTS (StrictHostKeyChecking=yes, never accept-new). rsync's own
 checksums are not trusted: each staged file is hashed (BLAKE3) and published atomically
 only when it matches the peer's index; a mismatch is discarded.
+
+A peer's rsync runs sit behind its circuit breaker for transport ``rsync`` (the node's
+Breakers, shared with every other path): while it is open, that peer's files are fetched
+one by one; once half-open, one run probes it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
 from ringsync.ops.logsafe import bounded, child_env
 from ringsync.policy.bandwidth import BandwidthLimits, bytes_per_second
+from ringsync.policy.breaker import Attempt, Breakers
 from ringsync.transport.ssh_login import Login, login_refusal, ssh_address, ssh_args, ssh_refused
 from ringsync.transport.ssh_tunnel import SshTunnels
 
@@ -45,6 +50,7 @@ _SSH_FAILED = 255  # rsync's exit code when the ssh it ran failed (connect, host
 _STREAM_ERROR = 12
 _NO_REMOTE_RSYNC = 127
 _SOME_FILES_FAILED = (23, 24)  # partial transfer / source files vanished: the rest arrived
+RSYNC = "rsync"  # the transport name of rsync runs' circuit breakers
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,49 @@ def batches(jobs: Iterable[FetchJob], over_ssh: Callable[[str], Host | None],
                 groups.setdefault((s.peer, s.kind), []).append(BatchFile(job.entry, s))
                 break
     return {key: files for key, files in groups.items() if len(files) >= min_files}
+
+
+@dataclass(frozen=True, slots=True)
+class RsyncRun:
+    """One batch its peer's breaker let start: hand ``attempt`` back with ``settle``."""
+
+    attempt: Attempt
+    kind: FileKind
+    files: list[BatchFile]
+
+    @property
+    def peer(self) -> str:
+        return self.attempt.peer
+
+
+def behind_breakers(breakers: Breakers, over_ssh: Callable[[str], Host | None]
+                    ) -> Callable[[str], Host | None]:
+    """``over_ssh`` for ``batches`` minus the peers whose rsync breaker would turn a run away,
+    so their files go to another holder's batch or one by one. Nothing changes."""
+    def usable(peer: str) -> Host | None:
+        return over_ssh(peer) if breakers.get(peer, RSYNC).would_allow() else None
+    return usable
+
+
+def admitted(groups: Mapping[tuple[str, FileKind], list[BatchFile]], breakers: Breakers) -> list[RsyncRun]:
+    """The batches whose peer's breaker lets a run start now. A half-open breaker admits one
+    (its probe); the files of the others are left to the per-file chain."""
+    runs = []
+    for (peer, kind), files in groups.items():
+        attempt = breakers.allow(peer, RSYNC)
+        if attempt is not None:
+            runs.append(RsyncRun(attempt, kind, files))
+    return runs
+
+
+def settle(breakers: Breakers, run: RsyncRun, error: BaseException | None) -> None:
+    """Tell the run's breaker how it went. A TransportError speaks for the link (only a
+    transient one counts against it, see CircuitBreaker); a local error (a full disk) or a
+    cancellation says nothing about the peer."""
+    if error is None or isinstance(error, TransportError):
+        breakers.record(run.attempt, error)
+    else:
+        breakers.release(run.attempt)
 
 
 class RsyncBatch:

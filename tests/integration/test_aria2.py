@@ -103,7 +103,7 @@ async def lab_factory(node_factory: Callable[..., NodeContext],
                       served: Callable[..., Any]) -> Any:
     made: list[Lab] = []
 
-    async def make(size: int, serve_mbps: float = 0.0) -> Lab:
+    async def make(size: int, serve_mbps: float = 0.0, **receiver_settings: object) -> Lab:
         ports = {name: free_port() for name in SOURCES}
         hosts = {name: Host(name=name, role="gpu_selfplay", p2p_host=f"127.0.0.{i + 2}",
                             p2p_port=ports[name]) for i, name in enumerate(SOURCES)}
@@ -118,12 +118,12 @@ async def lab_factory(node_factory: Callable[..., NodeContext],
             entry = offer(ctx, data)
             await served(ctx)
             sources[name] = ctx
-        receiver = node_factory("recv", inventory=inventory)
+        receiver = node_factory("recv", inventory=inventory, **receiver_settings)
         receiver.settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = FileManifest(manifest_path(receiver.settings))
         exclusions = Exclusions()
         aria2 = Aria2Transport("recv", TOKEN, inventory.get, receiver.metrics, exclusions,
-                               min_bytes=MIB)
+                               min_bytes=MIB, breakers=receiver.breakers)
         client = FileClient("recv", TOKEN)
         fetcher = FileFetcher(file_dirs(receiver.settings), manifest, client, receiver.metrics,
                               inventory.get, exclusions, aria2)
@@ -176,6 +176,28 @@ async def test_a_source_serving_corrupt_bytes_is_excluded_and_the_file_still_pub
     assert 0 < repaired <= lab.served("src-2") + PIECE_BYTES
     # Excluded: src-2 is no longer a source for this content.
     assert [m.peer for m in lab.aria2.mirrors(lab.entry, lab.job().sources)] == ["src-1", "src-3"]
+
+
+async def test_a_source_aria2c_cannot_connect_to_opens_its_aria2_breaker_and_is_left_out(
+        lab_factory: Any) -> None:
+    lab: Lab = await lab_factory(40 * MIB, circuit_failure_threshold=1, circuit_recovery=60.0,
+                                 circuit_recovery_max=60.0)
+    # A fourth holder on its own address whose data server is down: connections are refused.
+    lab.receiver.settings.inventory.hosts["src-gone"] = Host(
+        name="src-gone", role="gpu_selfplay", p2p_host="127.0.0.9", p2p_port=free_port())
+    job = FetchJob(lab.entry, (*lab.job().sources, Source("src-gone", FileKind.MODELS, NAME)))
+    assert [m.peer for m in lab.aria2.mirrors(lab.entry, job.sources)] == [*SOURCES, "src-gone"]
+    assert await lab.fetcher.fetch(job)
+    assert lab.final().read_bytes() == lab.data
+
+    def circuit(peer: str) -> float | None:
+        return lab.receiver.metrics.registry.get_sample_value(
+            "ringsync_circuit_state", {"peer": peer, "transport": "aria2"})
+
+    assert circuit("src-gone") == 2  # open: aria2c said it could not connect to that host
+    assert [circuit(p) for p in SOURCES] == [0, 0, 0]  # they served
+    assert [m.peer for m in lab.aria2.mirrors(lab.entry, job.sources)] == list(SOURCES)
+    assert not lab.exclusions.by_hash  # unreachable is not wrong bytes: no exclusion
 
 
 async def test_a_killed_aria2c_resumes_without_fetching_the_file_again(lab_factory: Any) -> None:

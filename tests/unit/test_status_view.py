@@ -25,3 +25,17 @@ def test_all_healthy_shows_no_problems_section() -> None:
     statuses = [{"node": "n", "role": "r", "daemons": {"auto_sync": {"state": "healthy",
                                                                      "detail": ""}}}]
     assert "problems:" not in render(statuses)
+
+
+def test_every_breaker_not_closed_is_listed_whatever_it_guards() -> None:
+    circuit = {"peer": "train-1", "state": "open", "since": "2026-12-07 05:31:02 UTC", "seconds": 42}
+    statuses = [{"node": "selfplay-1", "role": "gpu_selfplay",
+                 "daemons": {"file_sync": {"state": "healthy", "detail": ""}},
+                 "circuits": [{**circuit, "transport": "rsync"},
+                              {**circuit, "transport": "aria2", "state": "half_open"}]},
+                {"node": "train-1", "role": "gpu_training_primary", "circuits": []}]
+    text = render(statuses)
+    assert ("circuits not closed:\n"
+            "  selfplay-1 -> train-1: circuit open over rsync since 2026-12-07 05:31:02 UTC (42s)\n"
+            "  selfplay-1 -> train-1: circuit half_open over aria2 since ") in text
+    assert "circuits" not in render([statuses[1]])

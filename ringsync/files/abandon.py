@@ -1,0 +1,90 @@
+"""Which journalled downloads are abandoned: superseded, or offered by no peer for too long. No I/O.
+
+A download whose content vanished everywhere would otherwise keep its journal row and its
+part file (multi-GB for an NPZ) forever. Absence must be known, not guessed: a peer whose
+index cannot be read (a network cut) counts as still offering what it offered when last
+read, so a partition never throws away a download that resumes once it heals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Set
+from dataclasses import dataclass
+
+from ringsync.files.kinds import FileKind
+from ringsync.files.manifest import Transfer
+from ringsync.files.plan import Ident, IndexEntry
+from ringsync.files.relay import MULTI_SOURCE
+
+Version = tuple[FileKind, str, str]  # kind, relpath, content hash
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    transfer: Transfer
+    reason: str  # the metric label: "superseded" or "unoffered"
+    why: str  # for the log line
+
+
+class AbandonPolicy:
+    """Told what peers offer each poll round, says which journalled transfers to drop.
+
+    A transfer is *unoffered* when no peer offers its content at its path: readable peers
+    by their current index, unreadable ones by the index they last served. A peer not
+    read since this process started is unknown: it may be the transfer's journalled source
+    (or, for an aria2 transfer, whose sources are not journalled, any of them), and then the
+    transfer is kept. Unoffered for longer than ``grace`` seconds, continuously: abandoned.
+    A transfer whose path is planned to get another version is *superseded* at once: its
+    bytes can never become that version (an aria2 control file would even resume them).
+    """
+
+    def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._grace = grace
+        self._clock = clock
+        self._offers: dict[str, frozenset[Version]] = {}  # peer -> its index when last read
+        self._unknown: frozenset[str] = frozenset()  # polled peers never read yet
+        self._missing_since: dict[Version, float] = {}
+
+    def decide(self, polled: Iterable[str], indexes: Mapping[str, Iterable[IndexEntry]],
+              transfers: Iterable[Transfer], planned: Mapping[Ident, str],
+              busy: Set[Ident]) -> list[Abandoned]:
+        """One poll round: ``polled`` peers were asked and ``indexes`` holds those that
+        answered; ``planned``: the hash this round's plan fetches for a path; ``busy``:
+        paths being fetched now (never dropped). Returns the transfers to drop now."""
+        self._observe(frozenset(polled), indexes)
+        now, out = self._clock(), []
+        offered = frozenset().union(*self._offers.values())
+        journalled = set()
+        for t in transfers:
+            version = (t.kind, t.relpath, t.hash)
+            journalled.add(version)
+            if self._maybe_offered(t, version, offered):
+                self._missing_since.pop(version, None)
+                absent = 0.0
+            else:
+                absent = now - self._missing_since.setdefault(version, now)
+            if (t.kind, t.relpath) in busy:
+                continue
+            newer = planned.get((t.kind, t.relpath))
+            if newer is not None and newer != t.hash:
+                out.append(Abandoned(t, "superseded", f"superseded by version {newer[:16]}…"))
+            elif absent > self._grace:
+                out.append(Abandoned(t, "unoffered", f"no peer has offered its content for "
+                                                     f"{absent:.0f} s"))
+        for version in set(self._missing_since) - journalled:
+            del self._missing_since[version]
+        return out
+
+    def _observe(self, asked: frozenset[str], indexes: Mapping[str, Iterable[IndexEntry]]) -> None:
+        for peer, entries in indexes.items():
+            self._offers[peer] = frozenset((e.kind, e.relpath, e.hash) for e in entries
+                                           if e.link_target is None)
+        for peer in set(self._offers) - asked:  # left the inventory (or went offline in it)
+            del self._offers[peer]
+        self._unknown = asked - set(self._offers)
+
+    def _maybe_offered(self, t: Transfer, version: Version, offered: frozenset[Version]) -> bool:
+        if version in offered:
+            return True
+        return bool(self._unknown) and (t.source in self._unknown or t.source == MULTI_SOURCE)

@@ -4,15 +4,25 @@ merely unreachable is kept and resumes; start-up removes what no journal entry r
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ringsync.files.kinds import part_name
+from ringsync.daemons.file_cleanup import FileJanitor
+from ringsync.files.kinds import FileKind, part_name
+from ringsync.files.layout import file_dirs
+from ringsync.files.plan import FetchJob, Source
 from ringsync.localcluster import Cluster, wait_until
+from ringsync.transport.aria2 import CONTROL_SUFFIX, control_file_done
+from tests.integration.test_aria2 import NAME, Lab, lab_factory, offer  # noqa: F401 (a fixture)
 from tests.integration.test_file_sync import MIB, digest, metric, models, old_file, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -111,3 +121,39 @@ def test_a_download_whose_source_removed_the_file_is_cleaned_and_an_unreachable_
     assert fetched == size - done_before
     assert not (here / vanishing.name).exists()
     assert "Traceback" not in cluster.nodes["selfplay-1"].log_path.read_text()
+
+
+@pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed")
+async def test_an_aria2_download_superseded_by_a_new_version_is_dropped_before_it_is_fetched(
+        lab_factory: Any) -> None:  # noqa: F811 (the fixture imported above)
+    # Without the drop, aria2c would resume the new version from the old one's control file.
+    size = 48 * MIB
+    lab: Lab = await lab_factory(size, serve_mbps=40.0)  # 3 x 5 MB/s
+    control = lab.part().with_name(lab.part().name + CONTROL_SUFFIX)
+    first = asyncio.create_task(lab.fetcher.fetch(lab.job()))
+    await asyncio.to_thread(wait_until, lambda: control.exists()
+                            and control_file_done(control) >= size // 4, 30, "a quarter fetched")
+    os.kill(lab.aria2.running[lab.entry.hash].pid, signal.SIGKILL)
+    assert await first is False
+    assert lab.manifest.transfer(FileKind.MODELS, NAME) is not None
+    assert lab.part().exists()
+
+    newer = os.urandom(40 * MIB)
+    entry = next(iter({offer(ctx, newer) for ctx in lab.sources.values()}))
+    job = FetchJob(entry, tuple(Source(p, FileKind.MODELS, NAME) for p in lab.sources))
+    janitor = FileJanitor(file_dirs(lab.receiver.settings), lab.receiver.metrics, 3600.0)
+    janitor.sweep(lab.manifest, list(lab.sources), {p: [entry] for p in lab.sources}, [job], set())
+    assert lab.manifest.transfer(FileKind.MODELS, NAME) is None
+    assert not lab.part().exists()
+    assert not control.exists()
+    assert lab.receiver.metrics.registry.get_sample_value(
+        "ringsync_file_transfers_abandoned_total", {"kind": "models", "reason": "superseded"}) == 1
+
+    assert await lab.fetcher.fetch(job)
+    assert lab.final().read_bytes() == newer
+    samples = lab.receiver.metrics.registry.get_sample_value
+    # aria2 started from byte 0 (a resumed run counts only what it had left), nothing repaired
+    assert samples("ringsync_file_source_bytes_total",
+                   {"peer": "aria2-mixed", "transport": "aria2"}) == len(newer)
+    assert samples("ringsync_file_multi_source_fetches_total", {"outcome": "published"}) == 1
+    assert samples("ringsync_file_hash_mismatches_total", {"kind": "models"}) is None

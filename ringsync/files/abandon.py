@@ -42,28 +42,28 @@ class AbandonPolicy:
     def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._grace = grace
         self._clock = clock
-        self._offers: dict[str, frozenset[Version]] = {}  # peer -> its index when last read
+        # peer -> what its index offered when last read, of the versions journalled or planned
+        # then (a transfer only starts for a planned version): bounded by the journal, not
+        # by the cluster's file count times its peer count
+        self._offers: dict[str, frozenset[Version]] = {}
         self._unknown: frozenset[str] = frozenset()  # polled peers never read yet
         self._missing_since: dict[Version, float] = {}
 
     def decide(self, polled: Iterable[str], indexes: Mapping[str, Iterable[IndexEntry]],
-              transfers: Iterable[Transfer], planned: Mapping[Ident, str],
-              busy: Set[Ident]) -> list[Abandoned]:
+               transfers: Iterable[Transfer], planned: Mapping[Ident, str],
+               busy: Set[Ident]) -> list[Abandoned]:
         """One poll round: ``polled`` peers were asked and ``indexes`` holds those that
         answered; ``planned``: the hash this round's plan fetches for a path; ``busy``:
         paths being fetched now (never dropped). Returns the transfers to drop now."""
-        self._observe(frozenset(polled), indexes)
-        now, out = self._clock(), []
-        offered = frozenset().union(*self._offers.values())
-        journalled = set()
-        for t in transfers:
-            version = (t.kind, t.relpath, t.hash)
-            journalled.add(version)
-            if self._maybe_offered(t, version, offered):
-                self._missing_since.pop(version, None)
-                absent = 0.0
-            else:
-                absent = now - self._missing_since.setdefault(version, now)
+        journal = list(transfers)
+        relevant = {_version(t) for t in journal} | {(*i, h) for i, h in planned.items()}
+        self._observe(frozenset(polled), indexes, relevant)
+        for version in set(self._missing_since) - relevant:
+            del self._missing_since[version]
+        now, offered = self._clock(), frozenset().union(*self._offers.values())
+        out = []
+        for t in journal:
+            absent = self._absent_for(t, offered, now)  # timed even while it is fetched
             if (t.kind, t.relpath) in busy:
                 continue
             newer = planned.get((t.kind, t.relpath))
@@ -72,19 +72,30 @@ class AbandonPolicy:
             elif absent > self._grace:
                 out.append(Abandoned(t, "unoffered", f"no peer has offered its content for "
                                                      f"{absent:.0f} s"))
-        for version in set(self._missing_since) - journalled:
-            del self._missing_since[version]
         return out
 
-    def _observe(self, asked: frozenset[str], indexes: Mapping[str, Iterable[IndexEntry]]) -> None:
+    def _observe(self, asked: frozenset[str], indexes: Mapping[str, Iterable[IndexEntry]],
+                 relevant: Set[Version]) -> None:
         for peer, entries in indexes.items():
-            self._offers[peer] = frozenset((e.kind, e.relpath, e.hash) for e in entries
-                                           if e.link_target is None)
+            self._offers[peer] = frozenset(v for e in entries if e.link_target is None
+                                           if (v := (e.kind, e.relpath, e.hash)) in relevant)
         for peer in set(self._offers) - asked:  # left the inventory (or went offline in it)
             del self._offers[peer]
         self._unknown = asked - set(self._offers)
 
-    def _maybe_offered(self, t: Transfer, version: Version, offered: frozenset[Version]) -> bool:
-        if version in offered:
-            return True
+    def _absent_for(self, t: Transfer, offered: frozenset[Version], now: float) -> float:
+        """Seconds no peer has offered ``t``'s content at its path, without a break."""
+        version = _version(t)
+        if version in offered or self._held_back(t):
+            self._missing_since.pop(version, None)
+            return 0.0
+        return now - self._missing_since.setdefault(version, now)
+
+    def _held_back(self, t: Transfer) -> bool:
+        """A peer not read since start-up may offer it: the one its bytes came from, or, for
+        an aria2 transfer (sources not journalled), any."""
         return bool(self._unknown) and (t.source in self._unknown or t.source == MULTI_SOURCE)
+
+
+def _version(t: Transfer) -> Version:
+    return (t.kind, t.relpath, t.hash)

@@ -82,6 +82,18 @@ def test_an_unreadable_peer_counts_as_still_offering_what_it_last_offered() -> N
     assert dropped(policy, {"p2": []}, t) == [("m.pth", "unoffered")]  # as it last said
 
 
+def test_what_a_peer_offered_for_a_planned_fetch_is_remembered_before_its_row_exists() -> None:
+    clock = FakeClock()
+    policy = AbandonPolicy(GRACE, clock)
+    planned = {(M, "m.pth"): OLD}
+    assert dropped(policy, {"p1": [offer(), offer("x.pth")], "p2": []}, [], planned=planned) == []
+    for _ in range(3):  # the fetch started, then p1 became unreachable
+        clock.advance(GRACE)
+        assert dropped(policy, {"p2": []}, [transfer()]) == []
+    # Only what a journal row or a plan needs is remembered: not every file of every peer.
+    assert policy._offers == {"p1": frozenset({(M, "m.pth", OLD)}), "p2": frozenset()}
+
+
 def test_a_peer_not_read_since_start_holds_back_what_it_was_the_source_of() -> None:
     clock = FakeClock()
     policy = AbandonPolicy(GRACE, clock)

@@ -48,19 +48,21 @@ class FileJanitor:
         for kind, root in self._dirs.items():
             for path, relpath in _download_files(root):
                 if (kind, relpath) not in live:
-                    self._remove_leftover(kind, path, f"{relpath} ({path.name})",
-                                          "no transfer journal entry resumes it")
+                    self._remove_leftover(
+                        kind, path, f"the leftover download of {kind.value}/{relpath} ({path.name})",
+                        "no transfer journal entry resumes it")
             for staging in _subdirs(root / STAGING_DIR):
                 if not rsync_in_use(staging.name):
-                    self._remove_leftover(kind, staging, f"rsync staging of {staging.name}",
-                                          f"{staging.name} is no longer an SSH peer of this node")
+                    self._remove_leftover(
+                        kind, staging, f"the rsync staging of {staging.name} under {kind.value}",
+                        f"{staging.name} is no longer an SSH peer of this node")
 
     def _remove_leftover(self, kind: FileKind, path: Path, what: str, why: str) -> None:
         nbytes = _remove(path)
         if nbytes is None:
             return
         self._count(kind, "leftover", nbytes)
-        log.info("removed %s/%s: %d bytes discarded; %s", kind.value, what, nbytes, why)
+        log.info("removed %s (%d bytes): %s", what, nbytes, why)
 
     # -- while running --------------------------------------------------------------------------
 

@@ -128,8 +128,13 @@ def _remove(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISREG(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path.unlink()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # e.g. a read-only mount: the next start tries again
+            log.warning("cannot remove %s: %s", path, exc)
+            return None
         return st.st_size
     if not stat.S_ISDIR(st.st_mode):
         return None

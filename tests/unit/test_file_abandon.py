@@ -282,3 +282,25 @@ def test_killed_between_the_steps_of_a_drop_the_next_start_leaves_nothing(
         assert row is None
         assert not part.exists()
         assert not ctl.exists()
+
+
+def test_a_part_that_cannot_be_removed_now_is_left_to_the_next_start(
+        node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    dirs, manifest, metrics = node
+    part, ctl = leave(dirs[M], "m.pth")
+    manifest.save_transfer(transfer())
+    janitor = FileJanitor(dirs, metrics, GRACE)
+    real_unlink = Path.unlink
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    janitor.sweep(manifest, ["p1"], {"p1": [offer(digest=NEW)]}, [FetchJob(offer(digest=NEW), ())], set())
+    assert manifest.transfer(M, "m.pth") is None  # the loop goes on; the row is gone
+    assert "cannot remove" in caplog.text
+    assert part.exists()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    janitor.at_start(manifest, lambda peer: True)
+    assert not part.exists()
+    assert not ctl.exists()

@@ -114,8 +114,12 @@ def _download_files(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 def _subdirs(path: Path) -> list[Path]:
+    """Real directories in ``path``, itself a real directory (a symlink is not followed)."""
     try:
-        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return []
+        with os.scandir(path) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
 

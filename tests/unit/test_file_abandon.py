@@ -195,6 +195,17 @@ def test_at_start_what_no_journal_entry_resumes_is_removed_and_the_rest_kept(nod
     assert metric(metrics, "ringsync_file_abandoned_bytes_total", kind="training_data") == 5000 + 1 + 700
 
 
+def test_an_rsync_staging_dir_that_is_a_symlink_out_is_not_followed(node, tmp_path: Path) -> None:
+    dirs, manifest, metrics = node
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "old-host").mkdir(parents=True)
+    (elsewhere / "old-host" / "precious").write_bytes(b"keep")
+    os.symlink(elsewhere, dirs[M] / STAGING_DIR)
+    FileJanitor(dirs, metrics, GRACE).at_start(manifest, lambda peer: False)
+    assert (elsewhere / "old-host" / "precious").read_bytes() == b"keep"
+    assert (dirs[M] / STAGING_DIR).is_symlink()
+
+
 def test_a_sweep_drops_row_part_and_control_and_says_why(node, caplog) -> None:
     dirs, manifest, metrics = node
     clock = FakeClock()

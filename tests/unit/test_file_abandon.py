@@ -315,3 +315,17 @@ def test_a_part_that_cannot_be_removed_now_is_left_to_the_next_start(
     janitor.at_start(manifest, lambda peer: True)
     assert not part.exists()
     assert not ctl.exists()
+
+
+def test_a_drop_never_removes_through_a_directory_symlinked_out(node, tmp_path: Path) -> None:
+    dirs, manifest, metrics = node
+    outside = tmp_path / "outside"
+    part, ctl = leave(outside, "m.pth")
+    os.symlink(outside, dirs[M] / "sub")
+    manifest.save_transfer(transfer("sub/m.pth"))
+    janitor = FileJanitor(dirs, metrics, GRACE)
+    janitor.drop(manifest, janitor.policy.decide([], {}, [transfer("sub/m.pth")],
+                                                 {(M, "sub/m.pth"): NEW}, set())[0])
+    assert manifest.transfer(M, "sub/m.pth") is None
+    assert part.exists()
+    assert ctl.exists()

@@ -194,6 +194,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "unchanged (size, mtime, inode) before it is hashed and offered to peers (> 0)"),
     EnvVar("RINGRIFT_FILE_POLL_INTERVAL", "10", "Seconds between polls of the peers' file "
            "indexes for models and training data this node lacks (> 0)"),
+    EnvVar("RINGRIFT_FILE_ABANDON_AFTER", "3600", "Seconds a download in flight may go without "
+           "any peer offering its content before it is abandoned (its journal row, part file "
+           "and aria2 control file removed); a peer whose index cannot be read counts as "
+           "still offering what it last offered (> 0)"),
     EnvVar("RINGRIFT_FILE_UPLOAD_SLOTS", "1", "Peers this node streams one model or training "
            "file to at once (>= 1); the others fetch it from nodes still downloading it, which "
            "relay what they hold, so a new file spreads as a pipeline (1: each uplink carries "
@@ -259,6 +263,7 @@ class Settings:
     training_dir_setting: Path | None = None  # None: <data_dir>/training
     file_settle_time: float = 5.0
     file_poll_interval: float = 10.0
+    file_abandon_after: float = 3600.0
     file_upload_slots: int = 1
     rsync_min_files: int = 50
 
@@ -384,6 +389,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         training_dir_setting=_optional_dir(env, "RINGRIFT_TRAINING_DIR", cwd),
         file_settle_time=env.number("RINGRIFT_FILE_SETTLE_TIME", 5.0),
         file_poll_interval=env.number("RINGRIFT_FILE_POLL_INTERVAL", 10.0),
+        file_abandon_after=env.number("RINGRIFT_FILE_ABANDON_AFTER", 3600.0),
         file_upload_slots=env.integer("RINGRIFT_FILE_UPLOAD_SLOTS", 1, minimum=1),
         rsync_min_files=env.integer("RINGRIFT_RSYNC_MIN_FILES", 50, minimum=0),
     )

@@ -10,8 +10,9 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 
 from ringsync.daemons.base import Daemon, DaemonType, Health, HealthState
+from ringsync.daemons.file_cleanup import FileJanitor
 from ringsync.errors import BadInputError, TransportError
-from ringsync.files.fetch import Exclusions, FileFetcher, discard_stale_parts
+from ringsync.files.fetch import Exclusions, FileFetcher
 from ringsync.files.kinds import FileKind, FileRouting
 from ringsync.files.layout import file_dirs, manifest_path
 from ringsync.files.manifest import FileManifest
@@ -82,6 +83,7 @@ class FileSyncDaemon(Daemon):
                                      self._exclusions, min_bytes=s.transport_chains.large_file_bytes,
                                      breakers=ctx.breakers)
         self._in_flight: dict[Ident, asyncio.Task[None]] = {}
+        self._janitor = FileJanitor(self._dirs, ctx.metrics, s.file_abandon_after)
         # Per kind: a backlog of training data never holds the slots a new model needs here
         # (the serving side then gives the model its priority's share of the bandwidth).
         self._slots = {kind: asyncio.Semaphore(FETCHES_IN_FLIGHT) for kind in FileKind}
@@ -97,9 +99,8 @@ class FileSyncDaemon(Daemon):
     async def run(self, ready: Callable[[], None]) -> None:
         manifest = await asyncio.to_thread(FileManifest, manifest_path(self._ctx.settings))
         try:
-            removed = await asyncio.to_thread(discard_stale_parts, self._dirs, manifest)
-            if removed:
-                log.info("removed %d part files no transfer journal entry resumes", removed)
+            await asyncio.to_thread(self._janitor.at_start, manifest,
+                                    lambda peer: self._over_ssh(peer) is not None)
             s = self._ctx.settings
             scanner = FileScanner(self._dirs, manifest, s.file_settle_time)
             fetcher = FileFetcher(self._dirs, manifest, self._client, self._ctx.metrics,
@@ -175,6 +176,8 @@ class FileSyncDaemon(Daemon):
             gone = await asyncio.to_thread(manifest.gone)
             jobs = plan_fetches(local, scanner.unsettled(), indexes, self._wanted,
                                 self._exclusions.by_hash, gone)
+            await asyncio.to_thread(self._janitor.sweep, manifest, [p.name for p in self._routing.peers()],
+                                    indexes, jobs, set(self._in_flight))
             self._start_batches(tg, fetcher, [j for j in jobs if j.entry.ident not in self._in_flight])
             if any(ident not in self._in_flight for ident in (j.entry.ident for j in jobs)):
                 jobs = with_relays(jobs, await self._poll_relays(), self._exclusions.by_hash)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +18,7 @@ from blake3 import blake3
 from ringsync.errors import CorruptDataError, TransportError
 from ringsync.files.client import Body, PeerFiles
 from ringsync.files.hashing import feed_file, new_hasher
-from ringsync.files.kinds import PART_SUFFIX, FileKind, is_written_in_place, part_name
+from ringsync.files.kinds import FileKind, is_written_in_place, part_name
 from ringsync.files.manifest import FileManifest, Transfer
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.files.publish import (
@@ -437,18 +436,3 @@ def _append(part: _Part, data: bytearray, then: Callable[[], None] | None) -> No
         start_writeback(part.fd, offset, part.written - offset)
     if then is not None:
         then()
-
-
-def discard_stale_parts(dirs: Mapping[FileKind, Path], manifest: FileManifest) -> int:
-    """Remove part files no journal entry resumes (left by a run whose journal was lost)."""
-    live = {(t.kind, t.relpath) for t in manifest.transfers()}
-    removed = 0
-    for kind, root in dirs.items():
-        for part in root.rglob(part_name("*")) if root.is_dir() else ():
-            name = part.name[1:].removesuffix(PART_SUFFIX)
-            ident = (kind, (part.parent / name).relative_to(root).as_posix())
-            if ident not in live and part.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    part.unlink()
-                    removed += 1
-    return removed

@@ -188,6 +188,14 @@ class FileManifest:
             db.execute("INSERT OR REPLACE INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (t.kind.value, t.relpath, t.hash, t.size, t.mtime_ns, t.done, t.source))
 
+    def drop_transfer(self, t: Transfer) -> bool:
+        """Close the journal entry ``t`` without a file (abandoned); False when the entry is
+        no longer ``t``'s version (a new download of that name took it over meanwhile)."""
+        with self._txn() as db:
+            cur = db.execute("DELETE FROM transfers WHERE kind = ? AND relpath = ? AND hash = ?",
+                             (t.kind.value, t.relpath, t.hash))
+            return cur.rowcount > 0
+
     def publish_many(self, recs: Sequence[FileRecord]) -> None:
         """``publish`` for a batch (an rsync run), in one transaction."""
         with self._txn() as db:

@@ -336,6 +336,20 @@ class Metrics:
             ["outcome"], registry=r,
         )
 
+        self.file_transfers_abandoned = Counter(
+            "ringsync_file_transfers_abandoned_total",
+            "Downloads given up and removed from disk, by reason (unoffered: no peer offered "
+            "the content for RINGRIFT_FILE_ABANDON_AFTER; superseded: a newer version of the "
+            "name is fetched instead; leftover: found at start-up with no journal entry, or "
+            "rsync staging of a peer no longer used).",
+            ["kind", "reason"], registry=r,
+        )
+        self.file_abandoned_bytes = Counter(
+            "ringsync_file_abandoned_bytes_total",
+            "Bytes of abandoned downloads removed from disk (ringsync_file_transfers_abandoned_total).",
+            ["kind"], registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

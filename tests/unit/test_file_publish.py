@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from ringsync.files.client import FileClient
-from ringsync.files.fetch import Exclusions, FileFetcher, discard_stale_parts
+from ringsync.files.fetch import Exclusions, FileFetcher
 from ringsync.files.hashing import hash_file
 from ringsync.files.kinds import FileKind, part_name
-from ringsync.files.manifest import FileManifest, FileRecord, Transfer
+from ringsync.files.manifest import FileManifest, FileRecord
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.files.publish import publish_file
 from ringsync.ops.metrics import Metrics
@@ -116,23 +116,6 @@ async def test_a_changed_holder_is_not_reused(setup) -> None:
     (dirs[M] / "a.pth").write_bytes(b"rewritten in place")
     assert not await fetcher.fetch(job_for("b.pth", digest, 3000))
     assert not (dirs[M] / "b.pth").exists()
-
-
-def test_part_files_without_a_journal_entry_are_removed(tmp_path: Path) -> None:
-    dirs = {M: tmp_path / "models"}
-    (dirs[M] / "sub").mkdir(parents=True)
-    kept = dirs[M] / "sub" / part_name("a.pth")
-    stale = dirs[M] / part_name("b.pth")
-    kept.write_bytes(b"x")
-    stale.write_bytes(b"y")
-    manifest = FileManifest(tmp_path / "files.db")
-    try:
-        manifest.save_transfer(Transfer(M, "sub/a.pth", "a" * 64, 10, 1, 1, "p"))
-        assert discard_stale_parts(dirs, manifest) == 1
-    finally:
-        manifest.close()
-    assert kept.exists()
-    assert not stale.exists()
 
 
 async def test_a_name_rewritten_in_place_is_copied_not_linked(setup) -> None:

@@ -21,6 +21,7 @@ def test_defaults_live_in_the_data_dir(tmp_path: Path) -> None:
                             FileKind.TRAINING_DATA: tmp_path / "data" / "training"}
     assert manifest_path(s) == tmp_path / "data" / ".ringsync" / "n1" / "manifest.db"
     assert (s.file_settle_time, s.file_poll_interval) == (5.0, 10.0)
+    assert s.file_abandon_after == 3600.0
 
 
 def test_ringrift_layout_models_beside_data(tmp_path: Path) -> None:
@@ -36,6 +37,10 @@ def test_ringrift_layout_models_beside_data(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("RINGRIFT_FILE_SETTLE_TIME", "0", "RINGRIFT_FILE_SETTLE_TIME = '0' is out of range"),
     ("RINGRIFT_FILE_POLL_INTERVAL", "soon", "RINGRIFT_FILE_POLL_INTERVAL = 'soon' is not a number"),
+    ("RINGRIFT_FILE_ABANDON_AFTER", "1h", "RINGRIFT_FILE_ABANDON_AFTER = '1h' is not a number"),
+    ("RINGRIFT_FILE_ABANDON_AFTER", "-5", "RINGRIFT_FILE_ABANDON_AFTER = '-5' is out of range; use a "
+                                          "number > 0"),
+    ("RINGRIFT_FILE_ABANDON_AFTER", "0", "RINGRIFT_FILE_ABANDON_AFTER = '0' is out of range"),
     ("RINGRIFT_FILE_SERVE_MBPS", "800", "RINGRIFT_FILE_SERVE_MBPS is no longer read: .* set "
                                         "RINGRIFT_BANDWIDTH_LIMIT_MBPS"),
     ("RINGRIFT_MODELS_DIR", "afile", "RINGRIFT_MODELS_DIR = 'afile' is not a directory"),

@@ -23,6 +23,7 @@ from ringsync.files.watch import watch_renames
 from ringsync.inventory import Host
 from ringsync.node import NodeContext
 from ringsync.ops.logsafe import bounded
+from ringsync.policy.breaker import Attempt, Breakers
 from ringsync.policy.chains import Outcome
 from ringsync.transport.aria2 import Aria2Transport
 from ringsync.transport.files import build_file_client
@@ -288,19 +289,21 @@ class FileSyncDaemon(Daemon):
                          self._ctx.settings.rsync_min_files)
         for run in admitted(groups, breakers):
             task = tg.create_task(self._rsync(fetcher, run))
+            # However the task ends (even cancelled before it ran), its attempt ends: a run
+            # that told its breaker nothing leaves no probe slot held (a second end is a no-op).
+            task.add_done_callback(_ends(breakers, run.attempt))
             for f in run.files:
                 self._in_flight[f.entry.ident] = task
 
     async def _rsync(self, fetcher: FileFetcher, run: RsyncRun) -> None:
         s, host, peer, kind = self._ctx.settings, self._over_ssh(run.peer), run.peer, run.kind
-        opts = RsyncOptions.from_settings(s, extra_args=bwlimit_args(s.bandwidth_limits, peer))
-        batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy,
-                           tunnels=self._ctx.ssh())
         try:
             async with self._slots[kind]:
                 if host is None or self._stopping:
-                    self._ctx.breakers.release(run.attempt)  # nothing ran: no verdict
-                    return
+                    return  # nothing ran: no verdict (the task's end releases the attempt)
+                opts = RsyncOptions.from_settings(s, extra_args=bwlimit_args(s.bandwidth_limits, peer))
+                batch = RsyncBatch(self._dirs[kind], opts, fetcher.publish_staged, fetcher.reject_copy,
+                                   tunnels=self._ctx.ssh())
                 result = await batch.fetch(host, self._remote_root(host, kind), run.files)
         except (OSError, TransportError) as exc:
             settle(self._ctx.breakers, run, exc)
@@ -309,9 +312,6 @@ class FileSyncDaemon(Daemon):
             self._attempted(kind, "rsync", Outcome.NEXT)
             self._rsync_missed.update(f.entry.ident for f in run.files)
             self._retry.set()
-        except BaseException:
-            self._ctx.breakers.release(run.attempt)
-            raise
         else:
             settle(self._ctx.breakers, run, None)
             log.info("rsync from %s: %d of %d %s files published, %d corrupt", peer,
@@ -326,3 +326,8 @@ class FileSyncDaemon(Daemon):
         if self._failing_peers:
             detail += f", index unreadable at {len(self._failing_peers)} peers"
         self._health = Health(HealthState.HEALTHY, detail)
+
+
+def _ends(breakers: Breakers, attempt: Attempt) -> Callable[[object], None]:
+    """A done-callback that ends ``attempt`` without a verdict (a no-op once it was told one)."""
+    return lambda _task: breakers.release(attempt)

@@ -14,6 +14,7 @@ peer answered, so the link works, whenever the attempt began.
 from __future__ import annotations
 
 import enum
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -79,12 +80,14 @@ BreakerListener = Callable[[BreakerChange], None]
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One attempt a breaker let through: hand it back to ``record`` or ``release``.
-    ``epoch`` counts the breaker's state changes when it began; ``probe`` is a half-open one."""
+    ``epoch`` counts the breaker's state changes when it began; ``probe`` is a half-open one,
+    holding probe slot ``serial`` until it ends (ending it twice frees nothing twice)."""
 
     peer: str
     transport: str
     epoch: int
     probe: bool = False
+    serial: int = 0
 
 
 class CircuitBreaker:
@@ -106,7 +109,8 @@ class CircuitBreaker:
         self._failures = 0  # transient failures in a row while closed
         self._opened = 0  # times opened without closing since: the recovery grows with it
         self._retry_at = 0.0
-        self._probes = 0  # half-open attempts in flight
+        self._probing: set[int] = set()  # the serials of half-open attempts in flight
+        self._serials = itertools.count(1)
         self._epoch = 0  # state changes so far: which state an Attempt began in
 
     @property
@@ -124,7 +128,7 @@ class CircuitBreaker:
         if self.state is BreakerState.OPEN:
             return self._clock() >= self._retry_at
         if self.state is BreakerState.HALF_OPEN:
-            return self._probes < self._config.half_open_probes
+            return len(self._probing) < self._config.half_open_probes
         return True
 
     def allow(self) -> tuple[Attempt | None, BreakerChange | None]:
@@ -134,12 +138,13 @@ class CircuitBreaker:
             if self._clock() < self._retry_at:
                 return None, None
             change = self._move(BreakerState.HALF_OPEN, "recovery time passed: probing")
-        probe = self.state is BreakerState.HALF_OPEN
-        if probe:
-            if self._probes >= self._config.half_open_probes:
-                return None, change
-            self._probes += 1
-        return Attempt(self.peer, self.transport, self._epoch, probe), change
+        if self.state is not BreakerState.HALF_OPEN:
+            return Attempt(self.peer, self.transport, self._epoch), change
+        if len(self._probing) >= self._config.half_open_probes:
+            return None, change
+        serial = next(self._serials)
+        self._probing.add(serial)
+        return Attempt(self.peer, self.transport, self._epoch, True, serial), change
 
     def record(self, attempt: Attempt, error: BaseException | None) -> BreakerChange | None:
         """The outcome of ``attempt``: None for a success."""
@@ -166,8 +171,7 @@ class CircuitBreaker:
         self._end(attempt)
 
     def _end(self, attempt: Attempt) -> None:
-        if attempt.probe and attempt.epoch == self._epoch:  # its probe slot is free again
-            self._probes = max(0, self._probes - 1)
+        self._probing.discard(attempt.serial)  # its probe slot is free again (if still held)
 
     def _open(self, reason: str) -> BreakerChange:
         self._opened += 1
@@ -180,7 +184,7 @@ class CircuitBreaker:
         old, old_for = self.state, now - self.since
         self.state, self.since = new, now
         self._epoch += 1  # attempts begun before are old news, their probe slots gone
-        self._probes = 0
+        self._probing.clear()
         return BreakerChange(self.peer, self.transport, old, new, now, reason, old_for)
 
 

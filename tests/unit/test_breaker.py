@@ -184,3 +184,19 @@ def test_a_released_probe_frees_its_slot_an_old_release_does_not() -> None:
     assert b.allow() == (None, None)
     b.release(probe)
     assert b.allow()[0] is not None
+
+
+def test_an_attempt_ended_twice_frees_no_other_probes_slot() -> None:
+    """A task released on cancel and again by its done-callback must not let a second probe
+    through beside the one now holding the slot."""
+    clock = FakeClock()
+    b = breaker(clock)
+    fail(b, 3)
+    clock.advance(10.0)
+    first = attempt(b)
+    b.release(first)
+    second = attempt(b)
+    b.release(first)
+    assert b.allow() == (None, None)
+    b.record(second, None)
+    assert b.state is BreakerState.CLOSED

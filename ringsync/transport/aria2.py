@@ -145,12 +145,12 @@ class Aria2Transport:
         if not mirrors:  # their breakers turned away since wants(): another time
             return False
         control = part.with_name(part.name + CONTROL_SUFFIX)
-        resumed = await asyncio.to_thread(_prepare, part, control)
-        if resumed:
-            log.info("resuming the aria2 fetch of %s/%s at about %d of %d bytes", e.kind.value,
-                     e.relpath, resumed, e.size)
         verdicts: dict[str, bool] = {}
-        try:
+        try:  # from here every attempt is settled (released without a verdict), come what may
+            resumed = await asyncio.to_thread(_prepare, part, control)
+            if resumed:
+                log.info("resuming the aria2 fetch of %s/%s at about %d of %d bytes", e.kind.value,
+                         e.relpath, resumed, e.size)
             ok = await self._run(e, mirrors, part, verdicts)
         finally:
             self._settle(attempts, verdicts)

@@ -4,24 +4,30 @@ probe through, only transient errors count; and the file chain's steps are count
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from ringsync.daemons.file_sync import FileSyncDaemon
 from ringsync.errors import PeerRefusedError, TransientError
 from ringsync.files.fetch import Exclusions
 from ringsync.files.kinds import FileKind
 from ringsync.files.plan import FetchJob, IndexEntry, Source
 from ringsync.inventory import Host
+from ringsync.node import NodeContext
 from ringsync.ops.metrics import Metrics
 from ringsync.policy.breaker import BreakerChange, BreakerConfig, Breakers, BreakerState
 from ringsync.policy.chains import Outcome
+from ringsync.transport import aria2 as aria2_module
 from ringsync.transport.aria2 import ARIA2, Aria2Transport, Mirror, server_verdicts
 from ringsync.transport.files import FileClientChain
 from ringsync.transport.rsync import RSYNC, RsyncRun, admitted, batches, behind_breakers, settle
 from ringsync.transport.select import count_attempts
 from ringsync.transport.ssh_login import Login, login_refusal
+from tests.conftest import make_inventory
 from tests.unit.clock import FakeClock
 from tests.unit.test_chain_breakers import Files
 
@@ -203,3 +209,56 @@ async def test_the_file_chain_counts_each_step_under_data_type_files() -> None:
     assert attempts("http", Outcome.NEXT) == CONFIG.failure_threshold
     assert attempts("http", Outcome.BREAKER_OPEN) == 2  # open: skipped without a try
     assert attempts("ssh", Outcome.OK) == 4
+
+
+async def test_an_rsync_run_cancelled_before_it_started_gives_its_probe_slot_back(
+        node_factory: Callable[..., NodeContext]) -> None:
+    """The daemon takes a run's attempt when it plans the batch; a task cancelled before its
+    first step (the daemon stopping, a sibling task failing) never runs its own handlers."""
+    inventory = make_inventory()
+    inventory.hosts["train-1"] = dataclasses.replace(inventory.hosts["train-1"], transport=("ssh",))
+    ctx = node_factory("selfplay-1", inventory=inventory, rsync_min_files=2)
+    clock = FakeClock()
+    ctx.breakers = Breakers(CONFIG, clock=clock)
+    for _ in range(CONFIG.failure_threshold):
+        attempt = ctx.breakers.allow("train-1", RSYNC)
+        assert attempt is not None
+        ctx.breakers.record(attempt, DOWN)
+    clock.advance(CONFIG.recovery_s)  # the next run is the half-open probe
+    daemon = FileSyncDaemon(ctx)
+    todo = jobs(M, 3, "train-1")
+
+    started: list[bool] = []
+
+    async def plan_then_stop() -> None:
+        async with asyncio.TaskGroup() as tg:
+            daemon._start_batches(tg, None, todo)  # type: ignore[arg-type]  # never reached
+            started.append(all(j.entry.ident in daemon._in_flight for j in todo))
+            started.append(not ctx.breakers.get("train-1", RSYNC).would_allow())
+            raise LookupError  # the task group cancels the run before its first step
+
+    with pytest.raises(ExceptionGroup):
+        await plan_then_stop()
+    assert started == [True, True]  # the probe run was planned and held the one slot
+    breaker = ctx.breakers.get("train-1", RSYNC)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.would_allow()  # the next run may probe
+
+
+async def test_an_aria2_fetch_that_fails_before_aria2c_runs_gives_its_probe_slot_back(
+        aria2: tuple[Aria2Transport, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing the part can fail (a read-only mount): every attempt taken is ended, so a
+    half-open source is not left waiting for a verdict that never comes."""
+    transport, node = aria2
+    for _ in range(CONFIG.failure_threshold):
+        transport._settle(transport._allow(transport.mirrors(BIG, SOURCES)), {"t1": False})
+    node.clock.advance(30.0)  # t1's next attempt is its probe
+
+    def read_only(part: Path, control: Path) -> int:
+        raise PermissionError(13, "Read-only file system", str(part))
+
+    monkeypatch.setattr(aria2_module, "_prepare", read_only)
+    with pytest.raises(PermissionError):
+        await transport.fetch_into(BIG, SOURCES, tmp_path / ".m.pth.ringsync-part")
+    assert node.state("t1", ARIA2) is BreakerState.HALF_OPEN
+    assert [m.peer for m in transport.mirrors(BIG, SOURCES)] == ["t1", "t2", "t3"]  # t1 may probe

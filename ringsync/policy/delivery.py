@@ -20,6 +20,7 @@ from ringsync.policy.peers import PeerDelivery
 __all__ = ["Circuits", "DeliveryPolicy", "Outcome"]
 
 Circuits = Callable[[str], Sequence[CircuitBreaker]]  # a peer's breakers, one per transport
+PROBE_POLL = 1.0  # seconds between looks at a peer whose every transport's probe is in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +65,18 @@ class DeliveryPolicy:
 
     def wait(self, peer: str) -> float | None:
         """Seconds until ``peer`` could be delivered to (None: now): the end of its backoff,
-        or of the shortest open breaker's recovery time when every transport's is open."""
+        or, when no transport would take a delivery, of the shortest breaker recovery; a
+        probe in flight (maybe the file chain's) may close its breaker any moment, so then
+        no longer than ``PROBE_POLL``."""
         if self.ready(peer):
             return None
         breakers = 0.0
         if self.circuit(peer) is BreakerState.OPEN:
-            breakers = min((w for b in self._circuits(peer) if (w := b.retry_in()) is not None),
-                           default=0.0)
+            circuits = self._circuits(peer)
+            waits = [w for b in circuits if (w := b.retry_in()) is not None]
+            if any(b.state is BreakerState.HALF_OPEN for b in circuits):
+                waits.append(PROBE_POLL)
+            breakers = min(waits, default=PROBE_POLL)
         return max(self._peers.retry_in(peer), breakers)
 
     def choose(self, peers: Iterable[str]) -> list[str]:

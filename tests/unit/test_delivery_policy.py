@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ringsync.errors import BatchRejectedError, PeerRefusedError, PeerUnreachableError
 from ringsync.policy.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
-from ringsync.policy.delivery import DeliveryPolicy
+from ringsync.policy.delivery import PROBE_POLL, DeliveryPolicy
 from tests.unit.clock import FakeClock
 
 DOWN = PeerUnreachableError("b", "connection refused")
@@ -77,3 +77,25 @@ def test_refusals_back_off_the_peer_but_never_open_a_breaker() -> None:
     assert breakers.get("b", "http").state is BreakerState.CLOSED
     assert "coordinator" in p.failing["b"]
     assert p.released("b").recovered
+
+
+def test_how_long_a_peer_waits_its_backoff_its_recovery_or_a_probe_in_flight() -> None:
+    clock = FakeClock()
+    breakers = Breakers(CONFIG, clock=clock)
+    p = policy(clock, breakers, retry_initial=4.0)
+    assert p.wait("b") is None
+    p.failed("b", DOWN)
+    assert p.wait("b") == 4.0  # its backoff
+    clock.advance(4.0)
+    assert p.wait("b") is None
+    trip(breakers, "b", "http")
+    clock.advance(2.0)
+    trip(breakers, "b", "ssh")
+    assert p.wait("b") == 8.0  # http's recovery ends first
+    clock.advance(8.0)
+    probe = breakers.allow("b", "http")  # another path (the file chain) takes http's probe
+    assert probe is not None
+    assert p.circuit("b") is BreakerState.OPEN
+    assert p.wait("b") == PROBE_POLL  # not 0 (a busy loop), not ssh's 2 s to go: look again soon
+    breakers.record(probe, None)
+    assert p.wait("b") is None

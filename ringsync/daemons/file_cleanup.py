@@ -55,10 +55,11 @@ class FileJanitor:
                 if not rsync_in_use(staging.name):
                     self._remove_leftover(
                         kind, staging, f"the rsync staging of {staging.name} under {kind.value}",
-                        f"{staging.name} is no longer an SSH peer of this node")
+                        f"{staging.name} is no longer an SSH peer of this node", tree=True)
 
-    def _remove_leftover(self, kind: FileKind, path: Path, what: str, why: str) -> None:
-        nbytes = _remove(path)
+    def _remove_leftover(self, kind: FileKind, path: Path, what: str, why: str, *,
+                         tree: bool = False) -> None:
+        nbytes = _remove(path, tree=tree)
         if nbytes is None:
             return
         self._count(kind, "leftover", nbytes)
@@ -124,9 +125,10 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _remove(path: Path) -> int | None:
-    """Remove a regular file, or a real directory tree; the bytes it held. None: it is
-    something else (a symlink: never followed nor removed) or already gone."""
+def _remove(path: Path, *, tree: bool = False) -> int | None:
+    """Remove a regular file, or (``tree``: rsync's staging) a real directory tree; the bytes
+    it held. None: it is something else (a symlink: never followed nor removed; a directory
+    where a part file was expected) or already gone."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -140,7 +142,7 @@ def _remove(path: Path) -> int | None:
             log.warning("cannot remove %s: %s", path, exc)
             return None
         return st.st_size
-    if not stat.S_ISDIR(st.st_mode):
+    if not (tree and stat.S_ISDIR(st.st_mode)):
         return None
     nbytes = sum(_tree_bytes(path))
     shutil.rmtree(path, ignore_errors=True)  # removes symlinks inside, never what they point to

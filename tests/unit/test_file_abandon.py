@@ -329,3 +329,17 @@ def test_a_drop_never_removes_through_a_directory_symlinked_out(node, tmp_path: 
     assert manifest.transfer(M, "sub/m.pth") is None
     assert part.exists()
     assert ctl.exists()
+
+
+def test_a_drop_removes_only_files_never_a_directory_at_a_part_path(node) -> None:
+    """Whatever sits at a part's path, a drop removes regular files only: a directory that
+    happens to carry a part's name (someone's, not ours) is left whole."""
+    dirs, manifest, metrics = node
+    squatter = dirs[M] / part_name("m.pth")
+    squatter.mkdir(parents=True)
+    (squatter / "keep").write_bytes(b"not ours")
+    manifest.save_transfer(transfer())
+    janitor = FileJanitor(dirs, metrics, GRACE)
+    janitor.drop(manifest, janitor.policy.decide([], {}, [transfer()], {(M, "m.pth"): NEW}, set())[0])
+    assert manifest.transfer(M, "m.pth") is None
+    assert (squatter / "keep").read_bytes() == b"not ours"
